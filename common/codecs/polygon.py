@@ -1,0 +1,274 @@
+"""Polygon.io (Massive) stocks WebSocket codec, sans-I/O.
+
+Server frames are JSON arrays of objects dispatched on ``ev``; client frames are
+``{"action": ..., "params": ...}``. See ``shared/protocols.md`` section 1. The adapter
+(``workers/polygon.py``) and the simulator (``simulators/polygon.py``) both use this
+module, so what one writes the other reads.
+
+Field letters are reused across events (``c`` is conditions in T, condition in Q and
+close in A/AM), so each event kind has its own decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from common.codecs.base import CaptureError, CodecError, DecodeError, clip
+from common.model import DataType, QualityFlag, RawMarketData
+
+PROVIDER = "polygon"
+
+# Channel prefix per data type the adapter can ask for.
+CHANNEL_FOR_TYPE: dict[DataType, str] = {
+    DataType.TRADE: "T",
+    DataType.QUOTE: "Q",
+    DataType.AGGREGATE: "AM",
+}
+DATA_EVENTS = frozenset({"T", "Q", "A", "AM"})
+# Known event kinds that carry no tick we store (limit-up/down bands, imbalances, index
+# values): counted as skipped, never as errors.
+SKIPPED_EVENTS = frozenset({"LULD", "NOI", "V", "FMV", "LV"})
+
+_MS = 1_000_000
+_NUMBER = (int, float)
+
+
+@dataclass(slots=True)
+class StatusMessage:
+    """``{"ev":"status","status":...,"message":...}``."""
+
+    status: str
+    message: str
+
+
+@dataclass(slots=True)
+class DecodedFrame:
+    records: list[RawMarketData] = field(default_factory=list)
+    statuses: list[StatusMessage] = field(default_factory=list)
+    errors: list[DecodeError] = field(default_factory=list)
+    skipped: int = 0
+
+
+@dataclass(slots=True)
+class ClientAction:
+    """A client request as the server sees it."""
+
+    action: str
+    params: list[str]
+
+
+# ---------------------------------------------------------------- client side
+
+
+def encode_auth(api_key: str) -> str:
+    return orjson.dumps({"action": "auth", "params": api_key}).decode()
+
+
+def encode_subscribe(channels: Iterable[str]) -> str:
+    return orjson.dumps({"action": "subscribe", "params": ",".join(channels)}).decode()
+
+
+def encode_unsubscribe(channels: Iterable[str]) -> str:
+    return orjson.dumps({"action": "unsubscribe", "params": ",".join(channels)}).decode()
+
+
+def channels_for(symbol: str, data_types: Iterable[DataType]) -> list[str]:
+    """``T.AAPL``-style channel names; data types Polygon has no channel for are ignored."""
+    return [f"{CHANNEL_FOR_TYPE[t]}.{symbol}" for t in data_types if t in CHANNEL_FOR_TYPE]
+
+
+def decode_frame(data: bytes | str, receive_ns: int, provider: str = PROVIDER) -> DecodedFrame:
+    """Decode one server frame. Never raises: bad parts become ``DecodeError`` entries."""
+    out = DecodedFrame()
+    try:
+        items = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        out.errors.append(DecodeError(f"invalid JSON: {exc}", clip(data)))
+        return out
+    if not isinstance(items, list):
+        out.errors.append(DecodeError("frame is not a JSON array", clip(data)))
+        return out
+    records = out.records
+    for item in items:
+        if not isinstance(item, dict):
+            out.errors.append(DecodeError("array element is not an object", clip(item)))
+            continue
+        ev = item.get("ev")
+        decoder = _DECODERS.get(ev)  # type: ignore[arg-type]
+        if decoder is not None:
+            try:
+                records.append(decoder(item, provider, receive_ns))
+            except CodecError as exc:
+                out.errors.append(DecodeError(str(exc), clip(item)))
+        elif ev == "status":
+            out.statuses.append(
+                StatusMessage(str(item.get("status", "")), str(item.get("message", "")))
+            )
+        elif ev in SKIPPED_EVENTS:
+            out.skipped += 1
+        else:
+            out.errors.append(DecodeError(f"unknown event type {ev!r}", clip(item)))
+    return out
+
+
+def decode_capture(
+    data: bytes, *, symbol: str | None = None
+) -> Iterator[RawMarketData | CaptureError]:
+    """A capture of server frames, one per line (``feedfleet decode polygon``)."""
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        frame = decode_frame(line, 0)
+        for err in frame.errors:
+            yield CaptureError(f"line {lineno}", err.reason)
+        yield from frame.records
+
+
+def _symbol(item: dict[str, Any]) -> str:
+    sym = item.get("sym")
+    if type(sym) is not str or not sym:
+        raise CodecError("missing or empty 'sym'")
+    return sym
+
+
+def _time_ms(item: dict[str, Any], key: str) -> int:
+    t = item.get(key)
+    if type(t) is not int or t <= 0:
+        raise CodecError(f"missing or invalid timestamp {key!r}")
+    return t * _MS
+
+
+def _number(item: dict[str, Any], key: str, flags: list[str]) -> float | None:
+    v = item.get(key)
+    if type(v) in _NUMBER:
+        return v  # type: ignore[return-value]
+    if QualityFlag.MISSING_FIELDS not in flags:
+        flags.append(QualityFlag.MISSING_FIELDS)
+    return None
+
+
+def _sequence(item: dict[str, Any]) -> int | None:
+    q = item.get("q")
+    return q if type(q) is int else None
+
+
+def _decode_trade(item: dict[str, Any], provider: str, receive_ns: int) -> RawMarketData:
+    sym = _symbol(item)
+    flags: list[str] = []
+    price = _number(item, "p", flags)
+    size = _number(item, "s", flags)
+    specific = {k: item[k] for k in ("x", "i", "z", "c", "trfi", "trft") if k in item}
+    return RawMarketData(
+        sym, provider, _time_ms(item, "t"), DataType.TRADE, price, size, None, None,
+        specific, _sequence(item), "T." + sym, False, receive_ns, flags,
+    )  # fmt: skip
+
+
+def _decode_quote(item: dict[str, Any], provider: str, receive_ns: int) -> RawMarketData:
+    sym = _symbol(item)
+    flags: list[str] = []
+    bid = _number(item, "bp", flags)
+    ask = _number(item, "ap", flags)
+    specific = {k: item[k] for k in ("bx", "bs", "ax", "as", "c", "i", "z") if k in item}
+    return RawMarketData(
+        sym, provider, _time_ms(item, "t"), DataType.QUOTE, None, None, bid, ask,
+        specific, _sequence(item), "Q." + sym, False, receive_ns, flags,
+    )  # fmt: skip
+
+
+def _decode_aggregate(item: dict[str, Any], provider: str, receive_ns: int) -> RawMarketData:
+    sym = _symbol(item)
+    flags: list[str] = []
+    close = _number(item, "c", flags)
+    volume = _number(item, "v", flags)
+    keys = ("o", "h", "l", "c", "vw", "av", "op", "a", "z", "s", "e", "otc")
+    specific = {k: item[k] for k in keys if k in item}
+    specific["ev"] = item["ev"]
+    # Bars carry no sequence; the window start identifies one per symbol and channel.
+    return RawMarketData(
+        sym, provider, _time_ms(item, "s"), DataType.AGGREGATE, close, volume, None, None,
+        specific, None, item["ev"] + "." + sym, False, receive_ns, flags,
+    )  # fmt: skip
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any], str, int], RawMarketData]] = {
+    "T": _decode_trade,
+    "Q": _decode_quote,
+    "A": _decode_aggregate,
+    "AM": _decode_aggregate,
+}
+
+
+# ---------------------------------------------------------------- server side
+
+
+def decode_client_action(data: bytes | str) -> ClientAction:
+    """Parse ``{"action": "subscribe", "params": "T.AAPL,Q.*"}``. Raises ``CodecError``."""
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError(f"invalid JSON: {exc}") from exc
+    if not isinstance(msg, dict) or not isinstance(msg.get("action"), str):
+        raise CodecError("expected an object with an 'action' string")
+    params = msg.get("params", "")
+    if not isinstance(params, str):
+        raise CodecError("'params' must be a string")
+    action = msg["action"]
+    if action == "auth":
+        return ClientAction(action, [params])
+    return ClientAction(action, [p.strip() for p in params.split(",") if p.strip()])
+
+
+def split_channel(channel: str) -> tuple[str, str]:
+    """``"T.BRK.A"`` -> ``("T", "BRK.A")``: split on the first dot only, as the client does."""
+    ev, _, symbol = channel.partition(".")
+    if not ev or not symbol:
+        raise CodecError(f"bad channel {channel!r}")
+    return ev, symbol
+
+
+def encode_status(status: str, message: str) -> str:
+    return orjson.dumps([{"ev": "status", "status": status, "message": message}]).decode()
+
+
+def encode_events(events: list[dict[str, Any]]) -> bytes:
+    return orjson.dumps(events)
+
+
+def trade_event(
+    sym: str, price: float, size: int, t_ms: int, seq: int, *, exchange: int = 4,
+    trade_id: str = "1", tape: int = 3, conditions: list[int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    event: dict[str, Any] = {
+        "ev": "T", "sym": sym, "i": trade_id, "x": exchange, "p": price, "s": size,
+        "t": t_ms, "q": seq, "z": tape,
+    }  # fmt: skip
+    if conditions:  # Polygon omits "c" when a trade has no conditions
+        event["c"] = conditions
+    return event
+
+
+def quote_event(
+    sym: str, bid: float, bid_lots: int, ask: float, ask_lots: int, t_ms: int, seq: int,
+    *, bid_exchange: int = 4, ask_exchange: int = 7, tape: int = 3,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "ev": "Q", "sym": sym, "bx": bid_exchange, "bp": bid, "bs": bid_lots,
+        "ax": ask_exchange, "ap": ask, "as": ask_lots, "c": 0, "i": [], "t": t_ms,
+        "q": seq, "z": tape,
+    }  # fmt: skip
+
+
+def aggregate_event(
+    ev: str, sym: str, o: float, h: float, lo: float, c: float, v: int, start_ms: int,
+    end_ms: int, *, accumulated: int = 0, vwap: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "ev": ev, "sym": sym, "v": v, "av": accumulated, "op": o, "vw": vwap or c,
+        "o": o, "c": c, "h": h, "l": lo, "a": vwap or c, "z": max(1, v // 100),
+        "s": start_ms, "e": end_ms,
+    }  # fmt: skip

@@ -1,0 +1,111 @@
+"""The records every part of feedfleet shares.
+
+Times are int64 nanoseconds since the Unix epoch (UTC) everywhere inside the fleet;
+ISO strings are made only at the edges (events, API answers).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+class DataType(enum.StrEnum):
+    TRADE = "TRADE"
+    QUOTE = "QUOTE"
+    ORDER_BOOK = "ORDER_BOOK"
+    NEWS = "NEWS"
+    CORPORATE_ACTION = "CORPORATE_ACTION"
+    # Time bars (Polygon A/AM, Alpha Vantage intraday series). Not in the seed's list;
+    # calling a bar a TRADE would mislead every consumer that sums volume.
+    AGGREGATE = "AGGREGATE"
+
+
+class ConnectionStatus(enum.StrEnum):
+    CONNECTED = "CONNECTED"
+    CONNECTING = "CONNECTING"
+    DISCONNECTED = "DISCONNECTED"
+    ERROR = "ERROR"
+    RATE_LIMITED = "RATE_LIMITED"
+
+
+class QualityFlag(enum.StrEnum):
+    STALE = "stale"
+    OUT_OF_ORDER = "out_of_order"
+    DUPLICATE = "duplicate"
+    GAP = "gap"
+    CROSSED = "crossed"
+    PRICE_OUTLIER = "price_outlier"
+    MISSING_FIELDS = "missing_fields"
+    FAILOVER = "failover"
+
+
+@dataclass(slots=True)
+class RawMarketData:
+    """One normalized provider record, before it becomes an event.
+
+    ``stream`` names the provider's sequence space the ``provider_sequence`` belongs to
+    (for Polygon ``T.AAPL``; for IEX the session id). ``sequence_contiguous`` says whether
+    that provider promises consecutive numbers, which is what makes a jump a gap.
+    """
+
+    symbol: str
+    provider: str
+    timestamp_ns: int
+    data_type: DataType
+    price: float | None = None
+    volume: float | None = None
+    bid: float | None = None
+    ask: float | None = None
+    provider_specific: dict[str, Any] = field(default_factory=dict)
+    provider_sequence: int | None = None
+    stream: str = ""
+    sequence_contiguous: bool = False
+    receive_ns: int = 0
+    quality_flags: list[str] = field(default_factory=list)
+
+    @property
+    def timestamp(self) -> datetime:
+        return ns_to_datetime(self.timestamp_ns)
+
+
+@dataclass(slots=True)
+class SubscriptionRequest:
+    """Body of ``POST /api/v1/providers/{provider_id}/subscribe``."""
+
+    symbols: list[str]
+    data_types: list[DataType] = field(default_factory=lambda: [DataType.TRADE, DataType.QUOTE])
+
+
+@dataclass(slots=True)
+class ProviderStatus:
+    """Live state of one provider, as its worker reports it."""
+
+    provider_id: str
+    provider_name: str
+    status: ConnectionStatus
+    last_update: str
+    messages_received: int = 0
+    messages_published: int = 0
+    messages_stored: int = 0
+    messages_spooled: int = 0
+    throughput_per_sec: float = 0.0
+    subscribed_symbols: int = 0
+    error_count: int = 0
+    last_error: str | None = None
+    backpressure: bool = False
+    instance_id: str | None = None
+
+
+def ns_to_datetime(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)
+
+
+def ns_to_iso(ns: int) -> str:
+    """ISO 8601 UTC with microseconds, e.g. ``2024-05-04T17:09:52.462000Z``."""
+    seconds, rem = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") + (
+        f".{rem // 1000:06d}Z"
+    )

@@ -1,0 +1,135 @@
+"""The provider interface every adapter implements, and the errors it raises.
+
+An adapter is the thin transport around a sans-I/O codec (``common/codecs/``). It does
+not reconnect, retry or count: the worker's ``ProviderSession`` does that once for all
+providers, driven by the exceptions below.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from common.model import ConnectionStatus, DataType, ProviderStatus, RawMarketData, ns_to_iso
+
+
+class ProviderError(Exception):
+    """Base of every provider failure; the worker decides what to do by subclass."""
+
+
+class ProviderAuthError(ProviderError):
+    """Credentials refused. Retried slowly: an operator has to fix the key."""
+
+
+class ProviderRateLimited(ProviderError):
+    """The provider's own rate-limit answer. ``retry_after_s`` when the provider says."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderProtocolError(ProviderError):
+    """The peer broke the protocol (not one bad frame: those become decode errors)."""
+
+
+class ProviderDisconnected(ProviderError):
+    """The connection is gone; reconnect with backoff."""
+
+
+class ProviderConfigError(ProviderError):
+    """The provider row or the environment cannot work (missing key, missing library).
+
+    Not retried until the configuration changes.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    """One subscribed symbol and the kinds of data wanted for it."""
+
+    symbol: str
+    data_types: frozenset[DataType] = frozenset({DataType.TRADE, DataType.QUOTE})
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """A row of the ``providers`` table."""
+
+    id: str
+    name: str
+    provider_type: str
+    enabled: bool = True
+    priority: int = 100
+    connection_config: dict[str, Any] = field(default_factory=dict)
+    rate_limits: dict[str, Any] = field(default_factory=dict)
+
+    def secret(self, key: str) -> str:
+        """Read the secret whose environment variable the config names under ``key``.
+
+        Secrets never sit in the database: ``{"api_key_env": "POLYGON_API_KEY"}``.
+        """
+        env_name = self.connection_config.get(key)
+        if not env_name:
+            raise ProviderConfigError(f"connection_config.{key} is not set for {self.name}")
+        value = os.environ.get(str(env_name))
+        if not value:
+            raise ProviderConfigError(
+                f"environment variable {env_name} (connection_config.{key}) is not set"
+            )
+        return value
+
+
+class ProviderAdapter(abc.ABC):
+    """The seed's provider interface.
+
+    ``stream_batches`` yields the records of one network read at a time; it is what the
+    pipeline consumes, so the per-record cost of an async generator is paid per frame.
+    ``stream`` is the seed's per-record view of the same data.
+    """
+
+    provider_type: ClassVar[str]
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+        self.connection_status = ConnectionStatus.DISCONNECTED
+        self.last_error: str | None = None
+        # Frames or messages that could not be decoded; the worker exports the count.
+        self.decode_errors = 0
+        self.subscribed: dict[str, Instrument] = {}
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open the connection and authenticate. Raises a ``ProviderError``."""
+
+    @abc.abstractmethod
+    async def subscribe(self, instruments: Sequence[Instrument]) -> None: ...
+
+    @abc.abstractmethod
+    async def unsubscribe(self, instruments: Sequence[Instrument]) -> None: ...
+
+    @abc.abstractmethod
+    def stream_batches(self) -> AsyncIterator[list[RawMarketData]]:
+        """Records as they arrive, one list per read. Ends by raising a ``ProviderError``."""
+
+    @abc.abstractmethod
+    async def disconnect(self) -> None: ...
+
+    async def stream(self) -> AsyncIterator[RawMarketData]:
+        async for batch in self.stream_batches():
+            for record in batch:
+                yield record
+
+    def status(self) -> ProviderStatus:
+        return ProviderStatus(
+            provider_id=self.config.id,
+            provider_name=self.config.name,
+            status=self.connection_status,
+            last_update=ns_to_iso(time.time_ns()),
+            subscribed_symbols=len(self.subscribed),
+            last_error=self.last_error,
+        )

@@ -1,0 +1,106 @@
+"""Quality flags: what a consumer should know about a record before trusting it.
+
+Nothing is dropped here; flags travel with the event in ``metadata.quality_flags``.
+State is per worker: sequences per provider stream, last trade price per symbol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from common.model import DataType, QualityFlag, RawMarketData
+
+_STALE = QualityFlag.STALE
+_OUT_OF_ORDER = QualityFlag.OUT_OF_ORDER
+_DUPLICATE = QualityFlag.DUPLICATE
+_GAP = QualityFlag.GAP
+_CROSSED = QualityFlag.CROSSED
+_OUTLIER = QualityFlag.PRICE_OUTLIER
+_MISSING = QualityFlag.MISSING_FIELDS
+_FAILOVER = QualityFlag.FAILOVER
+_TRADE = DataType.TRADE
+_QUOTE = DataType.QUOTE
+
+
+class QualityChecker:
+    """Sets ``quality_flags`` on records in place.
+
+    - stale: provider time more than ``stale_after_s`` before receive time (None: off);
+    - duplicate / out_of_order: sequence equal to / below the last one on its stream
+      (records without a sequence: their provider timestamp instead);
+    - gap: a jump on a stream whose provider promises contiguous numbers;
+    - crossed: bid > ask;
+    - price_outlier: a trade more than ``outlier_fraction`` away from the symbol's last trade;
+    - missing_fields: a trade without price, a quote without bid or ask (codecs add it too);
+    - failover: the symbol is served by this provider only because another one failed.
+    """
+
+    def __init__(self, stale_after_s: float | None = 5.0, outlier_fraction: float = 0.1) -> None:
+        self.stale_after_ns = None if stale_after_s is None else int(stale_after_s * 1e9)
+        self.outlier_fraction = outlier_fraction
+        self.failover_symbols: set[str] = set()
+        self._last_seq: dict[str, int] = {}
+        self._last_time: dict[str, int] = {}
+        self._last_price: dict[str, float] = {}
+        self.flag_counts: dict[str, int] = {f.value: 0 for f in QualityFlag}
+
+    def forget(self, symbols: Iterable[str]) -> None:
+        """Drop state for unsubscribed symbols so a later resubscribe starts clean."""
+        gone = set(symbols)
+        for table in (self._last_seq, self._last_time):
+            for key in [k for k in table if k.rpartition(".")[2] in gone or k in gone]:
+                del table[key]
+        for sym in gone:
+            self._last_price.pop(sym, None)
+
+    def check(self, records: list[RawMarketData]) -> None:
+        stale_ns = self.stale_after_ns
+        last_seq = self._last_seq
+        last_time = self._last_time
+        last_price = self._last_price
+        failover = self.failover_symbols
+        outlier = self.outlier_fraction
+        counts = self.flag_counts
+        for r in records:
+            flags = r.quality_flags
+            seq = r.provider_sequence
+            if seq is not None:
+                prev = last_seq.get(r.stream)
+                if prev is None or seq > prev:
+                    if prev is not None and r.sequence_contiguous and seq > prev + 1:
+                        flags.append(_GAP)
+                    last_seq[r.stream] = seq
+                elif seq == prev:
+                    flags.append(_DUPLICATE)
+                else:
+                    flags.append(_OUT_OF_ORDER)
+            else:
+                key = r.stream or r.symbol
+                prev = last_time.get(key)
+                if prev is None or r.timestamp_ns > prev:
+                    last_time[key] = r.timestamp_ns
+                elif r.timestamp_ns == prev:
+                    flags.append(_DUPLICATE)
+                else:
+                    flags.append(_OUT_OF_ORDER)
+            if stale_ns is not None and r.receive_ns - r.timestamp_ns > stale_ns:
+                flags.append(_STALE)
+            dt = r.data_type
+            if dt is _TRADE:
+                price = r.price
+                if price is None:
+                    if _MISSING not in flags:
+                        flags.append(_MISSING)
+                else:
+                    ref = last_price.get(r.symbol)
+                    if ref and abs(price - ref) > outlier * ref:
+                        flags.append(_OUTLIER)
+                    last_price[r.symbol] = price
+            elif dt is _QUOTE and (r.bid is None or r.ask is None) and _MISSING not in flags:
+                flags.append(_MISSING)
+            if r.bid is not None and r.ask is not None and r.bid > r.ask:
+                flags.append(_CROSSED)
+            if failover and r.symbol in failover:
+                flags.append(_FAILOVER)
+            for f in flags:
+                counts[f] += 1

@@ -1,0 +1,266 @@
+"""Polygon.io (Massive) stocks WebSocket simulator: the server side of ``common.codecs.polygon``.
+
+Accepts any path (the real client builds ``/{market}``), sends ``connected``, checks the
+key, answers subscribe/unsubscribe per channel, then streams T/Q frames at the configured
+rate over the subscribed symbols and an AM bar per symbol each minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from common.codecs import polygon as codec
+from simulators.market import Faults, Pacer, PriceWalk, symbol_universe
+
+
+@dataclass
+class PolygonSimConfig:
+    symbols: list[str]
+    rate: float = 1000.0  # events per second per connection
+    batch: int = 10  # events per frame
+    api_key: str | None = None  # None: any non-empty key is accepted
+    faults: Faults = field(default_factory=Faults)
+    # Bench support: add each event's send time (ns) under "ffsend".
+    stamp_send_ns: bool = False
+
+
+class _Connection:
+    def __init__(self, sim: PolygonSimulator, ws: web.WebSocketResponse) -> None:
+        self.sim = sim
+        self.ws = ws
+        self.channels: dict[str, set[str]] = {"T": set(), "Q": set(), "A": set(), "AM": set()}
+        self.wildcard: set[str] = set()
+        self.sent = 0
+        self.frames = 0
+        self.silent = False
+
+    def targets(self) -> list[tuple[str, str]]:
+        universe = self.sim.config.symbols
+        out: list[tuple[str, str]] = []
+        for ev in ("T", "Q"):
+            syms = universe if ev in self.wildcard else sorted(self.channels[ev] & self.sim.known)
+            out.extend((ev, s) for s in syms)
+        return out
+
+
+class PolygonSimulator:
+    def __init__(self, config: PolygonSimConfig) -> None:
+        self.config = config
+        self.known = set(config.symbols)
+        self.walk = PriceWalk(config.symbols)
+        self.connections: list[_Connection] = []
+        self.events_sent = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._runner = web.AppRunner(self.app(), handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        for conn in list(self.connections):
+            await conn.ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def drop_all(self) -> None:
+        """Close every client connection abruptly (a test's network failure)."""
+        for conn in list(self.connections):
+            _abort(conn.ws)
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False, max_msg_size=4 * 1024 * 1024)
+        await ws.prepare(request)
+        conn = _Connection(self, ws)
+        self.connections.append(conn)
+        faults = self.config.faults
+        sender: asyncio.Task[None] | None = None
+        try:
+            await ws.send_str(codec.encode_status("connected", "Connected Successfully"))
+            if faults.rate_limit:
+                await ws.send_str(
+                    codec.encode_status(
+                        "max_connections", "Maximum number of connections exceeded."
+                    )
+                )
+                await ws.close(code=1008)
+                return ws
+            authed = False
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.PING:
+                    if not conn.silent:
+                        await ws.pong(msg.data)
+                    continue
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                try:
+                    action = codec.decode_client_action(msg.data)
+                except codec.CodecError as exc:
+                    await ws.send_str(codec.encode_status("error", str(exc)))
+                    continue
+                if action.action == "auth":
+                    key = action.params[0] if action.params else ""
+                    expected = self.config.api_key
+                    if faults.refuse_auth or not key or (expected and key != expected):
+                        await ws.send_str(
+                            codec.encode_status("auth_failed", "authentication failed")
+                        )
+                        await ws.close()
+                        break
+                    authed = True
+                    await ws.send_str(codec.encode_status("auth_success", "authenticated"))
+                    sender = asyncio.create_task(self._send_loop(conn))
+                elif not authed:
+                    await ws.send_str(codec.encode_status("error", "not authorized"))
+                elif action.action in ("subscribe", "unsubscribe"):
+                    await self._on_subscription(conn, action)
+                else:
+                    await ws.send_str(
+                        codec.encode_status("error", f"unknown action {action.action}")
+                    )
+        finally:
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+            self.connections.remove(conn)
+        return ws
+
+    async def _on_subscription(self, conn: _Connection, action: codec.ClientAction) -> None:
+        adding = action.action == "subscribe"
+        for channel in action.params:
+            try:
+                ev, sym = codec.split_channel(channel)
+            except codec.CodecError as exc:
+                await conn.ws.send_str(codec.encode_status("error", str(exc)))
+                continue
+            if ev not in conn.channels:
+                await conn.ws.send_str(codec.encode_status("error", f"unknown channel {ev}"))
+                continue
+            if sym == "*":
+                (conn.wildcard.add if adding else conn.wildcard.discard)(ev)
+            elif adding:
+                conn.channels[ev].add(sym)
+            else:
+                conn.channels[ev].discard(sym)
+            verb = "subscribed to" if adding else "unsubscribed to"
+            await conn.ws.send_str(codec.encode_status("success", f"{verb}: {channel}"))
+
+    async def _send_loop(self, conn: _Connection) -> None:
+        cfg = self.config
+        faults = cfg.faults
+        pacer = Pacer(cfg.rate)
+        walk = self.walk
+        next_bar_ms = (int(time.time() * 1000) // 60_000 + 1) * 60_000
+        rr = 0
+        while not conn.ws.closed:
+            targets = conn.targets()
+            if not targets:
+                await asyncio.sleep(0.01)
+                continue
+            events: list[dict[str, object]] = []
+            now_ms = time.time_ns() // 1_000_000
+            for _ in range(cfg.batch):
+                ev, sym = targets[rr % len(targets)]
+                rr += 1
+                if ev == "T":
+                    st, price, size = walk.trade(sym)
+                    event = codec.trade_event(sym, price, size, now_ms, st.sequence,
+                                              trade_id=str(st.trade_id))  # fmt: skip
+                else:
+                    st, bid, ask, bs, as_ = walk.quote(sym)
+                    event = codec.quote_event(sym, bid, bs, ask, as_, now_ms, st.sequence)
+                if faults.skip_seq_every and st.sequence % faults.skip_seq_every == 0:
+                    st.sequence += 1
+                events.append(event)
+            if now_ms >= next_bar_ms:
+                events.extend(self._bars(conn, next_bar_ms))
+                next_bar_ms += 60_000
+            if faults.silent_after and conn.sent >= faults.silent_after:
+                conn.silent = True
+                await asyncio.sleep(3600)
+                continue
+            conn.frames += 1
+            if cfg.stamp_send_ns:
+                sent_ns = time.time_ns()
+                for event in events:
+                    event["ffsend"] = sent_ns
+            if faults.malformed_every and conn.frames % faults.malformed_every == 0:
+                await conn.ws.send_str('[{"ev":"T","sym":"BAD","p":')  # truncated JSON
+            await conn.ws.send_bytes(codec.encode_events(events))
+            conn.sent += len(events)
+            self.events_sent += len(events)
+            if faults.drop_after and conn.sent >= faults.drop_after:
+                _abort(conn.ws)
+                return
+            await pacer.wait_for(len(events))
+
+    def _bars(self, conn: _Connection, end_ms: int) -> list[dict[str, object]]:
+        syms = self.config.symbols if "AM" in conn.wildcard else conn.channels["AM"] & self.known
+        bars: list[dict[str, object]] = []
+        for sym in sorted(syms):
+            px = self.walk.states[sym].price
+            bars.append(codec.aggregate_event("AM", sym, px, px, px, px, 100,
+                                              end_ms - 60_000, end_ms))  # fmt: skip
+        return bars
+
+
+def _abort(ws: web.WebSocketResponse) -> None:
+    """Drop the TCP connection without a close frame, as a network failure would."""
+    request = ws._req
+    if request is not None and request.transport is not None:
+        request.transport.abort()
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="simulators polygon", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--symbols", default="", help="comma-separated tickers (default: generated)")
+    p.add_argument("--num-symbols", type=int, default=500)
+    p.add_argument("--rate", type=float, default=1000.0, help="events/s per connection")
+    p.add_argument("--batch", type=int, default=10, help="events per frame")
+    p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
+    p.add_argument("--faults", default="", help="e.g. refuse_auth,drop_after=1000")
+    p.add_argument("--stamp-send-ns", action="store_true")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    symbols = [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
+    sim = PolygonSimulator(
+        PolygonSimConfig(
+            symbols=symbols, rate=args.rate, batch=args.batch, api_key=args.api_key,
+            faults=Faults.parse(args.faults), stamp_send_ns=args.stamp_send_ns,
+        )
+    )  # fmt: skip
+    port = await sim.start(args.host, args.port)
+    print(f"polygon simulator on ws://{args.host}:{port}/stocks", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvloop
+
+    uvloop.run(serve(build_arg_parser().parse_args(argv)))
