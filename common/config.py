@@ -1,0 +1,63 @@
+"""Settings from ``FEEDFLEET_*`` environment variables.
+
+Secrets (API keys, the API token) are read from the environment only, never from the
+database; provider rows name the variable that holds their key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_TOPIC = "persistent://public/default/raw-market-data"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    pulsar_url: str
+    pulsar_topic: str = DEFAULT_TOPIC
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_token: str | None = None
+    log_format: str = "json"
+    log_level: str = "info"
+    spool_dir: Path = Path("var/spool")
+    host: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        missing = [
+            n
+            for n in ("FEEDFLEET_DATABASE_URL", "FEEDFLEET_REDIS_URL", "FEEDFLEET_PULSAR_URL")
+            if not _env(n)
+        ]
+        if missing:
+            raise SystemExit(
+                f"missing environment: {', '.join(missing)} "
+                "(`feedfleet run` starts embedded services and sets them)"
+            )
+        port = _env("FEEDFLEET_API_PORT", "8080") or "8080"
+        if not port.isdigit():
+            raise SystemExit(f"FEEDFLEET_API_PORT must be a port number, got {port!r}")
+        return cls(
+            database_url=_env("FEEDFLEET_DATABASE_URL") or "",
+            redis_url=_env("FEEDFLEET_REDIS_URL") or "",
+            pulsar_url=_env("FEEDFLEET_PULSAR_URL") or "",
+            pulsar_topic=_env("FEEDFLEET_PULSAR_TOPIC", DEFAULT_TOPIC) or DEFAULT_TOPIC,
+            api_host=_env("FEEDFLEET_API_HOST", "127.0.0.1") or "127.0.0.1",
+            api_port=int(port),
+            api_token=_env("FEEDFLEET_API_TOKEN"),
+            log_format=_env("FEEDFLEET_LOG_FORMAT", "json") or "json",
+            log_level=_env("FEEDFLEET_LOG_LEVEL", "info") or "info",
+            spool_dir=Path(_env("FEEDFLEET_SPOOL_DIR", "var/spool") or "var/spool"),
+            host=_env("FEEDFLEET_HOST") or socket.gethostname(),
+        )

@@ -1,0 +1,319 @@
+"""The command side in PostgreSQL: every query the worker, coordinator and api make."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from common.model import DataType
+from common.provider import Instrument, ProviderConfig
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schema.sql"
+# Serialises concurrent `db init`s (several processes starting at once).
+_SCHEMA_LOCK = 0x66656564  # "feed"
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+async def connect(url: str, *, autocommit: bool = True) -> Conn:
+    return await psycopg.AsyncConnection.connect(url, autocommit=autocommit, connect_timeout=10)
+
+
+async def apply_schema(conn: Conn) -> None:
+    sql = SCHEMA_PATH.read_text()
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        await conn.execute(sql.encode())  # several statements: simple query protocol
+
+
+async def ensure_partitions(conn: Conn, hours_back: int = 2, hours_ahead: int = 24) -> int:
+    cur = await conn.execute(
+        "SELECT feedfleet_ensure_partitions(%s, %s)", (hours_back, hours_ahead)
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------- providers
+
+
+_PROVIDER_COLUMNS = (
+    "id::text AS id, name, provider_type, enabled, priority, connection_config, rate_limits"
+)
+
+
+def _provider(row: dict[str, Any]) -> ProviderConfig:
+    return ProviderConfig(
+        id=row["id"],
+        name=row["name"],
+        provider_type=row["provider_type"],
+        enabled=row["enabled"],
+        priority=row["priority"],
+        connection_config=row["connection_config"] or {},
+        rate_limits=row["rate_limits"] or {},
+    )
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def find_provider(conn: Conn, name_or_id: str) -> ProviderConfig | None:
+    """A provider by name or by uuid (the API accepts either)."""
+    column = "id" if _is_uuid(name_or_id) else "name"
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"SELECT {_PROVIDER_COLUMNS} FROM providers WHERE {column} = %s", (name_or_id,)
+        )
+        row = await cur.fetchone()
+    return _provider(row) if row else None
+
+
+async def list_providers(conn: Conn, *, enabled_only: bool = False) -> list[ProviderConfig]:
+    where = "WHERE enabled" if enabled_only else ""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"SELECT {_PROVIDER_COLUMNS} FROM providers {where} ORDER BY priority, name"
+        )
+        return [_provider(r) for r in await cur.fetchall()]
+
+
+async def upsert_provider(
+    conn: Conn, name: str, provider_type: str, connection_config: dict[str, Any],
+    rate_limits: dict[str, Any] | None = None, priority: int = 100, enabled: bool = True,
+) -> str:  # fmt: skip
+    cur = await conn.execute(
+        """
+        INSERT INTO providers (name, provider_type, connection_config, rate_limits,
+                               priority, enabled)
+        VALUES (%s, %s, %s, %s, %s, %s)
+        ON CONFLICT (name) DO UPDATE SET provider_type = EXCLUDED.provider_type,
+            connection_config = EXCLUDED.connection_config,
+            rate_limits = EXCLUDED.rate_limits, priority = EXCLUDED.priority,
+            enabled = EXCLUDED.enabled, updated_at = now()
+        RETURNING id::text
+        """,
+        (name, provider_type, Jsonb(connection_config), Jsonb(rate_limits or {}),
+         priority, enabled),
+    )  # fmt: skip
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def set_provider_enabled(conn: Conn, provider_id: str, enabled: bool) -> None:
+    await conn.execute(
+        "UPDATE providers SET enabled = %s, updated_at = now() WHERE id = %s",
+        (enabled, provider_id),
+    )
+
+
+# ---------------------------------------------------------------- subscriptions
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    provider_id: str
+    symbol: str
+    data_types: list[str]
+    is_active: bool
+
+
+async def subscribe(
+    conn: Conn, provider_id: str, symbols: list[str], data_types: list[DataType]
+) -> list[Subscription]:
+    types = [t.value for t in data_types]
+    out: list[Subscription] = []
+    async with conn.transaction():
+        for symbol in symbols:
+            await conn.execute(
+                """
+                INSERT INTO subscriptions (provider_id, instrument_symbol, data_types)
+                VALUES (%s, %s, %s)
+                ON CONFLICT (provider_id, instrument_symbol) DO UPDATE
+                SET data_types = EXCLUDED.data_types, is_active = TRUE, updated_at = now()
+                """,
+                (provider_id, symbol, types),
+            )
+            out.append(Subscription(provider_id, symbol, types, True))
+    return out
+
+
+async def unsubscribe(conn: Conn, provider_id: str, symbols: list[str]) -> int:
+    cur = await conn.execute(
+        "UPDATE subscriptions SET is_active = FALSE, updated_at = now() "
+        "WHERE provider_id = %s AND instrument_symbol = ANY(%s) AND is_active",
+        (provider_id, symbols),
+    )
+    return cur.rowcount
+
+
+async def active_subscriptions(conn: Conn) -> list[Subscription]:
+    cur = await conn.execute(
+        "SELECT provider_id::text, instrument_symbol, data_types FROM subscriptions "
+        "WHERE is_active ORDER BY provider_id, instrument_symbol"
+    )
+    return [Subscription(r[0], r[1], list(r[2]), True) for r in await cur.fetchall()]
+
+
+# ---------------------------------------------------------------- worker instances
+
+
+async def register_instance(
+    conn: Conn, instance_id: str, provider_id: str, host: str, pid: int
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO worker_instances (instance_id, provider_id, host, pid)
+        VALUES (%s, %s, %s, %s)
+        ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), pid = EXCLUDED.pid
+        """,
+        (instance_id, provider_id, host, pid),
+    )
+    await conn.execute("SELECT pg_notify('feedfleet_config', 'worker_instances')")
+
+
+async def heartbeat_instance(conn: Conn, instance_id: str, status: str) -> None:
+    await conn.execute(
+        "UPDATE worker_instances SET heartbeat_at = now(), status = %s WHERE instance_id = %s",
+        (status, instance_id),
+    )
+
+
+async def remove_instance(conn: Conn, instance_id: str) -> None:
+    await conn.execute("DELETE FROM worker_instances WHERE instance_id = %s", (instance_id,))
+    await conn.execute("SELECT pg_notify('feedfleet_config', 'worker_instances')")
+
+
+@dataclass(frozen=True, slots=True)
+class LiveInstance:
+    instance_id: str
+    provider_id: str
+    host: str
+
+
+async def live_instances(conn: Conn, timeout_s: float) -> list[LiveInstance]:
+    cur = await conn.execute(
+        "SELECT instance_id, provider_id::text, host FROM worker_instances "
+        "WHERE heartbeat_at > now() - make_interval(secs => %s) ORDER BY instance_id",
+        (timeout_s,),
+    )
+    return [LiveInstance(*r) for r in await cur.fetchall()]
+
+
+async def delete_dead_instances(conn: Conn, older_than_s: float) -> int:
+    cur = await conn.execute(
+        "DELETE FROM worker_instances WHERE heartbeat_at < now() - make_interval(secs => %s)",
+        (older_than_s,),
+    )
+    return cur.rowcount
+
+
+# ---------------------------------------------------------------- assignments
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    provider_id: str
+    symbol: str
+    instance_id: str
+    data_types: tuple[str, ...]
+    reason: str = "primary"
+
+
+async def current_assignments(conn: Conn) -> list[Assignment]:
+    cur = await conn.execute(
+        "SELECT provider_id::text, instrument_symbol, instance_id, data_types, reason "
+        "FROM assignments"
+    )
+    return [Assignment(r[0], r[1], r[2], tuple(r[3]), r[4]) for r in await cur.fetchall()]
+
+
+async def replace_assignments(
+    conn: Conn, remove: list[Assignment], upsert: list[Assignment]
+) -> None:
+    async with conn.transaction():
+        for a in remove:
+            await conn.execute(
+                "DELETE FROM assignments WHERE provider_id = %s AND instrument_symbol = %s",
+                (a.provider_id, a.symbol),
+            )
+        for a in upsert:
+            await conn.execute(
+                """
+                INSERT INTO assignments (provider_id, instrument_symbol, instance_id,
+                                         data_types, reason)
+                VALUES (%s, %s, %s, %s, %s)
+                ON CONFLICT (provider_id, instrument_symbol) DO UPDATE
+                SET instance_id = EXCLUDED.instance_id, data_types = EXCLUDED.data_types,
+                    reason = EXCLUDED.reason, assigned_at = now()
+                """,
+                (a.provider_id, a.symbol, a.instance_id, list(a.data_types), a.reason),
+            )
+        await conn.execute("SELECT pg_notify('feedfleet_assignments', '')")
+
+
+async def assigned_instruments(conn: Conn, instance_id: str) -> dict[str, Instrument]:
+    cur = await conn.execute(
+        "SELECT instrument_symbol, data_types FROM assignments WHERE instance_id = %s",
+        (instance_id,),
+    )
+    out: dict[str, Instrument] = {}
+    for symbol, types in await cur.fetchall():
+        known = frozenset(DataType(t) for t in types if t in DataType.__members__)
+        out[symbol] = Instrument(symbol, known)
+    return out
+
+
+# ---------------------------------------------------------------- status and metrics
+
+
+async def record_connection(
+    conn: Conn, provider_id: str, instance_id: str, status: str, error: str | None
+) -> None:
+    connected = status == "CONNECTED"
+    await conn.execute(
+        """
+        INSERT INTO provider_connections
+            (provider_id, instance_id, status, connected_at, disconnected_at, error_message)
+        VALUES (%s, %s, %s, CASE WHEN %s THEN now() END, CASE WHEN %s THEN NULL ELSE now() END,
+                %s)
+        """,
+        (provider_id, instance_id, status, connected, connected, error),
+    )
+
+
+async def latest_connection(conn: Conn, provider_id: str) -> tuple[str, datetime] | None:
+    cur = await conn.execute(
+        "SELECT status, created_at FROM provider_connections WHERE provider_id = %s "
+        "ORDER BY id DESC LIMIT 1",
+        (provider_id,),
+    )
+    row = await cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+async def insert_metrics(conn: Conn, provider_id: str, instance_id: str, m: dict[str, Any]) -> None:
+    await conn.execute(
+        """
+        INSERT INTO ingestion_metrics
+            (provider_id, instance_id, messages_received, messages_published, messages_stored,
+             messages_spooled, messages_replayed, messages_dropped, decode_errors, error_count,
+             throughput_per_sec, latency_p50_ms, latency_p99_ms)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (provider_id, instance_id, m["received"], m["published"], m["stored"], m["spooled"],
+         m["replayed"], m["dropped"], m["decode_errors"], m["error_count"],
+         m["throughput_per_sec"], m["latency_p50_ms"], m["latency_p99_ms"]),
+    )  # fmt: skip

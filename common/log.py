@@ -1,0 +1,59 @@
+"""structlog set-up: one JSON object per line, and secrets masked on the way out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+import structlog
+
+_SECRET_KEYS = re.compile(r"(key|token|secret|password|passwd|apikey)", re.IGNORECASE)
+
+
+def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Mask values of secret-looking keys and any value equal to a known secret."""
+    secrets = _known_secrets()
+    for key, value in list(event.items()):
+        if _SECRET_KEYS.search(key) and not key.endswith("_env"):
+            event[key] = "***"
+        elif isinstance(value, str) and secrets:
+            for s in secrets:
+                if s in value:
+                    event[key] = value.replace(s, "***")
+                    value = event[key]
+    return event
+
+
+def _known_secrets() -> list[str]:
+    return [
+        v
+        for k, v in os.environ.items()
+        if len(v) >= 6 and _SECRET_KEYS.search(k) and not k.endswith("_ENV")
+    ]
+
+
+def configure_logging(fmt: str = "json", level: str = "info") -> None:
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _mask_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,194 @@
+-- feedfleet schema. Applying it twice is harmless (`feedfleet db init`).
+--
+-- Command side: providers, subscriptions, provider_connections, ingestion_metrics,
+-- plus what the coordinator needs (worker_instances, assignments).
+-- Query side: raw_market_data, a TimescaleDB hypertable (1 h chunks, 16 symbol
+-- partitions) when the extension can be created, else native hourly range partitions
+-- with a default partition so no insert ever fails.
+
+CREATE TABLE IF NOT EXISTS providers (
+    id                UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    name              VARCHAR(100) NOT NULL UNIQUE,
+    provider_type     VARCHAR(50)  NOT NULL,
+    enabled           BOOLEAN      NOT NULL DEFAULT TRUE,
+    priority          INTEGER      NOT NULL DEFAULT 100,
+    connection_config JSONB        NOT NULL DEFAULT '{}'::jsonb,
+    rate_limits       JSONB        NOT NULL DEFAULT '{}'::jsonb,
+    created_at        TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    updated_at        TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    CONSTRAINT providers_connection_config_is_object
+        CHECK (jsonb_typeof(connection_config) = 'object'),
+    CONSTRAINT providers_rate_limits_is_object CHECK (jsonb_typeof(rate_limits) = 'object')
+);
+CREATE INDEX IF NOT EXISTS idx_providers_enabled ON providers (enabled);
+
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id                UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    provider_id       UUID        NOT NULL REFERENCES providers (id) ON DELETE CASCADE,
+    instrument_symbol VARCHAR(50) NOT NULL,
+    data_types        TEXT[]      NOT NULL DEFAULT ARRAY['TRADE', 'QUOTE'],
+    is_active         BOOLEAN     NOT NULL DEFAULT TRUE,
+    created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT subscriptions_provider_symbol_key UNIQUE (provider_id, instrument_symbol)
+);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_provider ON subscriptions (provider_id, is_active);
+
+CREATE TABLE IF NOT EXISTS provider_connections (
+    id              BIGSERIAL PRIMARY KEY,
+    provider_id     UUID        NOT NULL REFERENCES providers (id) ON DELETE CASCADE,
+    instance_id     VARCHAR(200),
+    status          VARCHAR(20) NOT NULL,
+    connected_at    TIMESTAMPTZ,
+    disconnected_at TIMESTAMPTZ,
+    error_message   TEXT,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS idx_connections_provider_status
+    ON provider_connections (provider_id, status);
+
+CREATE TABLE IF NOT EXISTS ingestion_metrics (
+    id                  BIGSERIAL PRIMARY KEY,
+    provider_id         UUID        NOT NULL REFERENCES providers (id) ON DELETE CASCADE,
+    instance_id         VARCHAR(200),
+    timestamp           TIMESTAMPTZ NOT NULL DEFAULT now(),
+    messages_received   BIGINT      NOT NULL DEFAULT 0,
+    messages_published  BIGINT      NOT NULL DEFAULT 0,
+    messages_stored     BIGINT      NOT NULL DEFAULT 0,
+    messages_spooled    BIGINT      NOT NULL DEFAULT 0,
+    messages_replayed   BIGINT      NOT NULL DEFAULT 0,
+    messages_dropped    BIGINT      NOT NULL DEFAULT 0,
+    decode_errors       BIGINT      NOT NULL DEFAULT 0,
+    error_count         BIGINT      NOT NULL DEFAULT 0,
+    throughput_per_sec  DOUBLE PRECISION NOT NULL DEFAULT 0,
+    latency_p50_ms      DOUBLE PRECISION,
+    latency_p99_ms      DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS idx_metrics_provider_timestamp
+    ON ingestion_metrics (provider_id, timestamp DESC);
+
+-- One row per live worker process; the coordinator treats a row whose heartbeat is
+-- older than its timeout as dead.
+CREATE TABLE IF NOT EXISTS worker_instances (
+    instance_id   VARCHAR(200) PRIMARY KEY,
+    provider_id   UUID        NOT NULL REFERENCES providers (id) ON DELETE CASCADE,
+    host          VARCHAR(200) NOT NULL,
+    pid           INTEGER      NOT NULL,
+    started_at    TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    heartbeat_at  TIMESTAMPTZ  NOT NULL DEFAULT now(),
+    status        VARCHAR(20)  NOT NULL DEFAULT 'CONNECTING'
+);
+CREATE INDEX IF NOT EXISTS idx_worker_instances_provider ON worker_instances (provider_id);
+
+-- Which worker instance holds which symbol, written only by the active coordinator.
+CREATE TABLE IF NOT EXISTS assignments (
+    provider_id       UUID        NOT NULL REFERENCES providers (id) ON DELETE CASCADE,
+    instrument_symbol VARCHAR(50) NOT NULL,
+    instance_id       VARCHAR(200) NOT NULL,
+    data_types        TEXT[]      NOT NULL,
+    reason            VARCHAR(20) NOT NULL DEFAULT 'primary',
+    assigned_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (provider_id, instrument_symbol)
+);
+CREATE INDEX IF NOT EXISTS idx_assignments_instance ON assignments (instance_id);
+
+-- Changes that the coordinator must see at once (it also polls slowly).
+CREATE OR REPLACE FUNCTION feedfleet_notify_config() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('feedfleet_config', TG_TABLE_NAME);
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS providers_notify ON providers;
+CREATE TRIGGER providers_notify AFTER INSERT OR UPDATE OR DELETE ON providers
+    FOR EACH STATEMENT EXECUTE FUNCTION feedfleet_notify_config();
+DROP TRIGGER IF EXISTS subscriptions_notify ON subscriptions;
+CREATE TRIGGER subscriptions_notify AFTER INSERT OR UPDATE OR DELETE ON subscriptions
+    FOR EACH STATEMENT EXECUTE FUNCTION feedfleet_notify_config();
+
+-- ---------------------------------------------------------------- query side
+
+DO $$
+DECLARE
+    have_timescale BOOLEAN := FALSE;
+BEGIN
+    IF to_regclass('raw_market_data') IS NOT NULL THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+        BEGIN
+            CREATE EXTENSION IF NOT EXISTS timescaledb;
+            have_timescale := TRUE;
+        EXCEPTION WHEN OTHERS THEN
+            -- e.g. not in shared_preload_libraries: fall back to native partitions.
+            RAISE NOTICE 'timescaledb unavailable (%), using native partitions', SQLERRM;
+        END;
+    END IF;
+
+    EXECUTE format($t$
+        CREATE TABLE raw_market_data (
+            event_id          UUID         NOT NULL,
+            symbol            VARCHAR(50)  NOT NULL,
+            provider          VARCHAR(100) NOT NULL,
+            timestamp         TIMESTAMPTZ  NOT NULL,
+            data_type         VARCHAR(20)  NOT NULL,
+            price             NUMERIC(20, 8),
+            volume            NUMERIC(24, 8),
+            bid               NUMERIC(20, 8),
+            ask               NUMERIC(20, 8),
+            provider_specific JSONB        NOT NULL DEFAULT '{}'::jsonb,
+            provider_sequence BIGINT,
+            quality_flags     TEXT[]       NOT NULL DEFAULT '{}',
+            received_at       TIMESTAMPTZ  NOT NULL,
+            ingested_at       TIMESTAMPTZ  NOT NULL DEFAULT now(),
+            PRIMARY KEY (event_id, timestamp, symbol)
+        ) %s$t$,
+        CASE WHEN have_timescale THEN '' ELSE 'PARTITION BY RANGE (timestamp)' END);
+
+    IF have_timescale THEN
+        PERFORM create_hypertable('raw_market_data', 'timestamp',
+                                  partitioning_column => 'symbol',
+                                  number_partitions => 16,
+                                  chunk_time_interval => INTERVAL '1 hour');
+    ELSE
+        CREATE TABLE raw_market_data_default PARTITION OF raw_market_data DEFAULT;
+    END IF;
+END $$;
+
+CREATE INDEX IF NOT EXISTS idx_raw_data_symbol_time ON raw_market_data (symbol, timestamp DESC);
+CREATE INDEX IF NOT EXISTS idx_raw_data_provider_time
+    ON raw_market_data (provider, timestamp DESC);
+
+-- Creates the hourly partitions from `hours_back` before to `hours_ahead` after now.
+-- Workers call it at start and every few minutes. An hour whose rows already sit in the
+-- default partition is skipped (PostgreSQL would refuse it), never an error.
+CREATE OR REPLACE FUNCTION feedfleet_ensure_partitions(hours_back INTEGER, hours_ahead INTEGER)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+DECLARE
+    created INTEGER := 0;
+    h       TIMESTAMPTZ;
+    name    TEXT;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_partitioned_table
+                   WHERE partrelid = 'raw_market_data'::regclass) THEN
+        RETURN 0;  -- a hypertable manages its own chunks
+    END IF;
+    FOR h IN SELECT generate_series(date_trunc('hour', now()) - make_interval(hours => hours_back),
+                                    date_trunc('hour', now()) + make_interval(hours => hours_ahead),
+                                    INTERVAL '1 hour')
+    LOOP
+        name := 'raw_market_data_' || to_char(h AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24');
+        CONTINUE WHEN to_regclass(name) IS NOT NULL;
+        BEGIN
+            EXECUTE format('CREATE TABLE %I PARTITION OF raw_market_data
+                            FOR VALUES FROM (%L) TO (%L)', name, h, h + INTERVAL '1 hour');
+            created := created + 1;
+        EXCEPTION WHEN check_violation OR duplicate_table THEN
+            NULL;  -- rows for that hour are in the default partition, or a race
+        END;
+    END LOOP;
+    RETURN created;
+END $$;
+
+SELECT feedfleet_ensure_partitions(2, 24);
