@@ -48,7 +48,8 @@ class QualityChecker:
         """Drop state for unsubscribed symbols so a later resubscribe starts clean."""
         gone = set(symbols)
         for table in (self._last_seq, self._last_time):
-            for key in [k for k in table if k.rpartition(".")[2] in gone or k in gone]:
+            # Streams are named "<channel>.<symbol>" (the symbol may itself hold dots).
+            for key in [k for k in table if k.partition(".")[2] in gone or k in gone]:
                 del table[key]
         for sym in gone:
             self._last_price.pop(sym, None)

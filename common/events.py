@@ -1,0 +1,182 @@
+"""The ``raw_market_data_ingested`` event: built once per record, shared by all sinks.
+
+Shape (the seed's, plus ``raw_data.data_type``)::
+
+    {"event_id", "timestamp", "provider",
+     "raw_data": {"symbol", "price", "volume", "timestamp", "bid", "ask",
+                  "provider_specific", "data_type"},
+     "metadata": {"ingestion_latency_ms", "provider_sequence", "quality_flags"}}
+
+``event_id`` is a UUID-formatted hash of (provider, stream, sequence, provider time,
+data type, ordinal), so replaying the same provider data yields the same ids and
+consumers can de-duplicate. ``timestamp`` is the publish-ready time; ``raw_data.timestamp``
+the provider's event time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from hashlib import blake2b
+
+import orjson
+
+from common.model import RawMarketData
+
+EVENT_TYPE = "raw_market_data_ingested"
+
+
+@dataclass(slots=True)
+class Event:
+    """One event ready for the sinks: its JSON payload and its COPY row (text format)."""
+
+    event_id: str
+    symbol: str
+    payload: bytes
+    copy_row: bytes
+    receive_ns: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_prefix(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def iso_ns(ns: int) -> str:
+    """ISO 8601 UTC with microseconds; the per-second part is cached (hot path)."""
+    seconds, rem = divmod(ns, 1_000_000_000)
+    return f"{_second_prefix(seconds)}.{rem // 1000:06d}Z"
+
+
+def event_id_for(
+    provider: str,
+    stream: str,
+    sequence: int | None,
+    timestamp_ns: int,
+    data_type: str,
+    ordinal: int,
+) -> str:
+    h = blake2b(
+        f"{provider}|{stream}|{sequence}|{timestamp_ns}|{data_type}|{ordinal}".encode(),
+        digest_size=16,
+    ).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _copy_text(value: float | int | str | None) -> bytes:
+    return b"\\N" if value is None else str(value).encode()
+
+
+def _copy_json(value: bytes) -> bytes:
+    # COPY text format: backslash is the escape character. orjson never emits raw tabs
+    # or newlines (they are escaped inside strings), so only backslashes need doubling.
+    return value.replace(b"\\", b"\\\\")
+
+
+def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
+    """Turn one batch of checked records into events. ``publish_ns`` is read once per batch."""
+    publish_iso = iso_ns(publish_ns)
+    events: list[Event] = []
+    append = events.append
+    dumps = orjson.dumps
+    prev_key: tuple[str, int | None] | None = None
+    ordinal = 0
+    for r in records:
+        # Several records from one provider message share its sequence number (a FIX
+        # refresh with many entries): the ordinal keeps their ids distinct and stable.
+        key = (r.stream, r.provider_sequence)
+        ordinal = ordinal + 1 if key == prev_key else 0
+        prev_key = key
+        dt = r.data_type.value
+        event_id = event_id_for(
+            r.provider, r.stream, r.provider_sequence, r.timestamp_ns, dt, ordinal
+        )
+        provider_time = iso_ns(r.timestamp_ns)
+        specific = dumps(r.provider_specific)
+        flags = r.quality_flags
+        payload = dumps(
+            {
+                "event_id": event_id,
+                "timestamp": publish_iso,
+                "provider": r.provider,
+                "raw_data": {
+                    "symbol": r.symbol,
+                    "price": r.price,
+                    "volume": r.volume,
+                    "timestamp": provider_time,
+                    "bid": r.bid,
+                    "ask": r.ask,
+                    "provider_specific": orjson.Fragment(specific),
+                    "data_type": dt,
+                },
+                "metadata": {
+                    "ingestion_latency_ms": (publish_ns - r.receive_ns) / 1e6,
+                    "provider_sequence": r.provider_sequence,
+                    "quality_flags": flags,
+                },
+            }
+        )
+        row = copy_row(
+            event_id, r.symbol, r.provider, provider_time, dt, r.price, r.volume, r.bid,
+            r.ask, specific, r.provider_sequence, flags, r.receive_ns,
+        )  # fmt: skip
+        append(Event(event_id, r.symbol, payload, row, r.receive_ns))
+    return events
+
+
+COPY_COLUMNS = (
+    "event_id, symbol, provider, timestamp, data_type, price, volume, bid, ask, "
+    "provider_specific, provider_sequence, quality_flags, received_at"
+)
+
+
+def copy_row(
+    event_id: str, symbol: str, provider: str, provider_time: str, data_type: str,
+    price: float | None, volume: float | None, bid: float | None, ask: float | None,
+    specific_json: bytes, sequence: int | None, flags: list[str], receive_ns: int,
+) -> bytes:  # fmt: skip
+    """One line of COPY text for ``raw_market_data`` (columns in ``COPY_COLUMNS`` order)."""
+    return (
+        b"\t".join(
+            (
+                event_id.encode(),
+                _escape(symbol),
+                _escape(provider),
+                provider_time.encode(),
+                data_type.encode(),
+                _copy_text(price),
+                _copy_text(volume),
+                _copy_text(bid),
+                _copy_text(ask),
+                _copy_json(specific_json),
+                _copy_text(sequence),
+                ("{" + ",".join(flags) + "}").encode(),
+                iso_ns(receive_ns).encode(),
+            )
+        )
+        + b"\n"
+    )
+
+
+def _escape(text: str) -> bytes:
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        text = (
+            text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r")
+        )  # fmt: skip
+    return text.encode()
+
+
+def event_from_payload(payload: bytes, receive_ns: int) -> Event:
+    """Rebuild an ``Event`` from its JSON (spool replay): same payload, same row."""
+    doc = orjson.loads(payload)
+    raw = doc["raw_data"]
+    meta = doc["metadata"]
+    row = copy_row(
+        doc["event_id"], raw["symbol"], doc["provider"], raw["timestamp"], raw["data_type"],
+        raw["price"], raw["volume"], raw["bid"], raw["ask"],
+        orjson.dumps(raw["provider_specific"]), meta["provider_sequence"],
+        meta["quality_flags"], receive_ns,
+    )  # fmt: skip
+    return Event(doc["event_id"], raw["symbol"], payload, row, receive_ns)

@@ -1,0 +1,53 @@
+"""Counters and latency histograms a worker reports (Redis status, /metrics, ingestion_metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hdrh.histogram import HdrHistogram
+
+
+@dataclass(slots=True)
+class SinkCounters:
+    """Per durable sink. ``acked`` counts direct and replayed deliveries."""
+
+    acked: int = 0
+    spooled: int = 0  # events ever written to the spool
+    replayed: int = 0  # events delivered from the spool
+    failures: int = 0  # failed delivery attempts (batches)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "acked": self.acked,
+            "spooled": self.spooled,
+            "replayed": self.replayed,
+            "failures": self.failures,
+        }
+
+
+def new_latency_histogram() -> HdrHistogram:
+    """Microseconds from 1 µs to 10 min, 3 significant digits."""
+    return HdrHistogram(1, 600_000_000, 3)
+
+
+@dataclass(slots=True)
+class LatencyWindow:
+    """Receive -> Pulsar receipt latency of the events acked in the current window."""
+
+    histogram: HdrHistogram = field(default_factory=new_latency_histogram)
+
+    def record_us(self, value_us: int) -> None:
+        self.histogram.record_value(max(1, min(value_us, 600_000_000)))
+
+    def percentiles_ms(self) -> dict[str, float | None]:
+        h = self.histogram
+        if h.get_total_count() == 0:
+            return {"p50": None, "p99": None, "max": None}
+        return {
+            "p50": h.get_value_at_percentile(50) / 1000,
+            "p99": h.get_value_at_percentile(99) / 1000,
+            "max": h.get_max_value() / 1000,
+        }
+
+    def reset(self) -> None:
+        self.histogram.reset()
