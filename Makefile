@@ -1,0 +1,36 @@
+# feedfleet. `make run` runs the fleet, `make test` the tests; both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes; `make setup` is safe to repeat.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/feedfleet run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check common workers simulators tests
+	$(BIN)/ruff format --check common workers simulators tests
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/feedfleet bench
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,337 @@
+"""The REST API: intent into PostgreSQL, live state out of Redis; never talks to a provider.
+
+Endpoints (the seed's):
+  POST /api/v1/providers/{provider_id}/subscribe   body SubscriptionRequest
+  GET  /api/v1/providers/{provider_id}/status      ProviderStatus
+  PUT  /api/v1/providers/{provider_id}/connect     enable the provider (its worker connects)
+  GET  /health                                     HealthResponse
+  GET  /metrics                                    MetricsResponse
+plus POST .../unsubscribe, GET /api/v1/providers and a status page at ``/``.
+``provider_id`` is the provider's name or uuid. With ``FEEDFLEET_API_TOKEN`` set, the
+writing endpoints need ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import re
+import time
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+import psycopg
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from common import db
+from common.config import Settings
+from common.model import ConnectionStatus, DataType, ProviderStatus, SubscriptionRequest, ns_to_iso
+from common.provider import ProviderConfig
+from common.redis_keys import provider_status_key
+
+log = structlog.get_logger("feedfleet.api")
+
+SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:/_^=\- ]{0,49}$")
+MAX_SYMBOLS_PER_REQUEST = 5000
+
+POOL = web.AppKey("pool", AsyncConnectionPool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+SETTINGS = web.AppKey("settings", Settings)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ApiError as exc:
+        body: dict[str, Any] = {"error": exc.message}
+        if exc.field:
+            body["field"] = exc.field
+        return _json(body, exc.status)
+    except web.HTTPException as exc:
+        return _json({"error": exc.reason}, exc.status)
+    except (psycopg.OperationalError, psycopg.pool.PoolTimeout) as exc:
+        log.warning("api_database_unavailable", error=str(exc))
+        return _json({"error": "database unavailable"}, 503)
+
+
+def _require_token(request: web.Request) -> None:
+    token = request.app[SETTINGS].api_token
+    if not token:
+        return
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise ApiError(401, "missing or wrong bearer token")
+
+
+def parse_subscription_request(body: Any) -> SubscriptionRequest:
+    """Validate a SubscriptionRequest body; ApiError(400) names the bad field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", "body")
+    unknown = set(body) - {"symbols", "data_types"}
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    symbols = body.get("symbols")
+    if not isinstance(symbols, list) or not symbols:
+        raise ApiError(400, "symbols must be a non-empty list of strings", "symbols")
+    if len(symbols) > MAX_SYMBOLS_PER_REQUEST:
+        raise ApiError(400, f"at most {MAX_SYMBOLS_PER_REQUEST} symbols per request", "symbols")
+    for s in symbols:
+        if not isinstance(s, str) or not SYMBOL_RE.match(s):
+            raise ApiError(400, f"invalid symbol {s!r}", "symbols")
+    raw_types = body.get("data_types", [DataType.TRADE.value, DataType.QUOTE.value])
+    if not isinstance(raw_types, list) or not raw_types:
+        raise ApiError(400, "data_types must be a non-empty list", "data_types")
+    try:
+        types = [DataType(t) for t in raw_types]
+    except ValueError:
+        valid = ", ".join(t.value for t in DataType)
+        raise ApiError(400, f"data_types must be among {valid}", "data_types") from None
+    return SubscriptionRequest(list(dict.fromkeys(symbols)), list(dict.fromkeys(types)))
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}", "body") from None
+
+
+async def _provider(request: web.Request) -> ProviderConfig:
+    key = request.match_info["provider_id"]
+    async with request.app[POOL].connection() as conn:
+        provider = await db.find_provider(conn, key)
+    if provider is None:
+        raise ApiError(404, f"provider {key!r} not found", "provider_id")
+    return provider
+
+
+async def _live_status(request: web.Request, provider: ProviderConfig) -> dict[str, Any]:
+    """The worker's last status from Redis; DISCONNECTED once it has expired."""
+    try:
+        raw = await request.app[REDIS].get(provider_status_key(provider.id))
+    except Exception as exc:  # Redis down: state unknown, say so
+        log.warning("api_redis_unavailable", error=str(exc))
+        raw = None
+    if raw:
+        doc: dict[str, Any] = orjson.loads(raw)
+        if not provider.enabled:
+            doc["status"] = ConnectionStatus.DISCONNECTED.value
+        return doc
+    status = ProviderStatus(
+        provider_id=provider.id,
+        provider_name=provider.name,
+        status=ConnectionStatus.DISCONNECTED,
+        last_update=ns_to_iso(time.time_ns()),
+        last_error=None if provider.enabled else "provider disabled",
+    )
+    return asdict(status) | {"metrics": None}
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def subscribe(request: web.Request) -> web.Response:
+    _require_token(request)
+    provider = await _provider(request)
+    req = parse_subscription_request(await _body(request))
+    async with request.app[POOL].connection() as conn:
+        subs = await db.subscribe(conn, provider.id, req.symbols, req.data_types)
+    return _json(
+        {
+            "provider_id": provider.id,
+            "provider_name": provider.name,
+            "subscribed": [s.symbol for s in subs],
+            "data_types": [t.value for t in req.data_types],
+        }
+    )
+
+
+async def unsubscribe(request: web.Request) -> web.Response:
+    _require_token(request)
+    provider = await _provider(request)
+    body = await _body(request)
+    if isinstance(body, dict) and "data_types" not in body:
+        body = body | {"data_types": [DataType.TRADE.value]}
+    req = parse_subscription_request(body)
+    async with request.app[POOL].connection() as conn:
+        count = await db.unsubscribe(conn, provider.id, req.symbols)
+    return _json({"provider_id": provider.id, "unsubscribed": count})
+
+
+async def provider_status(request: web.Request) -> web.Response:
+    provider = await _provider(request)
+    doc = await _live_status(request, provider)
+    doc.pop("metrics", None)
+    return _json(doc)
+
+
+async def connect(request: web.Request) -> web.Response:
+    _require_token(request)
+    provider = await _provider(request)
+    async with request.app[POOL].connection() as conn:
+        await db.set_provider_enabled(conn, provider.id, True)
+    doc = await _live_status(request, provider)
+    doc.pop("metrics", None)
+    return _json({"provider_id": provider.id, "enabled": True, "status": doc["status"]}, 202)
+
+
+async def list_providers(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        providers = await db.list_providers(conn)
+    return _json(
+        [
+            {k: v for k, v in asdict(p).items() if k != "connection_config"}
+            | {"status": (await _live_status(request, p))["status"]}
+            for p in providers
+        ]
+    )
+
+
+async def _gather_providers(request: web.Request) -> tuple[list[dict[str, Any]], bool]:
+    try:
+        async with request.app[POOL].connection(timeout=2.0) as conn:
+            providers = await db.list_providers(conn)
+    except (psycopg.OperationalError, psycopg.pool.PoolTimeout):
+        return [], False
+    return [await _live_status(request, p) | {"enabled": p.enabled} for p in providers], True
+
+
+async def health(request: web.Request) -> web.Response:
+    statuses, db_up = await _gather_providers(request)
+    try:
+        redis_up = bool(await request.app[REDIS].ping())
+    except Exception:
+        redis_up = False
+    enabled = [s for s in statuses if s["enabled"]]
+    connected = [s for s in enabled if s["status"] == ConnectionStatus.CONNECTED.value]
+    if not db_up:
+        overall = "unhealthy"
+    elif redis_up and len(connected) == len(enabled):
+        overall = "healthy"
+    else:
+        overall = "degraded"
+    body = {
+        "status": overall,
+        "timestamp": ns_to_iso(time.time_ns()),
+        "components": {
+            "database": "up" if db_up else "down",
+            "redis": "up" if redis_up else "down",
+        },
+        "providers": {
+            s["provider_name"]: {
+                "status": s["status"],
+                "enabled": s["enabled"],
+                "throughput_per_sec": s.get("throughput_per_sec", 0.0),
+                "messages_received": s.get("messages_received", 0),
+                "last_update": s.get("last_update"),
+                "last_error": s.get("last_error"),
+            }
+            for s in statuses
+        },
+    }
+    return _json(body, 200 if overall != "unhealthy" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    statuses, _ = await _gather_providers(request)
+    per_provider = {s["provider_name"]: s.get("metrics") or {} for s in statuses}
+    keys = ("received", "published", "stored", "spooled", "spooled_total", "replayed",
+            "dropped", "cached", "decode_errors")  # fmt: skip
+    totals = {k: sum(int(m.get(k) or 0) for m in per_provider.values()) for k in keys}
+    totals["throughput_per_sec"] = round(
+        sum(float(m.get("throughput_per_sec") or 0) for m in per_provider.values()), 1
+    )
+    return _json(
+        {"timestamp": ns_to_iso(time.time_ns()), "totals": totals, "providers": per_provider}
+    )
+
+
+async def status_page(request: web.Request) -> web.Response:
+    statuses, db_up = await _gather_providers(request)
+    rows = "".join(
+        "<tr><td>{}</td><td class='{}'>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+            html.escape(s["provider_name"]),
+            html.escape(s["status"].lower()),
+            html.escape(s["status"]),
+            s.get("throughput_per_sec", 0),
+            s.get("messages_received", 0),
+            html.escape(s.get("last_error") or ""),
+        )
+        for s in statuses
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="2"><title>feedfleet</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.3em 1em;text-align:left}}
+.connected{{color:#080}}.error,.disconnected{{color:#b00}}.rate_limited{{color:#c80}}</style>
+</head><body><h1>feedfleet</h1><p>database: {"up" if db_up else "down"}</p>
+<table><tr><th>provider</th><th>status</th><th>events/s</th><th>received</th>
+<th>last error</th></tr>{rows}</table></body></html>"""
+    return web.Response(text=page, content_type="text/html")
+
+
+# ---------------------------------------------------------------- app
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app.router.add_post("/api/v1/providers/{provider_id}/subscribe", subscribe)
+    app.router.add_post("/api/v1/providers/{provider_id}/unsubscribe", unsubscribe)
+    app.router.add_get("/api/v1/providers/{provider_id}/status", provider_status)
+    app.router.add_put("/api/v1/providers/{provider_id}/connect", connect)
+    app.router.add_get("/api/v1/providers", list_providers)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", status_page)
+
+    async def resources(app: web.Application) -> Any:
+        pool = AsyncConnectionPool(
+            settings.database_url, min_size=1, max_size=5, open=False,
+            kwargs={"autocommit": True}, timeout=5.0,
+        )  # fmt: skip
+        await pool.open(wait=False)
+        app[POOL] = pool
+        app[REDIS] = aioredis.from_url(
+            settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        yield
+        await app[REDIS].aclose()
+        await pool.close()
+
+    app.cleanup_ctx.append(resources)
+    return app
+
+
+async def run_api() -> None:
+    import asyncio
+
+    from common.log import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    runner = web.AppRunner(build_app(settings), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.api_host, settings.api_port).start()
+    log.info("api_listening", host=settings.api_host, port=settings.api_port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

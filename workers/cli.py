@@ -1,0 +1,130 @@
+"""The ``feedfleet`` command.
+
+feedfleet run                      the whole fleet under supervisord (make run)
+feedfleet worker NAME              one provider's worker (also: python -m workers NAME)
+feedfleet coordinator | api        the other fleet processes
+feedfleet db init                  apply schema.sql (idempotent)
+feedfleet seed-demo                demo provider rows and 20 subscribed symbols
+feedfleet decode PROVIDER [FILE]   captured provider data -> normalized JSON lines
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import orjson
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    import uvloop
+
+    uvloop.run(coro)
+
+
+async def _db_init() -> None:
+    from common import db
+    from common.config import Settings
+
+    settings = Settings.from_env()
+    conn = await db.connect(settings.database_url)
+    try:
+        await db.apply_schema(conn)
+    finally:
+        await conn.close()
+    print("schema applied", file=sys.stderr)
+
+
+def decode_main(provider: str, path: str | None, symbol: str | None) -> int:
+    """Print one JSON object per record; errors to stderr; exit 1 if anything failed."""
+    from common.codecs.base import CaptureError
+    from common.events import iso_ns
+
+    try:
+        codec = importlib.import_module(f"common.codecs.{provider}")
+    except ModuleNotFoundError:
+        print(f"decode: unknown provider {provider!r}", file=sys.stderr)
+        return 2
+    data = sys.stdin.buffer.read() if path in (None, "-") else open(path, "rb").read()  # noqa: SIM115
+    failed = False
+    out = sys.stdout.buffer
+    for item in codec.decode_capture(data, symbol=symbol):
+        if isinstance(item, CaptureError):
+            failed = True
+            print(f"{item.location}: {item.reason}", file=sys.stderr)
+            continue
+        out.write(
+            orjson.dumps(
+                {
+                    "symbol": item.symbol,
+                    "provider": item.provider,
+                    "data_type": item.data_type.value,
+                    "timestamp": iso_ns(item.timestamp_ns),
+                    "price": item.price,
+                    "volume": item.volume,
+                    "bid": item.bid,
+                    "ask": item.ask,
+                    "provider_sequence": item.provider_sequence,
+                    "provider_specific": item.provider_specific or None,
+                }
+            )
+            + b"\n"
+        )
+    out.flush()
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="feedfleet", description="market-data ingestion fleet")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the fleet under supervisord (embedded services as needed)")
+    r.add_argument("--var", default=None, help="state directory (default: ./var)")
+    w = sub.add_parser("worker", help="run one provider's worker")
+    w.add_argument("name", help="providers.name of the row to serve")
+    sub.add_parser("coordinator", help="run the coordinator")
+    sub.add_parser("api", help="run the REST API")
+    d = sub.add_parser("db", help="database tasks")
+    d.add_argument("action", choices=["init"])
+    sub.add_parser("seed-demo", help="insert demo provider rows and subscriptions")
+    dec = sub.add_parser("decode", help="decode captured provider data to JSON lines")
+    dec.add_argument("provider")
+    dec.add_argument("file", nargs="?", default=None)
+    dec.add_argument("--symbol", default=None, help="symbol for inputs that do not carry one")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        from workers.worker import run_worker
+
+        _run(run_worker(args.name))
+    elif args.command == "coordinator":
+        from workers.coordinator import run_coordinator
+
+        _run(run_coordinator())
+    elif args.command == "api":
+        from workers.api import run_api
+
+        _run(run_api())
+    elif args.command == "db":
+        _run(_db_init())
+    elif args.command == "seed-demo":
+        from workers.fleet import seed_demo_from_env
+
+        _run(seed_demo_from_env())
+    elif args.command == "decode":
+        raise SystemExit(decode_main(args.provider, args.file, args.symbol))
+    elif args.command == "run":
+        from workers.fleet import run_fleet
+
+        from pathlib import Path
+
+        raise SystemExit(run_fleet(Path(args.var) if args.var else None))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""One worker process: one provider row, its adapter, the pipeline and the sinks.
+
+Tasks, all on one uvloop loop:
+- session: connect, stream, reconnect with backoff behind a circuit breaker;
+- assignments: LISTEN + 1 s poll of the symbols the coordinator gave this instance;
+- status: ``provider:{id}:status`` in Redis every second, a ``provider_connections`` row
+  on each change, a heartbeat in ``worker_instances``, ``ingestion_metrics`` every 10 s;
+- sinks: the PostgreSQL COPY flusher, spool replays, the Redis cache flusher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import redis.asyncio as aioredis
+import structlog
+
+from common import db
+from common.circuit import CircuitBreaker
+from common.config import Settings
+from common.model import ConnectionStatus, ProviderStatus, ns_to_iso
+from common.pipeline import Pipeline
+from common.provider import (
+    ProviderAdapter,
+    ProviderAuthError,
+    ProviderConfig,
+    ProviderConfigError,
+    ProviderError,
+    ProviderRateLimited,
+)
+from common.quality import QualityChecker
+from common.redis_keys import CIRCUIT_TTL_S, STATUS_TTL_S, circuit_key, provider_status_key
+from common.retry import Backoff
+from common.sinks.postgres import PostgresSink
+from common.sinks.pulsar import PulsarSink
+from common.sinks.redis import LatestCache
+from common.spool import Spool
+from workers.adapters import adapter_class
+
+log = structlog.get_logger("feedfleet.worker")
+
+METRICS_INTERVAL_S = 10.0
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+class Worker:
+    def __init__(self, settings: Settings, provider_name: str) -> None:
+        self.settings = settings
+        self.provider_name = provider_name
+        self.instance_id = f"{provider_name}@{settings.host}:{os.getpid()}"
+        self.provider: ProviderConfig | None = None
+        self.adapter: ProviderAdapter | None = None
+        self.pipeline: Pipeline | None = None
+        self.circuit = CircuitBreaker(failure_threshold=5, open_s=30.0)
+        self.status = ConnectionStatus.DISCONNECTED
+        self.last_error: str | None = None
+        self.error_count = 0
+        self._recorded_status: tuple[ConnectionStatus, str | None] | None = None
+        self._stopping = asyncio.Event()
+        self._reconnect = asyncio.Event()
+        self._conn: db.Conn | None = None
+        self._redis: aioredis.Redis | None = None
+        self._last_rate: tuple[float, int] = (time.monotonic(), 0)
+        self.throughput = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        self._conn = await self._connect_db()
+        self.provider = await self._wait_for_provider()
+        await db.ensure_partitions(self._conn)
+        self._redis = aioredis.from_url(self.settings.redis_url)
+        spool_dir = Path(self.settings.spool_dir) / self.provider.name
+        publisher = PulsarSink(
+            self.settings.pulsar_url, self.settings.pulsar_topic, Spool(spool_dir / "pulsar.spool")
+        )
+        store = PostgresSink(self.settings.database_url, Spool(spool_dir / "postgres.spool"))
+        cache = LatestCache(self._redis)
+        stale = self.provider.connection_config.get("stale_after_s", 5.0)
+        self.pipeline = Pipeline(
+            QualityChecker(stale_after_s=None if stale is None else float(stale)),
+            publisher, store, cache,
+        )  # fmt: skip
+        await publisher.start()
+        await db.register_instance(
+            self._conn, self.instance_id, self.provider.id, self.settings.host, os.getpid()
+        )
+        log.info("worker_started", provider=self.provider.name, instance=self.instance_id)
+        tasks = [
+            asyncio.create_task(publisher.run(), name="pulsar"),
+            asyncio.create_task(store.run(), name="postgres"),
+            asyncio.create_task(cache.run(), name="redis"),
+            asyncio.create_task(self._session_loop(), name="session"),
+            asyncio.create_task(self._assignment_loop(), name="assignments"),
+            asyncio.create_task(self._status_loop(), name="status"),
+            asyncio.create_task(self._metrics_loop(), name="metrics"),
+        ]
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stop_wait and task.exception() is not None:
+                log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
+        await self._shutdown(tasks, publisher, store, cache)
+
+    async def _shutdown(
+        self, tasks: list[asyncio.Task[Any]], publisher: PulsarSink, store: PostgresSink,
+        cache: LatestCache,
+    ) -> None:  # fmt: skip
+        log.info("worker_stopping", instance=self.instance_id)
+        session = next(t for t in tasks if t.get_name() == "session")
+        session.cancel()
+        if self.adapter is not None:
+            with contextlib.suppress(Exception):
+                await self.adapter.disconnect()
+        self.status = ConnectionStatus.DISCONNECTED
+        # Give in-flight events a bounded chance to be acknowledged; what is left stays in
+        # the spools and is replayed by the next start.
+        await store.flush()
+        assert self.pipeline is not None
+        drained = await self.pipeline.drained(timeout=10.0)
+        await cache.flush()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+        await publisher.close()
+        with contextlib.suppress(Exception):
+            await self._publish_status()
+            await self._record_status()
+            assert self._conn is not None and self.provider is not None
+            await self._write_metrics()
+            await db.remove_instance(self._conn, self.instance_id)
+        log.info("worker_stopped", drained=drained, **asdict(self.pipeline.counts()))
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def _connect_db(self) -> db.Conn:
+        backoff = Backoff(base_s=0.5, max_s=10.0)
+        while True:
+            try:
+                return await db.connect(self.settings.database_url)
+            except psycopg.OperationalError as exc:
+                delay = backoff.next_delay()
+                log.warning("database_unavailable", error=str(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def _wait_for_provider(self) -> ProviderConfig:
+        assert self._conn is not None
+        while True:
+            provider = await db.find_provider(self._conn, self.provider_name)
+            if provider is not None:
+                return provider
+            log.error("provider_not_found", provider=self.provider_name)
+            await asyncio.sleep(5.0)
+
+    # ------------------------------------------------------------ provider session
+
+    def _new_adapter(self, provider: ProviderConfig) -> ProviderAdapter:
+        return adapter_class(provider.provider_type)(provider)
+
+    async def _session_loop(self) -> None:
+        backoff = Backoff(base_s=0.5, max_s=30.0)
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        while True:
+            provider = self.provider
+            assert provider is not None
+            if not provider.enabled:
+                self._set_status(ConnectionStatus.DISCONNECTED, "provider disabled")
+                await self._wait_reconnect(5.0)
+                continue
+            wait = self.circuit.wait_s()
+            if wait > 0:
+                await self._wait_reconnect(wait)
+                continue
+            delay = backoff.next_delay()
+            try:
+                if self.adapter is None or self.adapter.config is not provider:
+                    previous = self.adapter.subscribed if self.adapter else {}
+                    self.adapter = self._new_adapter(provider)
+                    self.adapter.subscribed.update(previous)
+                adapter = self.adapter
+                self._set_status(ConnectionStatus.CONNECTING, None)
+                await adapter.connect()
+                self.circuit.record_success()
+                backoff.reset()
+                self._set_status(adapter.connection_status, None)
+                self._reconnect.clear()
+                async for batch in adapter.stream_batches():
+                    pipeline.process(batch)
+                    if adapter.connection_status is not self.status:
+                        self._set_status(adapter.connection_status, adapter.last_error)
+                    if self._reconnect.is_set():
+                        break
+                    if pipeline.backpressure:
+                        self._set_status(self.status, "backpressure: sinks spooling past limit")
+                        await pipeline.wait_for_room()
+            except ProviderConfigError as exc:
+                self._fail(ConnectionStatus.ERROR, exc)
+                delay = 30.0  # an operator has to change the row or the environment
+            except ProviderAuthError as exc:
+                self._fail(ConnectionStatus.ERROR, exc)
+                delay = max(delay, 10.0)
+            except ProviderRateLimited as exc:
+                self._fail(ConnectionStatus.RATE_LIMITED, exc)
+                delay = exc.retry_after_s or max(delay, 5.0)
+            except ProviderError as exc:
+                self._fail(ConnectionStatus.DISCONNECTED, exc)
+            except Exception as exc:
+                log.exception("session_crashed", provider=provider.name)
+                self._fail(ConnectionStatus.ERROR, exc)
+            finally:
+                if self.adapter is not None:
+                    with contextlib.suppress(Exception):
+                        await self.adapter.disconnect()
+            await self._wait_reconnect(delay)
+
+    def _fail(self, status: ConnectionStatus, exc: BaseException) -> None:
+        self.error_count += 1
+        self.circuit.record_failure()
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("provider_session_failed", provider=self.provider_name, error=message)
+        self._set_status(status, message)
+
+    def _set_status(self, status: ConnectionStatus, error: str | None) -> None:
+        self.status = status
+        self.last_error = error
+
+    async def _wait_reconnect(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reconnect.wait(), timeout=seconds)
+        self._reconnect.clear()
+
+    # ------------------------------------------------------------ assignments and config
+
+    async def _assignment_loop(self) -> None:
+        listen = await self._connect_db()
+        await listen.execute("LISTEN feedfleet_assignments")
+        await listen.execute("LISTEN feedfleet_config")
+        try:
+            while True:
+                try:
+                    await self._sync_config()
+                    await self._sync_assignments()
+                except (psycopg.Error, OSError) as exc:
+                    log.warning("assignment_sync_failed", error=str(exc))
+                    self._conn = await self._reconnect_db(self._conn)
+                # Wake on a notification, or poll once a second.
+                async for _ in listen.notifies(timeout=1.0, stop_after=1):
+                    pass
+        finally:
+            await listen.close()
+
+    async def _reconnect_db(self, conn: db.Conn | None) -> db.Conn:
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        return await self._connect_db()
+
+    async def _sync_config(self) -> None:
+        assert self._conn is not None
+        fresh = await db.find_provider(self._conn, self.provider_name)
+        if fresh is None or self.provider is None or fresh == self.provider:
+            return
+        log.info("provider_config_changed", provider=fresh.name, enabled=fresh.enabled)
+        self.provider = fresh
+        self.circuit.record_success()
+        self._reconnect.set()
+        if self.adapter is not None:
+            # Ends a quiet stream at once; the session loop builds a fresh adapter.
+            await self.adapter.disconnect()
+
+    async def _sync_assignments(self) -> None:
+        assert self._conn is not None and self.pipeline is not None
+        wanted = await db.assigned_instruments(self._conn, self.instance_id)
+        adapter = self.adapter
+        if adapter is None:
+            return
+        current = adapter.subscribed
+        added = [i for s, i in wanted.items() if current.get(s) != i]
+        removed = [i for s, i in current.items() if s not in wanted]
+        if removed:
+            await adapter.unsubscribe(removed)
+            self.pipeline.quality.forget(i.symbol for i in removed)
+        if added:
+            await adapter.subscribe(added)
+        if added or removed:
+            log.info("assignments_changed", added=len(added), removed=len(removed),
+                     total=len(adapter.subscribed))  # fmt: skip
+
+    # ------------------------------------------------------------ status and metrics
+
+    def provider_status(self) -> ProviderStatus:
+        assert self.provider is not None and self.pipeline is not None
+        counts = self.pipeline.counts()
+        return ProviderStatus(
+            provider_id=self.provider.id,
+            provider_name=self.provider.name,
+            status=self.status,
+            last_update=ns_to_iso(time.time_ns()),
+            messages_received=counts.received,
+            messages_published=counts.published,
+            messages_stored=counts.stored,
+            messages_spooled=counts.spooled,
+            throughput_per_sec=round(self.throughput, 1),
+            subscribed_symbols=len(self.adapter.subscribed) if self.adapter else 0,
+            error_count=self.error_count,
+            last_error=self.last_error,
+            backpressure=self.pipeline.backpressure,
+            instance_id=self.instance_id,
+        )
+
+    def _update_throughput(self) -> None:
+        assert self.pipeline is not None
+        now = time.monotonic()
+        then, count = self._last_rate
+        received = self.pipeline.received
+        if now - then >= 1.0:
+            self.throughput = (received - count) / (now - then)
+            self._last_rate = (now, received)
+
+    async def _publish_status(self) -> None:
+        assert self._redis is not None and self.provider is not None
+        status = self.provider_status()
+        payload = orjson.dumps(asdict(status) | {"metrics": self.metrics_snapshot()})
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(provider_status_key(self.provider.id), payload, ex=STATUS_TTL_S)
+            pipe.set(circuit_key(self.provider.name), self.circuit.state.value, ex=CIRCUIT_TTL_S)
+            await pipe.execute()
+
+    async def _record_status(self) -> None:
+        """A ``provider_connections`` row whenever the status (or its error) changes."""
+        assert self._conn is not None and self.provider is not None
+        current = (self.status, self.last_error)
+        if current == self._recorded_status:
+            return
+        await db.record_connection(
+            self._conn, self.provider.id, self.instance_id, self.status.value, self.last_error
+        )
+        self._recorded_status = current
+
+    async def _status_loop(self) -> None:
+        last_heartbeat = 0.0
+        while True:
+            self._update_throughput()
+            try:
+                await self._publish_status()
+            except Exception as exc:  # Redis is a cache: degrade, never stop
+                log.warning("status_publish_failed", error=str(exc))
+            try:
+                await self._record_status()
+                if time.monotonic() - last_heartbeat >= HEARTBEAT_INTERVAL_S:
+                    assert self._conn is not None
+                    await db.heartbeat_instance(self._conn, self.instance_id, self.status.value)
+                    last_heartbeat = time.monotonic()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("status_record_failed", error=str(exc))
+                self._conn = await self._reconnect_db(self._conn)
+            await asyncio.sleep(1.0)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        assert self.pipeline is not None
+        counts = self.pipeline.counts()
+        publisher = self.pipeline.publisher
+        assert isinstance(publisher, PulsarSink)
+        latency = publisher.latency.percentiles_ms()
+        return {
+            **asdict(counts),
+            "decode_errors": self.adapter.decode_errors if self.adapter else 0,
+            "error_count": self.error_count,
+            "throughput_per_sec": round(self.throughput, 1),
+            "latency_p50_ms": latency["p50"],
+            "latency_p99_ms": latency["p99"],
+            "quality_flags": dict(self.pipeline.quality.flag_counts),
+            "sinks": {
+                "pulsar": publisher.counters.as_dict() | {"healthy": publisher.healthy},
+                "postgres": self.pipeline.store.counters.as_dict()
+                | {"healthy": self.pipeline.store.healthy},
+                "redis": {"written": self.pipeline.cache.written if self.pipeline.cache else 0},
+            },
+        }
+
+    async def _write_metrics(self) -> None:
+        assert self._conn is not None and self.provider is not None
+        await db.insert_metrics(
+            self._conn, self.provider.id, self.instance_id, self.metrics_snapshot()
+        )
+
+    async def _metrics_loop(self) -> None:
+        tick = 0
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            tick += 1
+            try:
+                await self._write_metrics()
+                assert self.pipeline is not None
+                publisher = self.pipeline.publisher
+                assert isinstance(publisher, PulsarSink)
+                publisher.latency.reset()
+                if tick % 60 == 0:  # every 10 minutes: keep hourly partitions ahead
+                    assert self._conn is not None
+                    await db.ensure_partitions(self._conn)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("metrics_write_failed", error=str(exc))
+
+
+async def run_worker(provider_name: str) -> None:
+    from common.log import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    structlog.contextvars.bind_contextvars(provider=provider_name)
+    await Worker(settings, provider_name).run()
