@@ -1,0 +1,189 @@
+"""A worker against the Polygon simulator, with the real coordinator, broker, PostgreSQL
+and Redis: every received record is published, stored and cached, with the seed's shape."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from common import db
+from common.config import Settings
+from common.model import DataType
+from simulators.market import Faults
+from simulators.polygon import PolygonSimConfig, PolygonSimulator
+from tests.conftest import Services
+from tests.pulsar_collector import PulsarCollector
+from workers.coordinator import Coordinator
+from workers.worker import Worker
+
+KEY_ENV = "FEEDFLEET_TEST_POLYGON_KEY"
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Fleet:
+    settings: Settings
+    sim: PolygonSimulator
+    provider_name: str
+    provider_id: str
+    worker: Worker
+    collector: PulsarCollector
+    symbols: list[str]
+
+
+@pytest.fixture
+async def fleet(services: Services, conn: db.Conn) -> AsyncIterator[Fleet]:
+    """Simulator + coordinator + worker for a fresh provider row and topic."""
+    os.environ[KEY_ENV] = "test-key"
+    tag = uuid.uuid4().hex[:6].upper()
+    symbols = [f"{s}{tag}" for s in ("AA", "BB", "CC", "DD")]
+    sim = PolygonSimulator(PolygonSimConfig(symbols=symbols, rate=3000, batch=25))
+    port = await sim.start()
+    settings = services.settings()
+    name = f"polygon-{tag.lower()}"
+    provider_id = await db.upsert_provider(
+        conn, name, "polygon",
+        {"url": f"ws://127.0.0.1:{port}/stocks", "api_key_env": KEY_ENV, "stale_after_s": None},
+    )  # fmt: skip
+    await db.subscribe(conn, provider_id, symbols, [DataType.TRADE, DataType.QUOTE])
+    collector = PulsarCollector(settings.pulsar_url, settings.pulsar_topic)
+    coordinator = Coordinator(settings, poll_s=0.5)
+    worker = Worker(settings, name)
+    tasks = [
+        asyncio.create_task(coordinator.run(handle_signals=False)),
+        asyncio.create_task(worker.run(handle_signals=False)),
+    ]
+    try:
+        yield Fleet(settings, sim, name, provider_id, worker, collector, symbols)
+    finally:
+        worker.stop()
+        coordinator.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        collector.close()
+        await sim.stop()
+        await db.set_provider_enabled(conn, provider_id, False)
+
+
+async def test_received_equals_published_equals_stored(
+    fleet: Fleet, conn: db.Conn, redis_client: aioredis.Redis
+) -> None:
+    await until(
+        lambda: fleet.worker.pipeline is not None and fleet.worker.pipeline.received >= 3000,
+        30, "3000 records",
+    )  # fmt: skip
+    await fleet.sim.stop()  # stop the source so the counts settle
+    pipeline = fleet.worker.pipeline
+    assert pipeline is not None
+    assert await pipeline.drained(timeout=20)
+    counts = pipeline.counts()
+    assert counts.received >= 3000
+    assert counts.received == counts.published == counts.stored
+    assert counts.spooled == 0
+
+    cur = await conn.execute(
+        "SELECT count(*), count(DISTINCT event_id) FROM raw_market_data WHERE provider = %s",
+        (fleet.provider_name,),
+    )
+    assert await cur.fetchone() == (counts.received, counts.received)
+
+    got = await fleet.collector.wait_for(counts.received, timeout=30)
+    assert got == counts.received
+
+    # One event, three places, the same values.
+    event = next(iter(fleet.collector.events.values()))
+    doc = event.doc
+    assert set(doc) == {"event_id", "timestamp", "provider", "raw_data", "metadata"}
+    assert doc["provider"] == fleet.provider_name
+    assert event.key == doc["raw_data"]["symbol"] in fleet.symbols
+    assert event.properties == {"event_type": "raw_market_data_ingested"}
+    assert doc["metadata"]["ingestion_latency_ms"] >= 0
+    cur = await conn.execute(
+        "SELECT symbol, data_type, price::float8, bid::float8, ask::float8, provider_sequence "
+        "FROM raw_market_data WHERE event_id = %s",
+        (doc["event_id"],),
+    )
+    raw = doc["raw_data"]
+    assert await cur.fetchone() == (
+        raw["symbol"], raw["data_type"], raw["price"], raw["bid"], raw["ask"],
+        doc["metadata"]["provider_sequence"],
+    )  # fmt: skip
+
+    for symbol in fleet.symbols:
+        cached = await redis_client.get(f"latest:{symbol}")
+        assert cached is not None, symbol
+        latest = orjson.loads(cached)
+        assert latest["raw_data"]["symbol"] == symbol
+        ttl = await redis_client.ttl(f"latest:{symbol}")
+        assert 0 < ttl <= 5
+
+
+async def test_status_and_connection_rows(
+    fleet: Fleet, conn: db.Conn, redis_client: aioredis.Redis
+) -> None:
+    await until(lambda: fleet.worker.status.value == "CONNECTED", 20, "CONNECTED")
+    await until(lambda: fleet.worker.throughput > 0, 20, "throughput")
+    await asyncio.sleep(1.2)
+    raw = await redis_client.get(f"provider:{fleet.provider_id}:status")
+    assert raw is not None
+    status = orjson.loads(raw)
+    assert status["status"] == "CONNECTED" and status["provider_name"] == fleet.provider_name
+    assert status["subscribed_symbols"] == len(fleet.symbols)
+    assert 0 < await redis_client.ttl(f"provider:{fleet.provider_id}:status") <= 30
+    row = await db.latest_connection(conn, fleet.provider_id)
+    assert row is not None and row[0] == "CONNECTED"
+
+
+async def test_subscription_changes_reach_the_worker_within_2s(
+    fleet: Fleet, conn: db.Conn
+) -> None:
+    await until(
+        lambda: fleet.worker.adapter is not None
+        and len(fleet.worker.adapter.subscribed) == len(fleet.symbols),
+        20, "initial assignment",
+    )  # fmt: skip
+    gone = fleet.symbols[0]
+    await db.unsubscribe(conn, fleet.provider_id, [gone])
+    adapter = fleet.worker.adapter
+    assert adapter is not None
+    await until(lambda: gone not in adapter.subscribed, 2.0, "unsubscribe within 2 s")
+    await db.subscribe(conn, fleet.provider_id, [gone], [DataType.TRADE])
+    await until(lambda: gone in adapter.subscribed, 2.0, "subscribe within 2 s")
+    assert adapter.subscribed[gone].data_types == frozenset({DataType.TRADE})
+
+
+async def test_reconnects_after_the_provider_drops(fleet: Fleet) -> None:
+    worker = fleet.worker
+    await until(lambda: worker.pipeline is not None and worker.pipeline.received > 200, 20, "data")
+    errors_before = worker.error_count
+    await fleet.sim.drop_all()
+    await until(lambda: worker.error_count > errors_before, 10, "the drop to be seen")
+    assert pipeline_received(worker) > 0
+    mark = pipeline_received(worker)
+    await until(lambda: pipeline_received(worker) > mark + 200, 20, "data after reconnect")
+    assert worker.status.value == "CONNECTED"
+
+
+def pipeline_received(worker: Worker) -> int:
+    assert worker.pipeline is not None
+    return worker.pipeline.received
+
+
+async def test_refused_auth_shows_error(fleet: Fleet) -> None:
+    fleet.sim.config.faults = Faults(refuse_auth=True)
+    await fleet.sim.drop_all()
+    await until(lambda: fleet.worker.status.value == "ERROR", 15, "ERROR status")
+    assert "auth" in (fleet.worker.last_error or "").lower()

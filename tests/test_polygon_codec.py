@@ -1,0 +1,126 @@
+"""Polygon codec: every message kind, the official samples, malformed frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from common.codecs import polygon as codec
+from common.codecs.base import CaptureError
+from common.model import DataType, QualityFlag
+
+RECV = 1_700_000_000_000_000_000
+
+
+def test_official_ws_samples_decode(fixtures_dir: Path) -> None:
+    lines = (fixtures_dir / "polygon_ws.jsonl").read_text().splitlines()
+    frames = [codec.decode_frame(line, RECV) for line in lines]
+    assert [s.status for s in frames[0].statuses] == ["connected"]
+    assert frames[1].statuses[0].status == "auth_success"
+    assert frames[2].statuses[0].message == "subscribed to: T.AAPL"
+    trade = frames[3].records[0]
+    assert (trade.symbol, trade.data_type, trade.price, trade.volume) == (
+        "AAPL", DataType.TRADE, 161.87, 300,
+    )  # fmt: skip
+    assert trade.timestamp_ns == 1651684192462 * 1_000_000
+    assert trade.provider_sequence == 4009402
+    assert trade.provider_specific == {"x": 10, "i": "5096", "z": 3, "c": [14, 41]}
+    assert trade.stream == "T.AAPL" and trade.receive_ns == RECV
+    # Two trades in one frame; the second has no conditions ("c" absent).
+    amzn = frames[4].records
+    assert [r.provider_sequence for r in amzn] == [4009408, 4009434]
+    assert "c" not in amzn[1].provider_specific
+    quote = frames[7].records[0]
+    assert (quote.data_type, quote.bid, quote.ask) == (DataType.QUOTE, 114.125, 114.128)
+    assert quote.provider_specific["bs"] == 100 and quote.provider_specific["as"] == 160
+    for idx, ev in ((8, "A"), (9, "AM")):
+        bar = frames[idx].records[0]
+        assert bar.data_type == DataType.AGGREGATE and bar.provider_specific["ev"] == ev
+    am = frames[9].records[0]
+    assert (am.symbol, am.price, am.volume) == ("GTE", 0.4486, 4110)
+    assert am.timestamp_ns == 1610144640000 * 1_000_000
+    # LULD and NOI are known kinds we do not store: skipped, not errors.
+    assert frames[10].skipped == 1 and frames[11].skipped == 1
+    assert all(not f.errors for f in frames)
+
+
+def test_client_frames_match_official_client(fixtures_dir: Path) -> None:
+    lines = [orjson.loads(x) for x in (fixtures_dir / "polygon_ws_client.jsonl").read_text().splitlines()]
+    assert orjson.loads(codec.encode_subscribe(["T.*", "Q.*", "AM.*"])) == lines[1]
+    assert orjson.loads(codec.encode_subscribe(["T.AAPL"])) == lines[2]
+    assert orjson.loads(codec.encode_unsubscribe(["T.AAPL"])) == lines[3]
+    assert orjson.loads(codec.encode_auth("*****")) == lines[0]
+
+
+def test_channels_for_data_types() -> None:
+    got = codec.channels_for("BRK.A", [DataType.TRADE, DataType.QUOTE, DataType.NEWS])
+    assert got == ["T.BRK.A", "Q.BRK.A"]
+    assert codec.split_channel("T.BRK.A") == ("T", "BRK.A")
+
+
+def test_server_side_round_trip() -> None:
+    frame = codec.encode_events(
+        [
+            codec.trade_event("MSFT", 410.5, 100, 1_700_000_000_123, 7, conditions=[12]),
+            codec.quote_event("MSFT", 410.4, 3, 410.6, 5, 1_700_000_000_124, 8),
+        ]
+    )
+    out = codec.decode_frame(frame, RECV)
+    assert [(r.data_type, r.price, r.bid, r.ask) for r in out.records] == [
+        (DataType.TRADE, 410.5, None, None),
+        (DataType.QUOTE, None, 410.4, 410.6),
+    ]
+    action = codec.decode_client_action(codec.encode_subscribe(["T.MSFT", "Q.*"]))
+    assert (action.action, action.params) == ("subscribe", ["T.MSFT", "Q.*"])
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b'[{"ev":"T","sym":"X","p":', "invalid JSON"),
+        (b'{"ev":"T"}', "not a JSON array"),
+        (b"[1]", "not an object"),
+        (b'[{"ev":"ZZ","sym":"X"}]', "unknown event type"),
+        (b'[{"ev":"T","p":1.0,"s":1,"t":1}]', "'sym'"),
+        (b'[{"ev":"T","sym":"X","p":1.0,"s":1}]', "timestamp"),
+        (b'[{"ev":"T","sym":"X","p":1.0,"s":1,"t":"soon"}]', "timestamp"),
+    ],
+)
+def test_malformed_frames_are_errors_not_exceptions(frame: bytes, reason: str) -> None:
+    out = codec.decode_frame(frame, RECV)
+    assert out.records == []
+    assert len(out.errors) == 1 and reason in out.errors[0].reason
+
+
+def test_bad_elements_do_not_spoil_good_ones() -> None:
+    frame = b'[{"ev":"T","sym":"X","p":1.5,"s":2,"t":5,"q":1},{"ev":"T"},"junk"]'
+    out = codec.decode_frame(frame, RECV)
+    assert [r.price for r in out.records] == [1.5]
+    assert len(out.errors) == 2
+
+
+def test_wrong_typed_price_is_flagged_missing() -> None:
+    out = codec.decode_frame(b'[{"ev":"T","sym":"X","p":"1.5","s":2,"t":5,"q":1}]', RECV)
+    (rec,) = out.records
+    assert rec.price is None and rec.quality_flags == [QualityFlag.MISSING_FIELDS]
+    out = codec.decode_frame(b'[{"ev":"Q","sym":"X","bp":true,"ap":2.0,"t":5}]', RECV)
+    assert out.records[0].bid is None
+    assert out.records[0].quality_flags == [QualityFlag.MISSING_FIELDS]
+
+
+def test_bad_client_actions() -> None:
+    for data in (b"nope", b"[]", b'{"action":1}', b'{"action":"subscribe","params":[1]}'):
+        with pytest.raises(codec.CodecError):
+            codec.decode_client_action(data)
+    with pytest.raises(codec.CodecError):
+        codec.split_channel("TAAPL")
+
+
+def test_decode_capture_reports_line_numbers() -> None:
+    data = b'[{"ev":"T","sym":"X","p":1.5,"s":2,"t":5,"q":1}]\nnot json\n\n[{"ev":"Q"}]\n'
+    items = list(codec.decode_capture(data))
+    errors = [i for i in items if isinstance(i, CaptureError)]
+    assert [e.location for e in errors] == ["line 2", "line 4"]
+    assert len(items) - len(errors) == 1

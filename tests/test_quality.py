@@ -1,0 +1,83 @@
+"""Each quality flag, on records built the way codecs build them."""
+
+from __future__ import annotations
+
+from common.model import DataType, QualityFlag, RawMarketData
+from common.quality import QualityChecker
+
+T0 = 1_700_000_000_000_000_000
+
+
+def rec(
+    seq: int | None = 1, *, price: float | None = 100.0, bid: float | None = None,
+    ask: float | None = None, dt: DataType = DataType.TRADE, ts: int = T0,
+    recv: int = T0 + 1_000_000, contiguous: bool = False, symbol: str = "AAPL",
+) -> RawMarketData:  # fmt: skip
+    return RawMarketData(
+        symbol, "p", ts, dt, price, 10, bid, ask, {}, seq, f"S.{symbol}", contiguous, recv
+    )
+
+
+def flags(checker: QualityChecker, *records: RawMarketData) -> list[list[str]]:
+    checker.check(list(records))
+    return [r.quality_flags for r in records]
+
+
+def test_clean_records_have_no_flags() -> None:
+    assert flags(QualityChecker(), rec(1), rec(2), rec(5)) == [[], [], []]
+
+
+def test_duplicate_and_out_of_order() -> None:
+    got = flags(QualityChecker(), rec(5), rec(5), rec(3), rec(6))
+    assert got == [[], [QualityFlag.DUPLICATE], [QualityFlag.OUT_OF_ORDER], []]
+
+
+def test_gap_only_on_contiguous_streams() -> None:
+    qc = QualityChecker()
+    assert flags(qc, rec(1, contiguous=True), rec(4, contiguous=True)) == [[], [QualityFlag.GAP]]
+    # Polygon sequences are increasing but not contiguous: a jump is normal there.
+    assert flags(QualityChecker(), rec(1), rec(4)) == [[], []]
+
+
+def test_stale() -> None:
+    qc = QualityChecker(stale_after_s=2.0)
+    old = rec(1, recv=T0 + 3_000_000_000)
+    assert flags(qc, old) == [[QualityFlag.STALE]]
+    assert flags(QualityChecker(stale_after_s=None), rec(1, recv=T0 + 10**12)) == [[]]
+
+
+def test_crossed_quote() -> None:
+    q = rec(1, price=None, bid=10.02, ask=10.01, dt=DataType.QUOTE)
+    assert flags(QualityChecker(), q) == [[QualityFlag.CROSSED]]
+
+
+def test_price_outlier() -> None:
+    got = flags(QualityChecker(outlier_fraction=0.1), rec(1, price=100.0), rec(2, price=150.0),
+                rec(3, price=151.0))  # fmt: skip
+    assert got == [[], [QualityFlag.PRICE_OUTLIER], []]
+
+
+def test_missing_fields() -> None:
+    got = flags(QualityChecker(), rec(1, price=None), rec(2, price=None, bid=1.0, dt=DataType.QUOTE))
+    assert got == [[QualityFlag.MISSING_FIELDS], [QualityFlag.MISSING_FIELDS]]
+
+
+def test_failover_symbols() -> None:
+    qc = QualityChecker()
+    qc.failover_symbols.add("MSFT")
+    got = flags(qc, rec(1, symbol="MSFT"), rec(1, symbol="AAPL"))
+    assert got == [[QualityFlag.FAILOVER], []]
+
+
+def test_unsequenced_records_use_provider_time() -> None:
+    qc = QualityChecker()
+    bars = [rec(None, ts=T0 + 60), rec(None, ts=T0 + 60), rec(None, ts=T0)]
+    assert flags(qc, *bars) == [[], [QualityFlag.DUPLICATE], [QualityFlag.OUT_OF_ORDER]]
+
+
+def test_counts_and_forget() -> None:
+    qc = QualityChecker()
+    flags(qc, rec(5), rec(5))
+    assert qc.flag_counts["duplicate"] == 1
+    qc.forget(["AAPL"])
+    assert flags(qc, rec(1)) == [[]]
