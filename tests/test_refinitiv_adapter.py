@@ -1,0 +1,307 @@
+"""RefinitivAdapter against the in-process RefinitivSimulator over loopback WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from common.model import ConnectionStatus, DataType, QualityFlag, RawMarketData
+from common.provider import (
+    Instrument,
+    ProviderAuthError,
+    ProviderConfig,
+    ProviderConfigError,
+    ProviderDisconnected,
+    ProviderRateLimited,
+)
+from common.quality import QualityChecker
+from simulators.market import Faults
+from simulators.refinitiv import SEQ_STEP, RefinitivSimConfig, RefinitivSimulator
+from workers.refinitiv import RefinitivAdapter
+
+RICS = ["TRI.N", "IBM.N", "T.N"]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    faults: str = "", **sim_kwargs: Any
+) -> AsyncIterator[tuple[RefinitivSimulator, str]]:
+    sim_kwargs.setdefault("rate", 2000.0)
+    sim = RefinitivSimulator(RefinitivSimConfig(RICS, faults=Faults.parse(faults), **sim_kwargs))
+    port = await sim.start("127.0.0.1", 0)
+    try:
+        yield sim, f"ws://127.0.0.1:{port}/WebSocket"
+    finally:
+        await sim.stop()
+
+
+def make_adapter(url: str, **extra: Any) -> RefinitivAdapter:
+    cc = {"url": url, "user": "feedfleet", "position": "10.0.0.5", **extra}
+    return RefinitivAdapter(
+        ProviderConfig("p1", "refinitiv-test", "refinitiv", connection_config=cc)
+    )
+
+
+async def collect(
+    adapter: RefinitivAdapter,
+    until: Callable[[list[RawMarketData]], bool],
+    timeout: float = 5.0,
+) -> list[RawMarketData]:
+    out: list[RawMarketData] = []
+    async with asyncio.timeout(timeout):
+        gen = adapter.stream_batches()
+        try:
+            async for batch in gen:
+                out.extend(batch)
+                if until(out):
+                    break
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+    return out
+
+
+def instruments(*names: str) -> list[Instrument]:
+    return [Instrument(n) for n in names]
+
+
+async def test_happy_path_login_batch_view_and_typed_records() -> None:
+    async with running() as (sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        assert adapter.ping_timeout_s == 30.0  # from the Login Refresh
+        await adapter.subscribe(instruments(*RICS))
+
+        def complete(records: list[RawMarketData]) -> bool:
+            kinds = {(r.symbol, r.data_type) for r in records}
+            return len(kinds) == 6 and len(records) >= 60
+
+        started = time.time_ns()
+        records = await collect(adapter, complete)
+        await adapter.disconnect()
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+
+    login, batch = sim.requests[0], sim.requests[1]
+    assert (login.domain, login.ids, login.names) == ("Login", [1], ["feedfleet"])
+    assert login.elements == {"ApplicationId": "256", "Position": "10.0.0.5"}
+    assert (batch.ids, batch.names, batch.batch) == ([2], RICS, True)
+    assert batch.view is not None and {"BID", "ASK", "TRDPRC_1", "QUOTIM_MS"} <= set(batch.view)
+    assert {r.symbol for r in records} == set(RICS)
+    for r in records:
+        assert r.provider == "refinitiv-test"
+        assert abs(r.timestamp_ns - started) < 5_000_000_000
+        assert r.receive_ns >= r.timestamp_ns - 5_000_000
+        assert isinstance(r.provider_sequence, int) and r.provider_sequence % SEQ_STEP == 0
+        assert r.sequence_contiguous is False
+        if r.data_type is DataType.TRADE:
+            assert r.price is not None and r.price > 0 and r.volume is not None
+            assert r.stream == "T." + r.symbol and r.provider_specific["Type"] == "Update"
+        else:
+            assert r.data_type is DataType.QUOTE
+            assert r.bid is not None and r.ask is not None and 0 < r.bid < r.ask
+            assert r.provider_specific["BIDSIZE"] >= 1 and r.stream == "Q." + r.symbol
+    # The first record of each item is its Refresh image (a quote).
+    assert {r.provider_specific["Type"] for r in records[:3]} == {"Refresh"}
+    QualityChecker(stale_after_s=None).check(records)
+    assert not [r for r in records if r.quality_flags]
+
+
+async def test_unsubscribe_closes_the_item_stream() -> None:
+    async with running() as (sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        await adapter.subscribe(instruments("TRI.N", "IBM.N"))
+        await collect(adapter, lambda rs: {r.symbol for r in rs} == {"TRI.N", "IBM.N"})
+        await adapter.unsubscribe(instruments("IBM.N"))
+        for _ in range(100):
+            if sim.open_items() == ["TRI.N"]:
+                break
+            await asyncio.sleep(0.01)
+        assert sim.open_items() == ["TRI.N"]
+        assert list(adapter.subscribed) == ["TRI.N"]
+        # Whatever was in flight drains; after that only TRI.N arrives.
+        await asyncio.sleep(0.05)
+        records = await collect(adapter, lambda rs: len(rs) >= 200)
+        assert {r.symbol for r in records[-50:]} == {"TRI.N"}
+        closes = [r for r in sim.requests if r.kind == "Close"]
+        # Batch ID 2 streamed TRI.N on ID 3 and IBM.N on ID 4.
+        assert [c.ids for c in closes] == [[4]]
+        await adapter.disconnect()
+
+
+async def test_ping_is_answered_with_pong_and_the_connection_stays_up() -> None:
+    async with running(ping_interval_s=0.1, ping_timeout_s=0.5) as (sim, url):
+        adapter = make_adapter(url, heartbeat_timeout_s=5)
+        await adapter.connect()
+        with pytest.raises(TimeoutError):
+            await collect(adapter, lambda rs: False, timeout=1.2)
+        assert sim.pongs_received >= 3
+        assert adapter.pings_answered >= 3
+        assert len(sim.connections) == 1  # not dropped for a missing Pong
+        await adapter.disconnect()
+
+
+async def test_refuse_auth_raises_auth_error_with_status_error() -> None:
+    async with running("refuse_auth") as (_sim, url):
+        adapter = make_adapter(url)
+        with pytest.raises(ProviderAuthError, match="UserUnknownToPermSys"):
+            await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.ERROR
+        assert adapter.last_error is not None and "Closed/Suspect" in adapter.last_error
+
+
+async def test_wrong_user_is_refused() -> None:
+    async with running(user="alice") as (_sim, url):
+        with pytest.raises(ProviderAuthError):
+            await make_adapter(url).connect()
+
+
+async def test_token_login_reads_the_named_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FF_TEST_RDP_TOKEN", "tok-123")
+    async with running(token="tok-123") as (sim, url):
+        adapter = make_adapter(url, user=None, token_env="FF_TEST_RDP_TOKEN")
+        await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        login = sim.requests[0]
+        assert login.name_type == "AuthnToken"
+        assert login.elements["AuthenticationToken"] == "tok-123"
+        await adapter.disconnect()
+
+
+async def test_missing_user_is_a_config_error() -> None:
+    adapter = make_adapter("ws://127.0.0.1:1/WebSocket", user=None)
+    with pytest.raises(ProviderConfigError):
+        await adapter.connect()
+
+
+async def test_unreachable_server_is_a_disconnect() -> None:
+    async with running() as (_sim, url):
+        pass  # stopped: nothing listens on the port any more
+    adapter = make_adapter(url)
+    with pytest.raises(ProviderDisconnected):
+        await adapter.connect()
+    assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+
+
+async def test_rate_limit_status_raises_rate_limited() -> None:
+    async with running("rate_limit") as (_sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        await adapter.subscribe(instruments("TRI.N", "IBM.N"))
+        with pytest.raises(ProviderRateLimited, match="TooManyItems"):
+            await collect(adapter, lambda rs: False)
+        assert adapter.connection_status is ConnectionStatus.RATE_LIMITED
+        await adapter.disconnect()
+
+
+async def test_drop_then_reconnect_restores_subscriptions() -> None:
+    async with running("drop_after=40") as (sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        await adapter.subscribe(instruments("TRI.N", "T.N"))
+        before_drop: list[RawMarketData] = []
+
+        def keep(records: list[RawMarketData]) -> bool:
+            before_drop[:] = records
+            return False
+
+        with pytest.raises(ProviderDisconnected):
+            await collect(adapter, keep)
+        assert len(before_drop) >= 30
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+        # What the worker does: disconnect, connect again; the adapter re-subscribes.
+        await adapter.disconnect()
+        await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        records = await collect(adapter, lambda rs: {r.symbol for r in rs} == {"TRI.N", "T.N"})
+        assert sim.open_items() == ["T.N", "TRI.N"]
+        rerequest = [r for r in sim.requests if r.kind == "Request" and r.domain != "Login"]
+        assert [r.names for r in rerequest] == [["TRI.N", "T.N"], ["TRI.N", "T.N"]]
+        assert all(r.provider_specific["Type"] in ("Refresh", "Update") for r in records)
+        await adapter.disconnect()
+
+
+async def test_silent_server_is_detected_within_the_heartbeat_timeout() -> None:
+    async with running("silent_after=30") as (_sim, url):
+        adapter = make_adapter(url, heartbeat_timeout_s=0.6)
+        await adapter.connect()
+        await adapter.subscribe(instruments("TRI.N"))
+        seen: list[RawMarketData] = []
+
+        def keep(records: list[RawMarketData]) -> bool:
+            seen[:] = records
+            return False
+
+        started = time.monotonic()
+        with pytest.raises(ProviderDisconnected, match="heartbeat timeout"):
+            await collect(adapter, keep, timeout=5.0)
+        elapsed = time.monotonic() - started
+        assert 0.5 < elapsed < 2.0
+        assert len(seen) >= 30  # data flowed before the server went quiet
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+        await adapter.disconnect()
+
+
+async def test_malformed_frames_are_counted_and_the_stream_continues() -> None:
+    async with running("malformed_every=3") as (_sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        await adapter.subscribe(instruments("TRI.N", "IBM.N"))
+        records = await collect(adapter, lambda rs: adapter.decode_errors >= 3 and len(rs) >= 80)
+        assert adapter.decode_errors >= 3
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        assert {r.symbol for r in records} == {"TRI.N", "IBM.N"}
+        await adapter.disconnect()
+
+
+async def test_skip_seq_jumps_are_visible_but_not_gaps() -> None:
+    # Refinitiv's SeqNumber is not contiguous (the real capture steps by 16), so a jump
+    # cannot be called a gap: the records say sequence_contiguous=False and the checker
+    # leaves them unflagged. The jump itself is visible in provider_sequence.
+    async with running("skip_seq_every=5") as (_sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        await adapter.subscribe(instruments("TRI.N"))
+        records = await collect(adapter, lambda rs: len(rs) >= 100)
+        await adapter.disconnect()
+    updates = [r for r in records if r.provider_specific["Type"] == "Update"]
+    steps = {r.provider_sequence // SEQ_STEP for r in updates}  # type: ignore[operator]
+    assert steps and not [s for s in steps if s % 5 == 0]  # every 5th number was skipped
+    QualityChecker(stale_after_s=None).check(records)
+    flagged = [r for r in records if QualityFlag.GAP in r.quality_flags]
+    assert flagged == [] and all(r.sequence_contiguous is False for r in records)
+    assert not [r for r in records if r.quality_flags]
+
+
+async def test_unknown_ric_is_logged_and_the_others_keep_streaming() -> None:
+    async with running() as (_sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        await adapter.subscribe(instruments("TRI.N", "NOPE.N"))
+        records = await collect(adapter, lambda rs: len(rs) >= 40)
+        assert {r.symbol for r in records} == {"TRI.N"}
+        assert adapter.last_error is not None and "NOPE.N: NotFound" in adapter.last_error
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        assert "NOPE.N" not in adapter.consumer.ids_by_name
+        assert "NOPE.N" in adapter.subscribed  # kept: a reconnect asks for it again
+        await adapter.disconnect()
+
+
+async def test_quote_only_instrument_gets_a_quote_view() -> None:
+    async with running() as (sim, url):
+        adapter = make_adapter(url)
+        await adapter.connect()
+        await adapter.subscribe([Instrument("IBM.N", frozenset({DataType.QUOTE}))])
+        records = await collect(adapter, lambda rs: len(rs) >= 30)
+        await adapter.disconnect()
+    [request] = [r for r in sim.requests if r.domain == "MarketPrice"]
+    assert (request.names, request.batch) == (["IBM.N"], False)
+    assert request.view is not None and "TRDPRC_1" not in request.view
+    assert {r.data_type for r in records} == {DataType.QUOTE}

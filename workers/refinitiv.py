@@ -1,0 +1,319 @@
+"""LSEG / Refinitiv Real-Time adapter: aiohttp WebSocket (``tr_json2``) around
+``common.codecs.refinitiv``.
+
+connection_config keys:
+  ``url``                  ``ws://host:15000/WebSocket`` (default ``ws://127.0.0.1:15000/WebSocket``)
+  ``user``                 DACS user name of the Login request (required unless ``token_env``)
+  ``app_id``               ApplicationId (default ``"256"``)
+  ``position``             Position, the client's IP address (default ``"127.0.0.1"``)
+  ``token_env``            optional: environment variable holding an AuthenticationToken (RTO);
+                           the login then uses NameType AuthnToken instead of ``user``
+  ``service``              optional Key.Service of item requests (name or number)
+  ``view``                 optional list of field names; default: the quote and/or trade fields
+                           plus their time/date fields, per instrument; ``[]`` asks for all fields
+  ``heartbeat_timeout_s``  silence (no frame at all, Pings included) that counts as a dead
+                           connection (default: the server's PingTimeout, else 30); the
+                           adapter sends its own Ping after a third of it
+  ``login_timeout_s``      how long to wait for the Login Refresh (default 10)
+
+The server's Ping is answered with a Pong at once. Item Status codes TooManyItems,
+MaxLoginsReached and ExceededMaxMountsPerUser raise ``ProviderRateLimited``; any other closed
+Login stream raises ``ProviderAuthError``; other closed item streams (NotFound, NotEntitled)
+are logged and the rest keep streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+import structlog
+
+from common.codecs import refinitiv as codec
+from common.model import ConnectionStatus, DataType, RawMarketData
+from common.provider import (
+    Instrument,
+    ProviderAdapter,
+    ProviderAuthError,
+    ProviderConfig,
+    ProviderConfigError,
+    ProviderDisconnected,
+    ProviderError,
+    ProviderProtocolError,
+    ProviderRateLimited,
+)
+
+log = structlog.get_logger("feedfleet.refinitiv")
+
+_READABLE = (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY)
+
+
+class RefinitivAdapter(ProviderAdapter):
+    provider_type = "refinitiv"
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        cc = config.connection_config
+        self.url = str(cc.get("url", "ws://127.0.0.1:15000/WebSocket"))
+        self.user = cc.get("user")
+        self.app_id = str(cc.get("app_id", codec.DEFAULT_APP_ID))
+        self.position = str(cc.get("position", "127.0.0.1"))
+        self.service = cc.get("service")
+        view = cc.get("view")
+        if view is not None and not (
+            isinstance(view, list) and all(isinstance(v, str) for v in view)
+        ):
+            raise ProviderConfigError("connection_config.view must be a list of field names")
+        self.view: list[str] | None = view
+        timeout = cc.get("heartbeat_timeout_s")
+        self.heartbeat_timeout_s: float | None = float(timeout) if timeout is not None else None
+        self.login_timeout_s = float(cc.get("login_timeout_s", 10.0))
+        self.consumer = codec.ConsumerProtocol(config.name)
+        self.ping_timeout_s = codec.DEFAULT_PING_TIMEOUT_S
+        self.skipped_messages = 0
+        self.pings_answered = 0
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    # ------------------------------------------------------------ connection
+
+    def _login_request(self) -> str:
+        token = (
+            self.config.secret("token_env")
+            if self.config.connection_config.get("token_env")
+            else None
+        )
+        if token is None and not self.user:
+            raise ProviderConfigError(
+                f"connection_config.user (or token_env) is not set for {self.config.name}"
+            )
+        return codec.encode_login(
+            None if token else str(self.user),
+            app_id=self.app_id,
+            position=self.position,
+            token=token,
+        )
+
+    async def connect(self) -> None:
+        login = self._login_request()
+        self.connection_status = ConnectionStatus.CONNECTING
+        self.consumer.reset()
+        self._http = aiohttp.ClientSession()
+        try:
+            try:
+                self._ws = await self._http.ws_connect(
+                    self.url, protocols=(codec.SUBPROTOCOL,), autoping=True,
+                    max_msg_size=16 * 1024 * 1024, timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                )  # fmt: skip
+            except (aiohttp.ClientError, OSError) as exc:
+                raise ProviderDisconnected(f"cannot connect to {self.url}: {exc}") from exc
+            if self._ws.protocol != codec.SUBPROTOCOL:
+                raise ProviderProtocolError(
+                    f"server did not accept subprotocol {codec.SUBPROTOCOL}"
+                )
+            await self._ws.send_str(login)
+            await self._await_login()
+        except ProviderError as exc:
+            await self._close_transport()
+            self.last_error = str(exc)
+            if isinstance(exc, ProviderRateLimited):
+                self.connection_status = ConnectionStatus.RATE_LIMITED
+            elif isinstance(exc, ProviderAuthError | ProviderProtocolError):
+                self.connection_status = ConnectionStatus.ERROR
+            else:
+                self.connection_status = ConnectionStatus.DISCONNECTED
+            raise
+        except BaseException:
+            await self.disconnect()
+            raise
+        self.connection_status = ConnectionStatus.CONNECTED
+        # A reconnect must restore what was subscribed before the drop.
+        if self.subscribed:
+            await self._send_requests(list(self.subscribed.values()))
+
+    async def _await_login(self) -> None:
+        ws = self._ws
+        assert ws is not None
+        deadline = asyncio.get_running_loop().time() + self.login_timeout_s
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise ProviderDisconnected("no Login Refresh from server")
+            try:
+                msg = await ws.receive(timeout=remaining)
+            except TimeoutError as exc:
+                raise ProviderDisconnected("no Login Refresh from server") from exc
+            if msg.type not in _READABLE:
+                raise ProviderDisconnected(f"connection closed during login ({msg.type.name})")
+            frame = self.consumer.decode(msg.data, time.time_ns())
+            if frame.errors:
+                raise ProviderProtocolError(f"bad login frame: {frame.errors[0].reason}")
+            if frame.pings:
+                await ws.send_str(codec.encode_pong())
+            for login in frame.logins:
+                if login.closed:
+                    raise _login_refused(login)
+                if login.accepted:
+                    if login.ping_timeout_s:
+                        self.ping_timeout_s = login.ping_timeout_s
+                    log.info("login_accepted", provider=self.config.name, text=login.state.text,
+                             ping_timeout_s=self.ping_timeout_s)  # fmt: skip
+                    return
+
+    async def _close_transport(self) -> None:
+        ws, http = self._ws, self._http
+        self._ws = self._http = None
+        if ws is not None:
+            await ws.close()
+        if http is not None:
+            await http.close()
+
+    async def disconnect(self) -> None:
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            # Already gone: closing below is all that is left.
+            with contextlib.suppress(aiohttp.ClientError, OSError, RuntimeError):
+                await ws.send_str(codec.encode_login_close())
+        await self._close_transport()
+        self.connection_status = ConnectionStatus.DISCONNECTED
+
+    # ------------------------------------------------------------ subscriptions
+
+    async def subscribe(self, instruments: Sequence[Instrument]) -> None:
+        for inst in instruments:
+            self.subscribed[inst.symbol] = inst
+        if self._ws is not None and not self._ws.closed:
+            await self._send_requests(instruments)
+
+    async def unsubscribe(self, instruments: Sequence[Instrument]) -> None:
+        for inst in instruments:
+            self.subscribed.pop(inst.symbol, None)
+        closes = self.consumer.close_requests(i.symbol for i in instruments)
+        if self._ws is not None and not self._ws.closed:
+            for frame in closes:
+                await self._ws.send_str(frame)
+
+    def view_for(self, data_types: frozenset[DataType]) -> list[str] | None:
+        if self.view is not None:
+            return self.view or None
+        fields: list[str] = []
+        if DataType.QUOTE in data_types:
+            fields.extend(codec.QUOTE_VIEW)
+        if DataType.TRADE in data_types:
+            fields.extend(codec.TRADE_VIEW)
+        return fields or None
+
+    async def _send_requests(self, instruments: Sequence[Instrument]) -> None:
+        assert self._ws is not None
+        # One batch request per distinct View.
+        by_view: dict[tuple[str, ...], list[str]] = {}
+        for inst in instruments:
+            view = self.view_for(inst.data_types)
+            by_view.setdefault(tuple(view or ()), []).append(inst.symbol)
+        for view_key, names in by_view.items():
+            for frame in self.consumer.item_requests(
+                names, view=list(view_key) or None, service=self.service
+            ):
+                await self._ws.send_str(frame)
+
+    # ------------------------------------------------------------ streaming
+
+    async def stream_batches(self) -> AsyncIterator[list[RawMarketData]]:
+        ws = self._ws
+        if ws is None:
+            raise ProviderDisconnected("not connected")
+        name = self.config.name
+        loop = asyncio.get_running_loop()
+        timeout = self.heartbeat_timeout_s or self.ping_timeout_s
+        ping_after = timeout / 3
+        last_traffic = loop.time()
+        pinged = False
+        while True:
+            idle = loop.time() - last_traffic
+            if idle >= timeout:
+                self.connection_status = ConnectionStatus.DISCONNECTED
+                raise ProviderDisconnected(f"no traffic for {idle:.1f}s (heartbeat timeout)")
+            wait = ping_after - idle if not pinged and idle < ping_after else timeout - idle
+            try:
+                msg = await ws.receive(timeout=wait)
+            except TimeoutError:
+                if not pinged and loop.time() - last_traffic >= ping_after:
+                    pinged = True
+                    await self._send_or_disconnect(ws, codec.encode_ping())
+                continue
+            receive_ns = time.time_ns()
+            if msg.type not in _READABLE:
+                self.connection_status = ConnectionStatus.DISCONNECTED
+                raise ProviderDisconnected(f"websocket {msg.type.name.lower()}: {msg.extra!r}")
+            last_traffic = loop.time()
+            pinged = False
+            frame = self.consumer.decode(msg.data, receive_ns)
+            if frame.errors:
+                self.decode_errors += len(frame.errors)
+                for err in frame.errors[:3]:
+                    log.warning("decode_error", provider=name, reason=err.reason, raw=err.raw)
+            if frame.pings:
+                self.pings_answered += frame.pings
+                await self._send_or_disconnect(ws, codec.encode_pong())
+            self.skipped_messages += frame.skipped
+            if frame.records:
+                yield frame.records
+            for server_error in frame.server_errors:
+                self.last_error = server_error.text
+                log.warning("server_error", provider=name, stream_id=server_error.stream_id,
+                            text=server_error.text)  # fmt: skip
+            for login in frame.logins:
+                self._on_login(login)
+            for status in frame.statuses:
+                self._on_status(status)
+
+    async def _send_or_disconnect(self, ws: aiohttp.ClientWebSocketResponse, data: str) -> None:
+        try:
+            await ws.send_str(data)
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            self.connection_status = ConnectionStatus.DISCONNECTED
+            raise ProviderDisconnected(f"send failed: {exc}") from exc
+
+    def _on_login(self, login: codec.LoginEvent) -> None:
+        if login.closed:
+            error = _login_refused(login)
+            self.last_error = str(error)
+            self.connection_status = (
+                ConnectionStatus.RATE_LIMITED
+                if isinstance(error, ProviderRateLimited)
+                else ConnectionStatus.ERROR
+            )
+            raise error
+        log.info("login_state", provider=self.config.name, stream=login.state.stream,
+                 data=login.state.data, text=login.state.text)  # fmt: skip
+
+    def _on_status(self, status: codec.ItemStatus) -> None:
+        state = status.state
+        if state.code in codec.RATE_LIMIT_CODES:
+            self.last_error = f"{status.name}: {state.code} {state.text}"
+            self.connection_status = ConnectionStatus.RATE_LIMITED
+            raise ProviderRateLimited(self.last_error)
+        if status.name is None:
+            # The summary a batch request gets on its own ID ("Processed 3 total items...").
+            log.info("batch_status", provider=self.config.name, stream_id=status.stream_id,
+                     text=state.text)  # fmt: skip
+            return
+        if state.open and state.data != "Suspect":
+            return
+        if not state.open:
+            self.last_error = f"{status.name}: {state.code} {state.text}"
+        log.warning(
+            "item_status", provider=self.config.name, symbol=status.name,
+            stream=state.stream, data=state.data, code=state.code, text=state.text,
+        )  # fmt: skip
+
+
+def _login_refused(login: codec.LoginEvent) -> ProviderError:
+    state = login.state
+    text = f"login {state.stream}/{state.data} {state.code}: {state.text}".strip()
+    if state.code in codec.RATE_LIMIT_CODES:
+        return ProviderRateLimited(text)
+    return ProviderAuthError(text)
