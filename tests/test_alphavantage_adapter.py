@@ -1,0 +1,395 @@
+"""Alpha Vantage adapter against the in-process simulator over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from common.codecs import alphavantage as av
+from common.model import ConnectionStatus, DataType, QualityFlag, RawMarketData
+from common.provider import (
+    Instrument,
+    ProviderAuthError,
+    ProviderConfig,
+    ProviderConfigError,
+    ProviderDisconnected,
+    ProviderRateLimited,
+)
+from common.quality import QualityChecker
+from simulators.alphavantage import AlphaVantageSimConfig, AlphaVantageSimulator
+from simulators.market import Faults
+from workers.alphavantage import AlphaVantageAdapter
+
+KEY_ENV = "FEEDFLEET_TEST_AV_KEY"
+os.environ[KEY_ENV] = "test-key"
+SESSION = datetime(2024, 3, 1, 9, 30)  # a Friday, inside the regular session
+SYMBOLS = ["AAPL", "MSFT"]
+Records = list[RawMarketData]
+
+
+async def start_sim(faults: str = "", **kw: Any) -> AlphaVantageSimulator:
+    cfg = AlphaVantageSimConfig(
+        symbols=["AAPL", "MSFT", "IBM"], faults=Faults.parse(faults), bar_seconds=0.05,
+        session_start=SESSION, history_bars=5, **kw,
+    )  # fmt: skip
+    sim = AlphaVantageSimulator(cfg)
+    await sim.start("127.0.0.1", 0)
+    return sim
+
+
+def make_adapter(
+    sim: AlphaVantageSimulator, rate_limits: dict[str, Any] | None = None, **cc: Any
+) -> AlphaVantageAdapter:
+    connection_config: dict[str, Any] = {
+        "base_url": f"http://127.0.0.1:{sim.port}",
+        "api_key_env": KEY_ENV,
+        "functions": ["GLOBAL_QUOTE", "TIME_SERIES_INTRADAY"],
+        "interval": "1min",
+        "poll_interval_s": 0.05,
+        "request_timeout_s": 2.0,
+        "rate_limit_backoff_s": 0.02,
+        "rate_limit_backoff_max_s": 0.2,
+    }
+    connection_config.update(cc)
+    config = ProviderConfig(
+        id="av-test", name="alphavantage", provider_type="alphavantage",
+        connection_config=connection_config, rate_limits=rate_limits or {},
+    )  # fmt: skip
+    return AlphaVantageAdapter(config)
+
+
+async def connected(
+    sim: AlphaVantageSimulator, symbols: list[str] = SYMBOLS, **cc: Any
+) -> AlphaVantageAdapter:
+    adapter = make_adapter(sim, **cc)
+    await adapter.connect()
+    await adapter.subscribe([Instrument(s) for s in symbols])
+    return adapter
+
+
+async def collect(
+    adapter: AlphaVantageAdapter, done: Callable[[Records], bool], timeout: float = 5.0
+) -> Records:
+    out: Records = []
+    stream: AsyncIterator[Records] = adapter.stream_batches()
+    try:
+        async with asyncio.timeout(timeout):
+            async for batch in stream:
+                out.extend(batch)
+                if done(out):
+                    break
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    return out
+
+
+def bars_of(records: Records, symbol: str) -> Records:
+    return [r for r in records if r.data_type is DataType.AGGREGATE and r.symbol == symbol]
+
+
+def has_bars(n: int) -> Callable[[Records], bool]:
+    return lambda rs: all(len(bars_of(rs, s)) >= n for s in SYMBOLS)
+
+
+# ---------------------------------------------------------------- happy path
+
+
+@pytest.mark.parametrize("datatype", ["json", "csv"])
+async def test_polls_quotes_and_new_bars_only(datatype: str) -> None:
+    sim = await start_sim()
+    adapter = await connected(sim, datatype=datatype)
+    try:
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        records = await collect(adapter, has_bars(9))
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+    for symbol in SYMBOLS:
+        bars = bars_of(records, symbol)
+        served = {av.eastern_to_ns(b.time): b for b in sim.series[(symbol, "1min")].bars}
+        # Every bar is the simulator's, sent once, oldest first, from the first history bar.
+        times = [r.timestamp_ns for r in bars]
+        assert times == sorted(set(times))
+        assert times[0] == av.eastern_to_ns(SESSION)
+        for r in bars:
+            bar = served[r.timestamp_ns]
+            assert r.price == bar.close and r.volume == bar.volume
+            assert r.provider_specific["open"] == bar.open
+            assert r.provider_specific["high"] >= r.provider_specific["low"]
+            assert r.stream == f"TIME_SERIES_INTRADAY:{symbol}:1min"
+            assert r.provider_sequence is None and r.provider == "alphavantage"
+            assert r.receive_ns > 0 and r.quality_flags == []
+        quotes = [r for r in records if r.data_type is DataType.TRADE and r.symbol == symbol]
+        assert quotes, symbol
+        q = quotes[0]
+        assert q.price is not None and q.price > 0 and q.volume is None
+        assert q.stream == f"GLOBAL_QUOTE:{symbol}"
+        assert q.provider_specific["latestDay"] == "2024-03-01"
+        assert q.provider_specific["timestamp_source"] == "close"
+        assert q.timestamp_ns == av.eastern_to_ns(datetime(2024, 3, 1, 16, 0))
+        # The quote's price is the close of a bar the simulator had served by then.
+        assert q.price in {b.close for b in served.values()}
+        # A quote goes out only when it changed.
+        states = [(r.price, r.provider_specific["volume"]) for r in quotes]
+        assert all(a != b for a, b in itertools.pairwise(states))
+    checker = QualityChecker(stale_after_s=None)
+    # Bars only: the simulated day lies in the past, so every quote carries its 16:00
+    # close time and the checker would call the later ones duplicates of the first.
+    checker.check([r for r in records if r.data_type is DataType.AGGREGATE])
+    assert checker.flag_counts["duplicate"] == 0
+    assert checker.flag_counts["out_of_order"] == 0
+    assert checker.flag_counts["gap"] == 0
+
+
+async def test_rate_limits_of_the_provider_row_pace_requests() -> None:
+    sim = await start_sim()
+    adapter = make_adapter(sim, rate_limits={"requests_per_second": 20}, poll_interval_s=0)
+    await adapter.connect()
+    await adapter.subscribe([Instrument("AAPL")])
+    started = time.monotonic()
+    try:
+        await collect(adapter, lambda _: adapter.requests >= 30)
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    # A bucket of 20 allows a burst of 20; the next 10 need half a second.
+    assert time.monotonic() - started >= 0.45
+    assert sim.requests == adapter.requests
+
+
+async def test_unknown_symbols_are_counted_and_others_keep_flowing() -> None:
+    sim = await start_sim()
+    adapter = await connected(sim, ["AAPL", "NOPE"])
+    try:
+        records = await collect(adapter, lambda rs: len(bars_of(rs, "AAPL")) >= 7)
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert adapter.unknown_symbols >= 1  # {"Global Quote": {}}
+    assert not [r for r in records if r.symbol == "NOPE"]
+    # NOPE's intraday request is skipped after the empty quote ends its cycle.
+    assert adapter.symbol_errors == 0
+
+
+async def test_connect_needs_the_key_and_a_valid_config() -> None:
+    sim = await start_sim()
+    try:
+        missing = make_adapter(sim, api_key_env="FEEDFLEET_TEST_AV_UNSET")
+        with pytest.raises(ProviderConfigError, match="FEEDFLEET_TEST_AV_UNSET"):
+            await missing.connect()
+        assert missing.connection_status is ConnectionStatus.ERROR
+        with pytest.raises(ProviderConfigError, match="interval"):
+            await make_adapter(sim, interval="2min").connect()
+        with pytest.raises(ProviderConfigError, match="functions"):
+            await make_adapter(sim, functions=["TIME_SERIES_DAILY"]).connect()
+        with pytest.raises(ProviderConfigError, match="requests_per_minute"):
+            await make_adapter(sim, rate_limits={"requests_per_minute": 0}).connect()
+    finally:
+        await sim.stop()
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def test_refuse_auth_raises_auth_error() -> None:
+    sim = await start_sim("refuse_auth")
+    adapter = await connected(sim)
+    try:
+        with pytest.raises(ProviderAuthError, match="apikey is invalid"):
+            await collect(adapter, lambda _: False)
+        assert adapter.connection_status is ConnectionStatus.ERROR
+        assert "test-key" not in (adapter.last_error or "")
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+
+
+async def test_throttle_sets_rate_limited_backs_off_and_resumes() -> None:
+    sim = await start_sim("rate_limit", rate_limit_requests=3, rate_limit_window_s=0.25)
+    adapter = await connected(sim, max_rate_limit_retries=20)
+    seen: set[ConnectionStatus] = set()
+
+    async def watch() -> None:
+        while True:
+            seen.add(adapter.connection_status)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        records = await collect(adapter, has_bars(12), timeout=8)
+    finally:
+        watcher.cancel()
+        await adapter.disconnect()
+        await sim.stop()
+    assert adapter.rate_limited >= 2
+    assert ConnectionStatus.RATE_LIMITED in seen
+    assert len(bars_of(records, "MSFT")) >= 12  # it came back and kept polling
+    times = [r.timestamp_ns for r in bars_of(records, "AAPL")]
+    assert times == sorted(set(times))  # a retried request sends nothing twice
+
+
+async def test_persistent_throttle_raises_rate_limited() -> None:
+    sim = await start_sim("rate_limit", rate_limit_requests=0)
+    adapter = await connected(sim, max_rate_limit_retries=3)
+    try:
+        with pytest.raises(ProviderRateLimited) as info:
+            await collect(adapter, lambda _: False)
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert adapter.rate_limited == 4  # the first answer and three retries
+    assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+    assert "per minute" in str(info.value)
+
+
+async def test_daily_quota_raises_at_once() -> None:
+    sim = await start_sim("rate_limit", rate_limit_requests=0, rate_limit_kind="day")
+    adapter = await connected(sim)
+    try:
+        with pytest.raises(ProviderRateLimited, match="per day") as info:
+            await collect(adapter, lambda _: False)
+        assert adapter.connection_status is ConnectionStatus.RATE_LIMITED
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert adapter.rate_limited == 1
+    assert info.value.retry_after_s is not None and info.value.retry_after_s >= 1.0
+
+
+async def test_drop_disconnects_then_reconnect_restores_subscriptions() -> None:
+    sim = await start_sim("drop_after=6")
+    adapter = await connected(sim)
+    before: Records = []
+    try:
+        with pytest.raises(ProviderDisconnected):
+            async with asyncio.timeout(5):
+                async for batch in adapter.stream_batches():
+                    before.extend(batch)
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+        assert before  # the first six answers got through
+        # What the worker does: disconnect, connect again (no subscribe call).
+        await adapter.disconnect()
+        await adapter.connect()
+        assert sorted(adapter.subscribed) == SYMBOLS
+        after = await collect(adapter, lambda rs: len(bars_of(rs, "MSFT")) >= 1)
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert {r.symbol for r in after} <= set(SYMBOLS)
+    last_before = max((r.timestamp_ns for r in bars_of(before, "MSFT")), default=0)
+    assert all(r.timestamp_ns > last_before for r in bars_of(after, "MSFT"))
+
+
+async def test_silent_server_times_out_into_disconnected() -> None:
+    sim = await start_sim("silent_after=2")
+    adapter = await connected(sim, request_timeout_s=0.2, max_failures=2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProviderDisconnected, match="2 failed requests in a row"):
+            await collect(adapter, lambda _: False)
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert time.monotonic() - started < 2.0
+    assert adapter.timeouts == 2
+
+
+async def test_malformed_answers_are_counted_and_polling_goes_on() -> None:
+    sim = await start_sim("malformed_every=3")
+    adapter = await connected(sim)
+    try:
+        records = await collect(adapter, has_bars(10))
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert adapter.decode_errors >= 2
+    assert len(bars_of(records, "AAPL")) >= 10
+
+
+async def test_malformed_csv_rows_are_counted() -> None:
+    sim = await start_sim("malformed_every=3")
+    adapter = await connected(sim, datatype="csv", functions=["TIME_SERIES_INTRADAY"])
+    try:
+        records = await collect(adapter, has_bars(8))
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert adapter.decode_errors >= 2
+    assert all(r.quality_flags == [] for r in records)
+
+
+async def test_skipped_bars_are_flagged_as_gap() -> None:
+    # AV has no sequence numbers, so QualityChecker cannot see the hole by itself: the
+    # adapter compares bar times (one interval apart inside the session) and flags gap.
+    sim = await start_sim("skip_seq_every=4")
+    adapter = await connected(sim, functions=["TIME_SERIES_INTRADAY"])
+    try:
+        records = await collect(adapter, has_bars(10))
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    checker = QualityChecker(stale_after_s=None)
+    checker.check(records)
+    aapl = bars_of(records, "AAPL")
+    flagged = [r for r in aapl if QualityFlag.GAP in r.quality_flags]
+    assert flagged and checker.flag_counts["gap"] >= 2
+    for r in flagged:
+        assert r.provider_specific["missing_bars"] == 1
+        i = aapl.index(r)
+        assert r.timestamp_ns - aapl[i - 1].timestamp_ns == 120 * 1_000_000_000
+    unflagged = [r for r in aapl[1:] if QualityFlag.GAP not in r.quality_flags]
+    for r in unflagged:
+        i = aapl.index(r)
+        assert r.timestamp_ns - aapl[i - 1].timestamp_ns == 60 * 1_000_000_000
+
+
+async def test_premium_function_is_dropped_and_symbol_errors_counted() -> None:
+    sim = await start_sim()
+    adapter = await connected(sim)
+    try:
+        premium = av.ApiMessage("Information", av.PREMIUM_TEXT, av.MessageKind.PREMIUM)
+        q = av.Query(av.TIME_SERIES_INTRADAY, "AAPL", "1min")
+        assert adapter._on_message(premium, q) is False
+        assert adapter._active_functions == ["GLOBAL_QUOTE"]
+        demo = av.ApiMessage("Information", av.DEMO_TEXT, av.MessageKind.DEMO_KEY)
+        assert adapter._on_message(demo, q) is True
+        assert adapter.symbol_errors == 2
+        records = await collect(adapter, lambda rs: {r.symbol for r in rs} == set(SYMBOLS))
+        assert {r.data_type for r in records} == {DataType.TRADE}
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+
+
+async def test_subscribe_while_idle_starts_polling_at_once() -> None:
+    sim = await start_sim()
+    adapter = make_adapter(sim, poll_interval_s=30)
+    await adapter.connect()
+
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        await adapter.subscribe([Instrument("IBM")])
+
+    task = asyncio.create_task(later())
+    started = time.monotonic()
+    try:
+        records = await collect(adapter, lambda rs: any(r.symbol == "IBM" for r in rs))
+        await task
+        assert time.monotonic() - started < 0.9  # not the 1 s idle wait, nor the 30 s cycle
+        assert {r.symbol for r in records} == {"IBM"}
+        assert records[0].data_type is DataType.TRADE  # GLOBAL_QUOTE is polled first
+        assert "GLOBAL_QUOTE:IBM" in adapter._last_quote
+        await adapter.unsubscribe([Instrument("IBM")])
+        assert adapter.subscribed == {}
+        assert not any(":IBM" in s for s in [*adapter._last_bar, *adapter._last_quote])
+    finally:
+        await adapter.disconnect()
+        await sim.stop()

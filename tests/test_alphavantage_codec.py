@@ -1,0 +1,442 @@
+"""Alpha Vantage codec: real samples, every answer kind, malformed input, round trips."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.codecs import alphavantage as av
+from common.codecs.base import CaptureError, CodecError
+from common.model import DataType, QualityFlag, RawMarketData
+
+FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
+
+# Real samples. /work/shared/fixtures holds none for Alpha Vantage, so these are copied
+# byte for byte from RomelTorres/alpha_vantage test_alpha_vantage/test_data (the source
+# protocols.md section 2 cites): `global_quote` (commit 57747f1), the first three bars of
+# `mock_time_series` (commit 6ba2d52, closed after the third bar) and the first lines of
+# `mock_time_series_extended` (commit a70f110, the retired CSV with a "time" header).
+GLOBAL_QUOTE_MSFT = b"""{
+    "Global Quote": {
+        "01. symbol": "MSFT",
+        "02. open": "112.6300",
+        "03. high": "113.1700",
+        "04. low": "110.6400",
+        "05. price": "112.1300",
+        "06. volume": "29062853",
+        "07. latest trading day": "2018-10-05",
+        "08. previous close": "112.7900",
+        "09. change": "-0.6600",
+        "10. change percent": "-0.5852%"
+    }
+}
+"""
+INTRADAY_MSFT = b"""{
+    "Meta Data": {
+        "1. Information": "Intraday (1min) prices and volumes",
+        "2. Symbol": "MSFT",
+        "3. Last Refreshed": "2017-12-18 14:56:00",
+        "4. Interval": "1min",
+        "5. Output Size": "Compact",
+        "6. Time Zone": "US/Eastern"
+    },
+    "Time Series (1min)": {
+        "2017-12-18 14:56:00": {
+            "1. open": "86.4900",
+            "2. high": "86.5000",
+            "3. low": "86.4750",
+            "4. close": "86.5000",
+            "5. volume": "10494"
+        },
+        "2017-12-18 14:55:00": {
+            "1. open": "86.4900",
+            "2. high": "86.5000",
+            "3. low": "86.4801",
+            "4. close": "86.5000",
+            "5. volume": "12682"
+        },
+        "2017-12-18 14:54:00": {
+            "1. open": "86.4700",
+            "2. high": "86.5100",
+            "3. low": "86.4700",
+            "4. close": "86.4931",
+            "5. volume": "24345"
+        }
+    }
+}
+"""
+EXTENDED_CSV = (
+    b"time,open,high,low,close,volume\n"
+    b"2020-12-18 20:00:00,218.79,218.79,218.75,218.75,1102\n"
+    b"2020-12-18 19:58:00,218.63,218.75,218.63,218.75,1491\n"
+    b"2020-12-18 19:57:00,218.63,218.63,218.63,218.63,450\n"
+)
+# protocols.md 2.2 (IBM 5min, current shape) and 2.3 (CSV lines).
+INTRADAY_IBM_5MIN = orjson.dumps(
+    {
+        "Meta Data": {
+            "1. Information": "Intraday (5min) open, high, low, close prices and volume",
+            "2. Symbol": "IBM", "3. Last Refreshed": "2026-04-02 19:55:00",
+            "4. Interval": "5min", "5. Output Size": "Compact", "6. Time Zone": "US/Eastern",
+        },
+        "Time Series (5min)": {
+            "2026-04-02 19:55:00": {"1. open": "248.3900", "2. high": "248.3900",
+                                    "3. low": "248.2100", "4. close": "248.3000",
+                                    "5. volume": "86"},
+        },
+    }
+)  # fmt: skip
+INTRADAY_CSV = (
+    b"timestamp,open,high,low,close,volume\r\n"
+    b"2019-02-04 16:00:00,1130.7800,1132.4301,1130.5000,1132.4301,122109\r\n"
+    b"2019-02-04 15:59:00,1130.1000,1131.0000,1130.0000,1130.7800,4500\r\n"
+)
+QUOTE_CSV = (
+    b"symbol,open,high,low,price,volume,latestDay,previousClose,change,changePercent\r\n"
+    b"DJIA,28553.3301,28664.5703,28355.0508,28321.4707,347291416,2020-02-24,28992.4102,"
+    b"-670.9395,-2.3142%\r\n"
+)
+
+Q_MSFT = av.Query(av.GLOBAL_QUOTE, "MSFT")
+Q_1MIN = av.Query(av.TIME_SERIES_INTRADAY, "MSFT", "1min")
+AFTER = 2_000_000_000_000_000_000  # a receive time long after every sample
+
+
+def utc_ns(year: int, month: int, day: int, hour: int, minute: int) -> int:
+    return int(datetime(year, month, day, hour, minute, tzinfo=UTC).timestamp()) * 1_000_000_000
+
+
+# ---------------------------------------------------------------- real samples
+
+
+def test_global_quote_sample() -> None:
+    out = av.decode_response(GLOBAL_QUOTE_MSFT, Q_MSFT, AFTER)
+    assert out.errors == [] and out.message is None and not out.empty
+    (r,) = out.records
+    assert r.symbol == "MSFT" and r.provider == "alphavantage"
+    assert r.data_type is DataType.TRADE
+    assert r.price == 112.13
+    assert r.volume is None  # the day's total is not a trade size
+    # 2018-10-05 16:00 EDT = 20:00 UTC
+    assert r.timestamp_ns == utc_ns(2018, 10, 5, 20, 0)
+    assert r.provider_specific == {
+        "open": 112.63, "high": 113.17, "low": 110.64, "volume": 29062853,
+        "previousClose": 112.79, "change": -0.66, "latestDay": "2018-10-05",
+        "changePercent": "-0.5852%", "timestamp_source": "close",
+    }  # fmt: skip
+    assert r.provider_sequence is None and r.stream == "GLOBAL_QUOTE:MSFT"
+    assert r.receive_ns == AFTER and r.quality_flags == []
+
+
+def test_global_quote_uses_receive_time_while_session_is_open() -> None:
+    during = utc_ns(2018, 10, 5, 17, 30)  # 13:30 EDT on the latest trading day
+    (r,) = av.decode_response(GLOBAL_QUOTE_MSFT, Q_MSFT, during).records
+    assert r.timestamp_ns == during
+    assert r.provider_specific["timestamp_source"] == "receive"
+
+
+def test_intraday_sample_json_oldest_first() -> None:
+    out = av.decode_response(INTRADAY_MSFT, Q_1MIN, 5)
+    assert out.errors == []
+    assert [r.provider_specific["time"] for r in out.records] == [
+        "2017-12-18 14:54:00", "2017-12-18 14:55:00", "2017-12-18 14:56:00",
+    ]  # fmt: skip
+    first = out.records[0]
+    assert first.data_type is DataType.AGGREGATE
+    assert first.price == 86.4931 and first.volume == 24345.0
+    assert first.timestamp_ns == utc_ns(2017, 12, 18, 19, 54)  # EST = UTC-5
+    assert first.provider_specific == {
+        "open": 86.47, "high": 86.51, "low": 86.47, "close": 86.4931, "interval": "1min",
+        "time": "2017-12-18 14:54:00",
+    }  # fmt: skip
+    assert first.stream == "TIME_SERIES_INTRADAY:MSFT:1min"
+    assert first.provider_sequence is None and first.receive_ns == 5
+
+
+def test_intraday_current_shape_5min() -> None:
+    q = av.Query(av.TIME_SERIES_INTRADAY, "IBM", "5min")
+    (r,) = av.decode_response(INTRADAY_IBM_5MIN, q, 1).records
+    assert r.price == 248.3 and r.volume == 86.0
+    assert r.timestamp_ns == utc_ns(2026, 4, 2, 23, 55)  # EDT = UTC-4
+    assert r.stream == "TIME_SERIES_INTRADAY:IBM:5min"
+
+
+def test_intraday_csv_crlf_newest_first() -> None:
+    q = av.Query(av.TIME_SERIES_INTRADAY, "GOOGL", "1min", "csv")
+    out = av.decode_response(INTRADAY_CSV, q, 1)
+    assert out.errors == []
+    assert [r.price for r in out.records] == [1130.78, 1132.4301]
+    assert out.records[1].timestamp_ns == utc_ns(2019, 2, 4, 21, 0)
+    assert out.records[1].volume == 122109.0
+    assert out.records[1].provider_specific["high"] == 1132.4301
+
+
+def test_extended_csv_with_time_header() -> None:
+    q = av.Query(av.TIME_SERIES_INTRADAY, "IBM", "1min", "csv")
+    out = av.decode_response(EXTENDED_CSV, q, 1)
+    assert out.errors == []
+    assert [r.provider_specific["time"][-8:] for r in out.records] == [
+        "19:57:00", "19:58:00", "20:00:00",
+    ]  # fmt: skip
+    assert out.records[-1].timestamp_ns == utc_ns(2020, 12, 19, 1, 0)
+
+
+def test_global_quote_csv() -> None:
+    q = av.Query(av.GLOBAL_QUOTE, "DJIA", datatype="csv")
+    (r,) = av.decode_response(QUOTE_CSV, q, AFTER).records
+    assert r.price == 28321.4707
+    assert r.provider_specific["volume"] == 347291416
+    assert r.provider_specific["changePercent"] == "-2.3142%"
+    assert r.timestamp_ns == utc_ns(2020, 2, 24, 21, 0)
+
+
+def test_shared_fixture_files_decode() -> None:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"{FIXTURES} is not there (the shared folder sits beside the repo)")
+    files = sorted(FIXTURES.glob("alphavantage*"))
+    if not files:
+        pytest.skip("shared/fixtures has no Alpha Vantage samples; the samples above are used")
+    for path in files:
+        items = list(av.decode_capture(path.read_bytes(), symbol="TEST"))
+        assert any(isinstance(i, RawMarketData) for i in items), path
+
+
+# ---------------------------------------------------------------- answers in HTTP 200
+
+MESSAGES = [
+    ({"Error Message": av.invalid_call_text("TIME_SERIES_INTRADAY")}, "invalid_call", None),
+    ({"Error Message": av.INVALID_KEY_TEXT}, "invalid_key", None),
+    ({"Information": av.INVALID_KEY_TEXT}, "invalid_key", None),
+    ({"Information": av.RATE_LIMIT_TEXTS["day"][1]}, "rate_limit", "day"),
+    (
+        {
+            "Information": "We have detected your API key as ABC and our standard API rate limit "
+            "is 25 requests per day. Please subscribe to any of the premium plans."
+        },
+        "rate_limit",
+        "day",
+    ),
+    ({"Information": av.RATE_LIMIT_TEXTS["second"][1]}, "rate_limit", "second"),
+    ({"Note": av.RATE_LIMIT_TEXTS["minute"][1]}, "rate_limit", "minute"),
+    ({"Note": "Thank you for using Alpha Vantage! Please slow down."}, "rate_limit", None),
+    ({"Information": av.PREMIUM_TEXT}, "premium", None),
+    ({"Information": av.DEMO_TEXT}, "demo_key", None),
+    ({"Information": "Something new from Alpha Vantage."}, "information", None),
+    # Key order: an Error Message wins over a Note in the same body.
+    (
+        {"Note": av.RATE_LIMIT_TEXTS["minute"][1], "Error Message": "Invalid API call."},
+        "invalid_call",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "kind", "window"), MESSAGES)
+def test_error_answers_classified(body: dict[str, str], kind: str, window: str | None) -> None:
+    for query in (Q_MSFT, Q_1MIN, av.Query(av.TIME_SERIES_INTRADAY, "X", "1min", "csv")):
+        out = av.decode_response(orjson.dumps(body, option=orjson.OPT_INDENT_2), query, 1)
+        assert out.message is not None, query
+        assert out.message.kind.value == kind
+        assert out.message.window == window
+        assert out.records == [] and out.errors == []
+
+
+def test_unknown_symbol_empty_global_quote() -> None:
+    out = av.decode_response(b'{\n    "Global Quote": {}\n}', Q_MSFT, 1)
+    assert out.empty and out.records == [] and out.errors == [] and out.message is None
+    csv_out = av.decode_response(av.encode_global_quote(None, "csv"), av.Query(
+        av.GLOBAL_QUOTE, "NOPE", datatype="csv"), 1)  # fmt: skip
+    assert csv_out.empty and csv_out.errors == []
+
+
+# ---------------------------------------------------------------- malformed input
+
+MALFORMED = [
+    (b"", Q_1MIN, "empty"),
+    (b'{"Meta Data": {"1. Information": "Intr', Q_1MIN, "invalid JSON"),
+    (b"[1, 2]", Q_1MIN, "not"),  # CSV path: no header columns
+    (b'{"Meta Data": {}}', Q_1MIN, "Time Series (1min)"),
+    (b'{"Time Series (1min)": []}', Q_1MIN, "Time Series (1min)"),
+    (b'{"Something": 1}', Q_MSFT, "Global Quote"),
+    (b'{"Global Quote": {"05. price": "1.0", "07. latest trading day": "soon"}}', Q_MSFT,
+     "latest trading day"),
+    (b"<html>502 Bad Gateway</html>", av.Query(av.GLOBAL_QUOTE, "X", datatype="csv"), "CSV"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "query", "reason"), MALFORMED)
+def test_malformed_bodies_give_decode_errors(body: bytes, query: av.Query, reason: str) -> None:
+    out = av.decode_response(body, query, 1)
+    assert out.records == []
+    assert len(out.errors) == 1
+    assert reason.lower() in out.errors[0].reason.lower()
+
+
+def test_bad_bars_are_skipped_or_flagged_and_the_rest_decodes() -> None:
+    body = orjson.dumps(
+        {
+            "Time Series (1min)": {
+                "2024-03-01 10:02:00": {"1. open": "1.0", "2. high": "1.2", "3. low": "0.9",
+                                        "4. close": "1.1", "5. volume": "100"},
+                "2024-03-01 10:01:00": {"1. open": "1.0", "2. high": "n/a", "3. low": "0.9",
+                                        "4. close": "1.05", "5. volume": "50"},
+                "2024-03-01 10:00:00": "not a bar",
+                "yesterday": {"1. open": "1.0", "2. high": "1.0", "3. low": "1.0",
+                              "4. close": "1.0", "5. volume": "1"},
+                "2024-03-01 09:59:00": {"1. open": "1.0"},
+            }
+        }
+    )  # fmt: skip
+    out = av.decode_response(body, Q_1MIN, 1)
+    reasons = sorted(e.reason for e in out.errors)
+    assert len(reasons) == 2
+    assert any("not an object" in r for r in reasons)
+    assert any("bad bar time" in r for r in reasons)
+    times = [r.provider_specific["time"][-8:] for r in out.records]
+    assert times == ["09:59:00", "10:01:00", "10:02:00"]
+    missing = [QualityFlag.MISSING_FIELDS in r.quality_flags for r in out.records]
+    assert missing == [True, True, False]
+    assert out.records[0].price is None and out.records[1].price == 1.05
+
+
+def test_dst_end_repeated_hour_takes_first_occurrence() -> None:
+    q = av.Query(av.TIME_SERIES_INTRADAY, "X", "60min", "csv")
+    body = b"timestamp,open,high,low,close,volume\r\n2024-11-03 01:30:00,1,1,1,1,1\r\n"
+    (r,) = av.decode_response(body, q, 1).records
+    assert r.timestamp_ns == utc_ns(2024, 11, 3, 5, 30)  # 01:30 EDT
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_never_raises_on_random_bytes(data: bytes) -> None:
+    for query in (Q_MSFT, Q_1MIN, av.Query(av.TIME_SERIES_INTRADAY, "X", "1min", "csv")):
+        out = av.decode_response(data, query, 1)
+        assert isinstance(out.records, list) and isinstance(out.errors, list)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=5))
+def test_decode_never_raises_on_random_objects(obj: dict[str, str]) -> None:
+    out = av.decode_response(orjson.dumps(obj), Q_1MIN, 1)
+    assert out.message is not None or out.errors
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def _bars() -> list[av.Bar]:
+    return [
+        av.Bar(datetime(2024, 3, 1, 9, 30 + i), 100 + i, 101 + i, 99 + i, 100.5 + i, 1000 * i)
+        for i in range(5)
+    ]
+
+
+@pytest.mark.parametrize("datatype", ["json", "csv"])
+def test_intraday_round_trip(datatype: str) -> None:
+    bars = _bars()
+    body = av.encode_intraday("AAPL", "1min", bars, datatype)
+    if datatype == "csv":
+        assert body.startswith(b"timestamp,open,high,low,close,volume\r\n2024-03-01 09:34:00,")
+    q = av.Query(av.TIME_SERIES_INTRADAY, "AAPL", "1min", datatype)
+    out = av.decode_response(body, q, 7)
+    assert out.errors == []
+    assert [r.price for r in out.records] == [b.close for b in bars]
+    assert [r.volume for r in out.records] == [float(b.volume) for b in bars]
+    assert [r.timestamp_ns for r in out.records] == [av.eastern_to_ns(b.time) for b in bars]
+    assert out.records[0].timestamp_ns == utc_ns(2024, 3, 1, 14, 30)
+
+
+def test_json_and_csv_decode_to_the_same_records() -> None:
+    bars = _bars()
+    q_json = av.Query(av.TIME_SERIES_INTRADAY, "AAPL", "1min", "json")
+    q_csv = av.Query(av.TIME_SERIES_INTRADAY, "AAPL", "1min", "csv")
+    a = av.decode_response(av.encode_intraday("AAPL", "1min", bars, "json"), q_json, 1)
+    b = av.decode_response(av.encode_intraday("AAPL", "1min", bars, "csv"), q_csv, 1)
+    assert a.records == b.records
+    quote = av.QuoteSnapshot("AAPL", 10.0, 11.0, 9.5, 10.5, 12345, date(2024, 3, 1), 10.25)
+    qa = av.decode_response(
+        av.encode_global_quote(quote, "json"), av.Query("GLOBAL_QUOTE", "AAPL"), 1
+    )
+    qb = av.decode_response(
+        av.encode_global_quote(quote, "csv"), av.Query("GLOBAL_QUOTE", "AAPL", datatype="csv"), 1
+    )
+    assert qa.records == qb.records
+    (r,) = qa.records
+    assert r.price == 10.5 and r.provider_specific["change"] == 0.25
+    assert r.provider_specific["changePercent"] == "2.4390%"
+    assert r.provider_specific["volume"] == 12345
+
+
+def test_query_round_trip_and_server_checks() -> None:
+    q = av.Query(av.TIME_SERIES_INTRADAY, "BRK.B", "5min", "csv", "full", True)
+    text = av.encode_query(q, "k3y")
+    assert text.startswith("function=TIME_SERIES_INTRADAY&symbol=BRK.B&interval=5min")
+    assert text.endswith("&datatype=csv&apikey=k3y")
+    from urllib.parse import parse_qsl
+
+    assert av.decode_query(dict(parse_qsl(text))) == av.Query(
+        av.TIME_SERIES_INTRADAY, "BRK.B", "5min", "csv", "full"
+    )
+    gq = dict(parse_qsl(av.encode_query(Q_MSFT, "k")))
+    assert gq == {"function": "GLOBAL_QUOTE", "symbol": "MSFT", "datatype": "json", "apikey": "k"}
+    for bad in (
+        {"function": "NOPE", "symbol": "X"},
+        {"function": "GLOBAL_QUOTE"},
+        {"function": "TIME_SERIES_INTRADAY", "symbol": "X", "interval": "2min"},
+        {"function": "GLOBAL_QUOTE", "symbol": "X", "datatype": "xml"},
+    ):
+        with pytest.raises(CodecError):
+            av.decode_query(bad)
+
+
+def test_missing_bars_only_inside_regular_session() -> None:
+    assert av.missing_bars("2024-03-01 10:00:00", "2024-03-01 10:01:00", "1min") == 0
+    assert av.missing_bars("2024-03-01 10:00:00", "2024-03-01 10:04:00", "1min") == 3
+    assert av.missing_bars("2024-03-01 10:00:00", "2024-03-01 10:15:00", "5min") == 2
+    assert av.missing_bars("2024-03-01 19:50:00", "2024-03-01 19:55:00", "1min") == 0
+    assert av.missing_bars("2024-03-01 15:59:00", "2024-03-04 09:30:00", "1min") == 0
+    assert av.missing_bars("garbage", "2024-03-01 10:04:00", "1min") == 0
+
+
+def test_next_bar_time_stays_in_the_av_day() -> None:
+    assert av.next_bar_time(datetime(2024, 3, 1, 19, 59), "1min") == datetime(2024, 3, 4, 4, 0)
+    assert av.next_bar_time(datetime(2024, 3, 1, 9, 30), "5min") == datetime(2024, 3, 1, 9, 35)
+
+
+# ---------------------------------------------------------------- capture files
+
+
+def test_decode_capture_json_csv_and_lines() -> None:
+    items = list(av.decode_capture(INTRADAY_MSFT))
+    assert [i.price for i in items if isinstance(i, RawMarketData)] == [86.4931, 86.5, 86.5]
+    assert all(isinstance(i, RawMarketData) and i.symbol == "MSFT" for i in items)
+
+    csv_items = list(av.decode_capture(INTRADAY_CSV, symbol="GOOGL"))
+    assert [i.stream for i in csv_items if isinstance(i, RawMarketData)] == [
+        "TIME_SERIES_INTRADAY:GOOGL:1min"
+    ] * 2
+    (no_symbol,) = av.decode_capture(INTRADAY_CSV)
+    assert isinstance(no_symbol, CaptureError) and "symbol" in no_symbol.reason
+
+    lines = b"\n".join(
+        [
+            orjson.dumps(orjson.loads(GLOBAL_QUOTE_MSFT)),
+            b'{"Note": "5 calls per minute"}',
+            b'{"Global Quote": ',
+            orjson.dumps(orjson.loads(INTRADAY_IBM_5MIN)),
+        ]
+    )
+    got = list(av.decode_capture(lines))
+    errors = [(i.location, i.reason[:10]) for i in got if isinstance(i, CaptureError)]
+    assert errors == [("line 2", "rate_limit"), ("line 3", "invalid JS")]
+    assert [(i.symbol, i.price) for i in got if isinstance(i, RawMarketData)] == [
+        ("MSFT", 112.13),
+        ("IBM", 248.3),
+    ]
+    quotes = list(av.decode_capture(QUOTE_CSV))
+    assert [i.symbol for i in quotes if isinstance(i, RawMarketData)] == ["DJIA"]
