@@ -1,0 +1,322 @@
+"""IEX adapter against the IEX simulator over real UDP sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.codecs import iex as codec
+from common.model import ConnectionStatus, DataType, QualityFlag, RawMarketData
+from common.provider import (
+    Instrument,
+    ProviderConfig,
+    ProviderConfigError,
+    ProviderDisconnected,
+)
+from common.quality import QualityChecker
+from simulators.iex import IexSimConfig, IexSimulator, build_capture
+from simulators.market import Faults
+from workers.adapters import adapter_class
+from workers.iex import IexAdapter
+
+SYMBOLS = ["AAPL", "MSFT", "IBM"]
+BOTH = frozenset({DataType.TRADE, DataType.QUOTE})
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_adapter(**cc: Any) -> IexAdapter:
+    config = ProviderConfig(id="p-iex", name="iex-test", provider_type="iex", connection_config=cc)
+    return IexAdapter(config)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    faults: str = "", *, port: int, dest_host: str = "127.0.0.1", **cfg: Any
+) -> AsyncIterator[IexSimulator]:
+    settings: dict[str, Any] = {"rate": 2000.0, "batch": 5, "heartbeat_s": 0.1} | cfg
+    sim = IexSimulator(
+        IexSimConfig(
+            symbols=SYMBOLS, destination=(dest_host, port), faults=Faults.parse(faults),
+            **settings,
+        )
+    )  # fmt: skip
+    await sim.start("127.0.0.1", 0)
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+async def collect(adapter: IexAdapter, count: int, timeout: float = 5.0) -> list[RawMarketData]:
+    out: list[RawMarketData] = []
+    stream = adapter.stream_batches()
+
+    async def run() -> None:
+        async for batch in stream:
+            out.extend(batch)
+            if len(out) >= count:
+                return
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    return out
+
+
+async def connected(port: int, **cc: Any) -> IexAdapter:
+    adapter = make_adapter(host="127.0.0.1", port=port, heartbeat_timeout_s=2.0, **cc)
+    await adapter.subscribe(
+        [Instrument("AAPL", BOTH), Instrument("MSFT", frozenset({DataType.QUOTE}))]
+    )
+    await adapter.connect()
+    return adapter
+
+
+async def test_registry_names_the_adapter() -> None:
+    assert adapter_class("iex") is IexAdapter
+    assert IexAdapter.provider_type == "iex"
+
+
+async def test_happy_path() -> None:
+    port = free_udp_port()
+    adapter = await connected(port)
+    assert adapter.connection_status is ConnectionStatus.CONNECTED
+    try:
+        async with running(port=port) as sim:
+            records = await collect(adapter, 60)
+            session = sim.feed.session_id
+    finally:
+        await adapter.disconnect()
+    assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+    now = time.time_ns()
+    assert {r.symbol for r in records} == {"AAPL", "MSFT"}  # IBM not subscribed
+    assert {r.data_type for r in records if r.symbol == "MSFT"} == {DataType.QUOTE}
+    assert {r.data_type for r in records if r.symbol == "AAPL"} == {DataType.QUOTE, DataType.TRADE}
+    previous = (records[0].provider_sequence or 0) - 1
+    for r in records:
+        assert r.provider == "iex-test" and r.stream == f"1:{session}"
+        # Records after messages that were received but filtered out are not contiguous.
+        assert r.sequence_contiguous is (r.provider_sequence == previous + 1)
+        previous = r.provider_sequence
+        assert now - 5e9 < r.timestamp_ns <= r.receive_ns <= now
+        if r.data_type is DataType.QUOTE:
+            assert r.bid is not None and r.ask is not None and 0 < r.bid < r.ask
+            assert r.provider_specific["bid_size"] % 100 == 0 and r.price is None
+        else:
+            assert r.price is not None and r.price > 0 and r.volume is not None and r.volume > 0
+            assert r.provider_specific["trade_id"] > 0
+    seqs = [r.provider_sequence for r in records]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # Session open: system events plus directory and trading status per symbol.
+    assert adapter.events_received >= 3 + 2 * len(SYMBOLS)
+    assert adapter.decode_errors == 0 and adapter.sequence_gaps == 0
+    # Other symbols' messages between these records are not gaps.
+    QualityChecker(stale_after_s=None).check(records)
+    assert not [r for r in records if r.quality_flags]
+
+
+async def test_heartbeats_keep_an_idle_feed_alive() -> None:
+    port = free_udp_port()
+    adapter = await connected(port)
+    adapter.heartbeat_timeout_s = 0.5
+    try:
+        async with running(port=port, rate=0.0, heartbeat_s=0.1):
+            with pytest.raises(TimeoutError):
+                await collect(adapter, 1, timeout=1.2)
+    finally:
+        await adapter.disconnect()
+    assert adapter.heartbeats_received >= 5
+    assert adapter.segments_received > adapter.heartbeats_received  # plus the session open
+
+
+async def test_drop_ends_session_then_reconnect_gets_the_next_session() -> None:
+    port = free_udp_port()
+    adapter = await connected(port)
+    async with running("drop_after=40", port=port, session_pause_s=0.3) as sim:
+        first_session = sim.feed.session_id
+        started = time.monotonic()
+        with pytest.raises(ProviderDisconnected, match="end of messages"):
+            await collect(adapter, 10_000)
+        assert time.monotonic() - started < 3
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+        assert adapter.session_ended
+        # What the worker does on ProviderDisconnected.
+        await adapter.disconnect()
+        await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        records = await collect(adapter, 10)
+        await adapter.disconnect()
+    assert set(adapter.subscribed) == {"AAPL", "MSFT"}
+    assert {r.symbol for r in records} <= {"AAPL", "MSFT"} and len(records) >= 10
+    assert {r.stream for r in records} == {f"1:{first_session + 1}"}
+    assert sim.sessions >= 2
+
+
+async def test_silence_past_heartbeat_timeout_disconnects() -> None:
+    port = free_udp_port()
+    adapter = await connected(port)
+    adapter.heartbeat_timeout_s = 0.4
+    got: list[RawMarketData] = []
+    try:
+        async with running("silent_after=30", port=port) as sim:
+            started = time.monotonic()
+            with pytest.raises(ProviderDisconnected, match="not even a heartbeat"):
+                async for batch in adapter.stream_batches():
+                    got.extend(batch)
+            elapsed = time.monotonic() - started
+            assert sim.silent
+    finally:
+        await adapter.disconnect()
+    assert got and elapsed < 2.0
+    assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+
+
+async def test_malformed_datagrams_are_counted_and_stream_continues() -> None:
+    port = free_udp_port()
+    adapter = await connected(port)
+    try:
+        async with running("malformed_every=2", port=port) as sim:
+            records = await collect(adapter, 80)
+            malformed = sim.feed.malformed_sent
+    finally:
+        await adapter.disconnect()
+    assert len(records) >= 80
+    assert adapter.decode_errors >= 4 and malformed >= adapter.decode_errors
+    # Junk datagrams do not move sequence tracking: no false gaps, no lost records.
+    assert adapter.sequence_gaps == 0
+
+
+async def test_skipped_sequence_numbers_are_gaps() -> None:
+    port = free_udp_port()
+    adapter = await connected(port, all_symbols=True)
+    try:
+        async with running("skip_seq_every=15", port=port) as sim:
+            records = await collect(adapter, 100)
+            skipped = sim.feed.sequences_skipped
+    finally:
+        await adapter.disconnect()
+    assert adapter.sequence_gaps >= 3 and adapter.missing_messages == adapter.sequence_gaps
+    assert skipped >= adapter.sequence_gaps
+    QualityChecker(stale_after_s=None).check(records)
+    gaps = [r for r in records if QualityFlag.GAP in r.quality_flags]
+    assert len(gaps) == adapter.sequence_gaps
+    seqs = [r.provider_sequence or 0 for r in records]
+    for r in gaps:
+        i = seqs.index(r.provider_sequence or 0)
+        assert seqs[i] == seqs[i - 1] + 2  # one sequence number lost before it
+
+
+async def test_auth_and_rate_limit_faults_do_not_exist_in_iex_tp() -> None:
+    for fault in ("refuse_auth", "rate_limit"):
+        with pytest.raises(ValueError, match="do not apply to IEX-TP"):
+            IexSimulator(IexSimConfig(symbols=SYMBOLS, faults=Faults.parse(fault)))
+
+
+async def test_simulator_pcap_matches_what_the_adapter_received(tmp_path: Path) -> None:
+    port = free_udp_port()
+    path = tmp_path / "sent.pcap"
+    adapter = await connected(port, all_symbols=True)
+    try:
+        async with running(port=port, pcap_path=str(path)) as sim:
+            live = await collect(adapter, 50)
+    finally:
+        await adapter.disconnect()
+    captured = [r for r in codec.decode_capture(path.read_bytes()) if isinstance(r, RawMarketData)]
+    assert len(captured) >= len(live)
+    by_seq = {r.provider_sequence: r for r in captured}
+    for r in live:
+        c = by_seq[r.provider_sequence]
+        assert (c.symbol, c.data_type, c.price, c.bid, c.ask, c.timestamp_ns) == (
+            r.symbol, r.data_type, r.price, r.bid, r.ask, r.timestamp_ns,
+        )  # fmt: skip
+    assert sim.datagrams_sent > 0
+
+
+async def test_pcap_replay_at_max_speed(tmp_path: Path) -> None:
+    cfg = IexSimConfig(symbols=SYMBOLS, batch=10, session_id=5)
+    path = tmp_path / "session.pcap"
+    path.write_bytes(build_capture(cfg, 200, start_ns=1_700_000_000_000_000_000))
+    adapter = make_adapter(pcap_path=str(path), replay_speed="max")
+    await adapter.subscribe([Instrument("AAPL", BOTH)])
+    await adapter.connect()
+    got: list[RawMarketData] = []
+    started = time.monotonic()
+    with pytest.raises(ProviderDisconnected, match="pcap replay finished"):
+        async for batch in adapter.stream_batches():
+            got.extend(batch)
+    assert time.monotonic() - started < 2
+    await adapter.disconnect()
+    expected = [r for r in codec.decode_capture(path.read_bytes(), symbol="AAPL")]
+    assert [(r.provider_sequence, r.timestamp_ns) for r in got] == [
+        (r.provider_sequence, r.timestamp_ns) for r in expected if isinstance(r, RawMarketData)
+    ]
+    assert len(got) > 50 and {r.symbol for r in got} == {"AAPL"}
+    assert adapter.segments_received > 20 and adapter.decode_errors == 0
+
+
+async def test_pcap_replay_at_recorded_speed(tmp_path: Path) -> None:
+    cfg = IexSimConfig(symbols=["AAPL"], batch=10, session_id=5)
+    path = tmp_path / "slow.pcap"
+    # open and directory, 2 data segments, heartbeat, close: 100 ms apart, 0.4 s end to end.
+    capture = build_capture(cfg, 20, start_ns=1_700_000_000_000_000_000, interval_ns=100_000_000)
+    path.write_bytes(capture)
+    adapter = make_adapter(pcap_path=str(path), replay_speed="recorded", all_symbols=True)
+    await adapter.connect()
+    started = time.monotonic()
+    got: list[RawMarketData] = []
+    with pytest.raises(ProviderDisconnected):
+        async for batch in adapter.stream_batches():
+            got.extend(batch)
+    elapsed = time.monotonic() - started
+    await adapter.disconnect()
+    assert len(got) == 20 and 0.38 < elapsed < 1.5
+
+
+@pytest.mark.parametrize(
+    ("cc", "message"),
+    [
+        ({}, "port"),
+        ({"port": 1, "replay_speed": "fast"}, "replay_speed"),
+        ({"port": 1, "multicast_group": "10.0.0.1"}, "not a multicast"),
+        ({"pcap_path": "/nonexistent/x.pcap"}, "pcap_path"),
+    ],
+)
+async def test_bad_config(cc: dict[str, Any], message: str) -> None:
+    adapter = make_adapter(**cc)
+    with pytest.raises(ProviderConfigError, match=message):
+        await adapter.connect()
+
+
+async def test_multicast_on_loopback() -> None:
+    port = free_udp_port()
+    group = "239.255.42.99"
+    adapter = make_adapter(
+        port=port, multicast_group=group, interface="127.0.0.1", all_symbols=True,
+        heartbeat_timeout_s=1.0,
+    )  # fmt: skip
+    try:
+        await adapter.connect()
+    except ProviderDisconnected as exc:
+        pytest.skip(f"multicast join not possible here: {exc}")
+    try:
+        async with running(port=port, dest_host=group, multicast_interface="127.0.0.1"):
+            records = await collect(adapter, 10, timeout=3.0)
+    except ProviderDisconnected as exc:
+        pytest.skip(f"no multicast route on loopback here: {exc}")
+    finally:
+        await adapter.disconnect()
+    assert len(records) >= 10
