@@ -36,6 +36,9 @@ class Event:
     payload: bytes
     copy_row: bytes
     receive_ns: int
+    # When the provider produced it: the simulator's send stamp where present, else the
+    # provider timestamp. Latency "provider -> Pulsar receipt" is measured from here.
+    origin_ns: int
 
 
 @functools.lru_cache(maxsize=4096)
@@ -121,7 +124,8 @@ def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
             event_id, r.symbol, r.provider, provider_time, dt, r.price, r.volume, r.bid,
             r.ask, specific, r.provider_sequence, flags, r.receive_ns,
         )  # fmt: skip
-        append(Event(event_id, r.symbol, payload, row, r.receive_ns))
+        origin = r.provider_specific.get("ffsend") or r.timestamp_ns
+        append(Event(event_id, r.symbol, payload, row, r.receive_ns, origin))
     return events
 
 
@@ -179,4 +183,10 @@ def event_from_payload(payload: bytes, receive_ns: int) -> Event:
         orjson.dumps(raw["provider_specific"]), meta["provider_sequence"],
         meta["quality_flags"], receive_ns,
     )  # fmt: skip
-    return Event(doc["event_id"], raw["symbol"], payload, row, receive_ns)
+    origin = raw["provider_specific"].get("ffsend") or _iso_to_ns(raw["timestamp"])
+    return Event(doc["event_id"], raw["symbol"], payload, row, receive_ns, origin)
+
+
+def _iso_to_ns(text: str) -> int:
+    moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000

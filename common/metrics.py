@@ -49,5 +49,12 @@ class LatencyWindow:
             "max": h.get_max_value() / 1000,
         }
 
+    def encoded(self) -> str | None:
+        """The whole histogram, HdrHistogram's compressed base64 form (None when empty)."""
+        if self.histogram.get_total_count() == 0:
+            return None
+        encoded: bytes = self.histogram.encode()
+        return encoded.decode()
+
     def reset(self) -> None:
         self.histogram.reset()

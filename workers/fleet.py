@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,11 +120,15 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
         proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env=env
         )
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            # The terminal sent SIGINT to supervisord too; let it stop its children.
-            return proc.wait()
+        # SIGTERM (systemd, a CI timeout) must reach supervisord too, so it stops the fleet
+        # before the embedded PostgreSQL is stopped below.
+        signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                # The terminal sent SIGINT to supervisord too; wait for it to stop its children.
+                continue
     finally:
         if postgres is not None:
             postgres.stop()

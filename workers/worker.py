@@ -388,6 +388,7 @@ class Worker:
             "throughput_per_sec": round(self.throughput, 1),
             "latency_p50_ms": latency["p50"],
             "latency_p99_ms": latency["p99"],
+            "provider_to_receipt_hdr": publisher.provider_latency.encoded(),
             "quality_flags": dict(self.pipeline.quality.flag_counts),
             "sinks": {
                 "pulsar": publisher.counters.as_dict() | {"healthy": publisher.healthy},

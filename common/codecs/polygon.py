@@ -34,6 +34,11 @@ DATA_EVENTS = frozenset({"T", "Q", "A", "AM"})
 SKIPPED_EVENTS = frozenset({"LULD", "NOI", "V", "FMV", "LV"})
 
 _MS = 1_000_000
+# Provider fields kept in provider_specific. "ffsend" is not Polygon's: our simulator adds
+# its send time (ns) to each event when benchmarking, and it is carried through so the
+# benchmark can measure provider -> Pulsar and provider -> consumer latency.
+_TRADE_EXTRA = ("x", "i", "z", "c", "trfi", "trft", "ffsend")
+_QUOTE_EXTRA = ("bx", "bs", "ax", "as", "c", "i", "z", "ffsend")
 _NUMBER = (int, float)
 
 
@@ -161,7 +166,7 @@ def _decode_trade(item: dict[str, Any], provider: str, receive_ns: int) -> RawMa
     flags: list[str] = []
     price = _number(item, "p", flags)
     size = _number(item, "s", flags)
-    specific = {k: item[k] for k in ("x", "i", "z", "c", "trfi", "trft") if k in item}
+    specific = {k: item[k] for k in _TRADE_EXTRA if k in item}
     return RawMarketData(
         sym, provider, _time_ms(item, "t"), DataType.TRADE, price, size, None, None,
         specific, _sequence(item), "T." + sym, False, receive_ns, flags,
@@ -173,7 +178,7 @@ def _decode_quote(item: dict[str, Any], provider: str, receive_ns: int) -> RawMa
     flags: list[str] = []
     bid = _number(item, "bp", flags)
     ask = _number(item, "ap", flags)
-    specific = {k: item[k] for k in ("bx", "bs", "ax", "as", "c", "i", "z") if k in item}
+    specific = {k: item[k] for k in _QUOTE_EXTRA if k in item}
     return RawMarketData(
         sym, provider, _time_ms(item, "t"), DataType.QUOTE, None, None, bid, ask,
         specific, _sequence(item), "Q." + sym, False, receive_ns, flags,

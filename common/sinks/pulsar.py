@@ -58,7 +58,10 @@ class PulsarSink(DurableSink):
         self.topic = topic
         self.producer_name = producer_name
         self.send_timeout_ms = send_timeout_ms
+        # receive -> receipt, reset every metrics window
         self.latency = LatencyWindow()
+        # provider (origin) -> receipt since start, for the benchmark and /metrics
+        self.provider_latency = LatencyWindow()
         self._client: pulsar.Client | None = None
         self._producer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,8 +131,10 @@ class PulsarSink(DurableSink):
             return
         now_ns = time.time_ns()
         record = self.latency.record_us
+        record_origin = self.provider_latency.record_us
         for e in receipt.events:
             record((now_ns - e.receive_ns) // 1000)
+            record_origin((now_ns - e.origin_ns) // 1000)
         self._acked(receipt.events)
 
     async def deliver(self, events: list[Event]) -> None:
