@@ -1,0 +1,283 @@
+"""BloombergAdapter against the blpapi stand-in (simulators/bloomberg.py) over loopback TCP.
+
+The real blpapi cannot be installed here; these tests load ``simulators.bloomberg`` as
+the adapter's ``blpapi_module``, so they check the adapter's use of the blpapi API as the
+stand-in models it, not Bloomberg's servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, cast
+
+import pytest
+
+from common.model import ConnectionStatus, DataType, QualityFlag, RawMarketData
+from common.provider import (
+    Instrument,
+    ProviderAuthError,
+    ProviderConfig,
+    ProviderConfigError,
+    ProviderDisconnected,
+)
+from common.quality import QualityChecker
+from simulators.bloomberg import BloombergSimConfig, BloombergSimulator
+from simulators.market import Faults
+from workers.bloomberg import BloombergAdapter
+
+SYMBOLS = ["AAPL", "MSFT", "JPM"]
+
+
+def adapter_for(port: int, **extra: Any) -> BloombergAdapter:
+    cc = {"blpapi_module": "simulators.bloomberg", "host": "127.0.0.1", "port": port,
+          "silence_timeout_s": 3.0, "start_timeout_s": 5.0, **extra}  # fmt: skip
+    return BloombergAdapter(ProviderConfig("p-bbg", "bbg-test", "bloomberg", connection_config=cc))
+
+
+@asynccontextmanager
+async def running(
+    faults: str = "", *, sim: dict[str, Any] | None = None, **extra: Any
+) -> AsyncIterator[tuple[BloombergSimulator, BloombergAdapter]]:
+    config = BloombergSimConfig(symbols=SYMBOLS, rate=3000.0, batch=5,
+                                faults=Faults.parse(faults), **(sim or {}))  # fmt: skip
+    simulator = BloombergSimulator(config)
+    port = await simulator.start("127.0.0.1", 0)
+    adapter = adapter_for(port, **extra)
+    try:
+        yield simulator, adapter
+    finally:
+        await adapter.disconnect()
+        await simulator.stop()
+
+
+async def take(adapter: BloombergAdapter, count: int, timeout: float = 5.0) -> list[RawMarketData]:
+    out: list[RawMarketData] = []
+    async with asyncio.timeout(timeout), aclosing(stream(adapter)) as batches:
+        async for batch in batches:
+            out.extend(batch)
+            if len(out) >= count:
+                break
+    return out
+
+
+def stream(adapter: BloombergAdapter) -> AsyncGenerator[list[RawMarketData], None]:
+    # The interface types it as an AsyncIterator; it is an async generator (aclose()).
+    return cast(AsyncGenerator[list[RawMarketData], None], adapter.stream_batches())
+
+
+def instruments(*symbols: str) -> list[Instrument]:
+    return [Instrument(s) for s in symbols]
+
+
+async def test_happy_path_yields_typed_records() -> None:
+    async with running() as (_sim, adapter):
+        await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        await adapter.subscribe(instruments("AAPL", "MSFT"))
+        records = await take(adapter, 60)
+        now = time.time_ns()
+        assert {r.symbol for r in records} == {"AAPL", "MSFT"}
+        trades = [r for r in records if r.data_type is DataType.TRADE]
+        quotes = [r for r in records if r.data_type is DataType.QUOTE]
+        assert {r.symbol for r in trades} == {"AAPL", "MSFT"} == {r.symbol for r in quotes}
+        for t in trades:
+            assert isinstance(t.price, float) and 0.01 <= t.price < 1000
+            assert isinstance(t.volume, int) and t.volume > 0
+            assert t.provider_specific["MKTDATA_EVENT_TYPE"] == "TRADE"
+            assert t.stream == "T." + t.symbol
+        for q in quotes:
+            assert q.bid is not None and q.ask is not None and q.bid < q.ask
+            assert q.stream == "Q." + q.symbol
+        for r in records:
+            assert r.provider == "bbg-test" and r.provider_sequence is None
+            assert abs(now - r.timestamp_ns) < 5_000_000_000
+            assert r.receive_ns >= r.timestamp_ns
+            assert r.quality_flags == []
+        # The first record per symbol is the initial paint, taken as a quote.
+        first = next(r for r in records if r.symbol == "AAPL")
+        assert first.data_type is DataType.QUOTE
+        assert first.provider_specific["MKTDATA_EVENT_SUBTYPE"] == "INITPAINT"
+        checker = QualityChecker(stale_after_s=None)
+        checker.check(records)
+        assert all(r.quality_flags == [] for r in records)
+        assert adapter.decode_errors == 0
+        assert adapter.status().subscribed_symbols == 2
+
+
+async def test_missing_blpapi_is_a_config_error() -> None:
+    if importlib.util.find_spec("blpapi") is not None:
+        pytest.skip("blpapi is installed here")
+    adapter = BloombergAdapter(ProviderConfig("p", "bbg", "bloomberg", connection_config={}))
+    with pytest.raises(ProviderConfigError) as info:
+        await adapter.connect()
+    text = str(info.value)
+    assert "blpapi" in text and "not installed" in text
+    assert "blpapi.bloomberg.com" in text and "simulators.bloomberg" in text
+    other = BloombergAdapter(
+        ProviderConfig("p", "bbg", "bloomberg", connection_config={"blpapi_module": "no_such_mod"})
+    )
+    with pytest.raises(ProviderConfigError, match="no_such_mod"):
+        await other.connect()
+
+
+async def test_refused_auth_is_an_auth_error() -> None:
+    async with running("refuse_auth", app_name="feedfleet") as (_sim, adapter):
+        with pytest.raises(ProviderAuthError, match="NO_AUTH"):
+            await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.ERROR
+        assert adapter.last_error is not None and "authorization failed" in adapter.last_error
+
+
+async def test_wrong_application_name_is_an_auth_error() -> None:
+    async with running(sim={"app_name": "right-app"}, app_name="wrong-app") as (_sim, adapter):
+        with pytest.raises(ProviderAuthError, match="wrong-app"):
+            await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.ERROR
+
+
+async def test_no_server_is_a_disconnect() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    adapter = adapter_for(port)
+    with pytest.raises(ProviderDisconnected, match="IO_ERROR"):
+        await adapter.connect()
+    assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+
+
+async def test_slow_consumer_warning_sets_rate_limited_then_clears() -> None:
+    sim_cfg = {"slow_consumer_clear_after": 40}
+    async with running("rate_limit", sim=sim_cfg) as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL"))
+        seen: list[ConnectionStatus] = []
+        total = 0
+        async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+            async for batch in batches:
+                total += len(batch)
+                seen.append(adapter.connection_status)
+                if total >= 100:
+                    break
+        assert adapter.slow_consumer_warnings == 1
+        assert ConnectionStatus.RATE_LIMITED in seen
+        assert seen[-1] is ConnectionStatus.CONNECTED  # cleared, and data kept flowing
+        assert adapter.last_error is not None and "Cleared" in adapter.last_error
+
+
+async def test_drop_raises_disconnected_and_reconnect_restores_subscriptions() -> None:
+    async with running("drop_after=40") as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL", "MSFT"))
+        got: list[RawMarketData] = []
+        with pytest.raises(ProviderDisconnected, match="SessionTerminated"):
+            async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+                async for batch in batches:
+                    got.extend(batch)
+        assert len(got) >= 40
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+        # What the worker does: disconnect, connect again; the adapter resubscribes.
+        await adapter.disconnect()
+        await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        again = await take(adapter, 20)
+        assert {r.symbol for r in again} == {"AAPL", "MSFT"}
+        assert all(r.price or r.bid for r in again)
+
+
+async def test_silence_raises_disconnected_within_timeout() -> None:
+    async with running("silent_after=20", silence_timeout_s=0.5) as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL"))
+        last = time.monotonic()
+        got = 0
+        with pytest.raises(ProviderDisconnected, match="no events"):
+            async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+                async for batch in batches:
+                    got += len(batch)
+                    last = time.monotonic()
+        waited = time.monotonic() - last
+        assert got >= 20
+        assert 0.4 <= waited < 2.0
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+
+
+async def test_malformed_messages_are_counted_and_the_stream_continues() -> None:
+    async with running("malformed_every=7") as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL", "MSFT"))
+        records = await take(adapter, 120)
+        assert adapter.decode_errors > 0
+        flagged = [r for r in records if QualityFlag.MISSING_FIELDS in r.quality_flags]
+        assert flagged and all(r.price is None for r in flagged)
+        good = [r for r in records if not r.quality_flags]
+        assert len(good) > 90  # the stream kept going past each bad message
+
+
+async def test_data_loss_flags_a_gap_on_the_next_record() -> None:
+    async with running("skip_seq_every=10") as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL", "MSFT"))
+        records = await take(adapter, 80)
+        QualityChecker(stale_after_s=None).check(records)
+        gaps = [r for r in records if QualityFlag.GAP in r.quality_flags]
+        assert adapter.data_loss_messages >= 3 and adapter.messages_lost >= 3
+        assert gaps and {r.symbol for r in gaps} <= {"AAPL", "MSFT"}
+        # One flag per loss report: not every record after it.
+        assert len(gaps) <= adapter.data_loss_messages
+
+
+async def test_bad_security_is_a_per_symbol_error_and_unsubscribe_stops_data() -> None:
+    async with running() as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL", "NOPE"))
+        first = await take(adapter, 20)
+        assert {r.symbol for r in first} == {"AAPL"}
+        assert adapter.subscription_failures == 1
+        assert "BAD_SEC" in adapter.symbol_errors["NOPE"]
+        assert adapter.connection_status is ConnectionStatus.CONNECTED
+        await adapter.unsubscribe(instruments("AAPL"))
+        await adapter.subscribe(instruments("MSFT"))
+        later: list[RawMarketData] = []
+        async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+            async for batch in batches:
+                later.extend(batch)
+                msft_at = next((i for i, r in enumerate(later) if r.symbol == "MSFT"), None)
+                if msft_at is not None and len(later) - msft_at >= 30:
+                    break
+        after = later[msft_at:]
+        assert {r.symbol for r in after} == {"MSFT"}
+        assert set(adapter.subscribed) == {"NOPE", "MSFT"}
+
+
+async def test_unknown_fields_are_reported_and_trades_only_flow() -> None:
+    fields = ["LAST_PRICE", "SIZE_LAST_TRADE", "NO_SUCH_FIELD"]
+    async with running(fields=fields, interval_s=1) as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe([Instrument("JPM", frozenset({DataType.TRADE}))])
+        records = await take(adapter, 30)
+        assert adapter.field_errors == 1
+        # The initial paint carries no bid/ask in these fields, so it yields nothing.
+        assert {r.data_type for r in records} == {DataType.TRADE}
+        assert all(r.symbol == "JPM" and r.price is not None for r in records)
+
+
+async def test_disconnect_wakes_a_waiting_stream() -> None:
+    async with running() as (_sim, adapter):
+        await adapter.connect()  # nothing subscribed: no data will come
+
+        async def consume() -> None:
+            async with aclosing(stream(adapter)) as batches:
+                async for _batch in batches:
+                    pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        await adapter.disconnect()
+        with pytest.raises(ProviderDisconnected, match="disconnected by the worker"):
+            await asyncio.wait_for(task, 1.0)
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
