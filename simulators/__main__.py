@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SIMULATORS = ("polygon",)
+SIMULATORS = ("polygon", "refinitiv", "alphavantage", "iex", "bloomberg")
 
 
 def main() -> None:

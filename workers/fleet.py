@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import db
@@ -29,15 +30,71 @@ from simulators.market import DEMO_SYMBOLS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEMO_PROVIDERS: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {
-    # name: (provider_type, connection_config, rate_limits); ports come from the env.
-    "polygon": (
-        "polygon",
+
+@dataclass(frozen=True)
+class DemoProvider:
+    """A provider row `make run` seeds, pointed at its simulator.
+
+    ``{FEEDFLEET_...}`` placeholders in the config are filled from the fleet environment.
+    """
+
+    name: str
+    provider_type: str
+    connection_config: dict[str, object]
+    symbols: list[str]
+    rate_limits: dict[str, object] = field(default_factory=dict)
+    data_types: tuple[DataType, ...] = (DataType.TRADE, DataType.QUOTE)
+
+
+DEMO_PROVIDERS = [
+    DemoProvider(
+        "polygon", "polygon",
         {"url": "ws://127.0.0.1:{FEEDFLEET_SIM_POLYGON_PORT}/stocks",
          "api_key_env": "POLYGON_API_KEY"},
-        {},
+        list(DEMO_SYMBOLS),
     ),
-}  # fmt: skip
+    DemoProvider(
+        "refinitiv", "refinitiv",
+        {"url": "ws://127.0.0.1:{FEEDFLEET_SIM_REFINITIV_PORT}/WebSocket", "user": "feedfleet"},
+        [f"{s}.N" for s in DEMO_SYMBOLS],
+    ),
+    DemoProvider(
+        "alphavantage", "alphavantage",
+        {"base_url": "http://127.0.0.1:{FEEDFLEET_SIM_ALPHAVANTAGE_PORT}",
+         "api_key_env": "ALPHAVANTAGE_API_KEY",
+         "functions": ["GLOBAL_QUOTE", "TIME_SERIES_INTRADAY"], "interval": "1min",
+         "poll_interval_s": 5, "stale_after_s": None},
+        list(DEMO_SYMBOLS[:5]),
+        rate_limits={"requests_per_second": 5},
+        data_types=(DataType.TRADE, DataType.AGGREGATE),
+    ),
+    DemoProvider(
+        "iex", "iex",
+        {"host": "127.0.0.1", "port": "{FEEDFLEET_SIM_IEX_PORT}", "heartbeat_timeout_s": 5},
+        list(DEMO_SYMBOLS),
+    ),
+    # blpapi is not on PyPI: the demo runs the adapter on the stand-in library.
+    DemoProvider(
+        "bloomberg", "bloomberg",
+        {"blpapi_module": "simulators.bloomberg", "host": "127.0.0.1",
+         "port": "{FEEDFLEET_SIM_BLOOMBERG_PORT}", "silence_timeout_s": 10},
+        list(DEMO_SYMBOLS),
+    ),
+]  # fmt: skip
+SIMULATOR_PORTS = {
+    "FEEDFLEET_SIM_POLYGON_PORT": 8765,
+    "FEEDFLEET_SIM_REFINITIV_PORT": 15000,
+    "FEEDFLEET_SIM_ALPHAVANTAGE_PORT": 8770,
+    "FEEDFLEET_SIM_IEX_PORT": 10378,
+    "FEEDFLEET_SIM_BLOOMBERG_PORT": 8194,
+}
+
+
+def _fill(value: object, env: dict[str, str]) -> object:
+    if not isinstance(value, str) or "{" not in value:
+        return value
+    filled = value.format(**env)
+    return int(filled) if filled.isdigit() and value.startswith("{") else filled
 
 
 def _port(preferred: int) -> int:
@@ -48,14 +105,12 @@ async def seed_demo(database_url: str, env: dict[str, str]) -> None:
     conn = await db.connect(database_url)
     try:
         await db.apply_schema(conn)
-        for priority, (name, (ptype, config, limits)) in enumerate(DEMO_PROVIDERS.items()):
-            filled = {k: v.format(**env) if isinstance(v, str) else v for k, v in config.items()}
+        for rank, demo in enumerate(DEMO_PROVIDERS, 1):
+            config = {k: _fill(v, env) for k, v in demo.connection_config.items()}
             provider_id = await db.upsert_provider(
-                conn, name, ptype, filled, limits, priority=10 * (priority + 1)
+                conn, demo.name, demo.provider_type, config, demo.rate_limits, priority=10 * rank
             )
-            await db.subscribe(
-                conn, provider_id, list(DEMO_SYMBOLS), [DataType.TRADE, DataType.QUOTE]
-            )
+            await db.subscribe(conn, provider_id, demo.symbols, list(demo.data_types))
     finally:
         await conn.close()
 
@@ -64,7 +119,8 @@ async def seed_demo_from_env() -> None:
     from common.config import Settings
 
     env = dict(os.environ)
-    env.setdefault("FEEDFLEET_SIM_POLYGON_PORT", "8765")
+    for var, port in SIMULATOR_PORTS.items():
+        env.setdefault(var, str(port))
     await seed_demo(Settings.from_env().database_url, env)
 
 
@@ -101,8 +157,11 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
             "FEEDFLEET_SIM_RATE": env.get("FEEDFLEET_SIM_RATE") or "1000",
         }
     )
+    for var, port in SIMULATOR_PORTS.items():
+        env[var] = env.get(var) or str(_port(port))
     # Demo keys for the simulators; a real deployment sets its own.
     env.setdefault("POLYGON_API_KEY", "demo-polygon-key")
+    env.setdefault("ALPHAVANTAGE_API_KEY", "demo-alphavantage-key")
     return env, postgres
 
 
@@ -120,15 +179,15 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
         proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env=env
         )
-        # SIGTERM (systemd, a CI timeout) must reach supervisord too, so it stops the fleet
-        # before the embedded PostgreSQL is stopped below.
-        signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                # The terminal sent SIGINT to supervisord too; wait for it to stop its children.
-                continue
+        # SIGINT/SIGTERM (Ctrl-C, systemd, kill) go on to supervisord, which stops the fleet
+        # before the embedded PostgreSQL is stopped below. A terminal's Ctrl-C reaches it
+        # directly as well; a second SIGINT while it is stopping does no harm.
+        def forward(signum: int, _frame: object) -> None:
+            proc.send_signal(signum)
+
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        return proc.wait()
     finally:
         if postgres is not None:
             postgres.stop()

@@ -1,0 +1,109 @@
+"""The fleet under supervisord, from nothing: embedded services, simulators, workers,
+coordinator and api, as `make run` starts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from common.embedded import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _get_json(url: str) -> dict[str, Any] | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            doc: dict[str, Any] = orjson.loads(resp.read())
+            return doc
+    except urllib.error.HTTPError as exc:
+        doc = orjson.loads(exc.read())
+        return doc
+    except OSError:
+        return None
+
+
+def _wait(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert proc.poll() is None, f"feedfleet run exited early while waiting for {what}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    api_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDFLEET_")}
+    env["FEEDFLEET_API_PORT"] = str(api_port)
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "run", "--var", str(var)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    health_url = f"http://127.0.0.1:{api_port}/health"
+    ctl = [sys.executable, "-m", "supervisor.supervisorctl", "-s",
+           f"unix://{var}/supervisor.sock"]  # fmt: skip
+    try:
+
+        def polygon_flowing() -> dict[str, Any] | None:
+            doc = _get_json(health_url)
+            poly = (doc or {}).get("providers", {}).get("polygon")
+            if poly and poly["status"] == "CONNECTED" and poly["throughput_per_sec"] > 0:
+                return doc
+            return None
+
+        doc = _wait(polygon_flowing, 120, "polygon CONNECTED with throughput", proc)
+        assert doc["components"] == {"database": "up", "redis": "up"}
+
+        def all_connected() -> dict[str, Any] | None:
+            doc = _get_json(health_url) or {}
+            providers = doc.get("providers", {})
+            wanted = ("polygon", "refinitiv", "alphavantage", "iex", "bloomberg")
+            ok = all(providers.get(n, {}).get("status") == "CONNECTED" for n in wanted)
+            return doc if ok else None
+
+        _wait(all_connected, 60, "every demo provider CONNECTED", proc)
+
+        out = subprocess.run([*ctl, "stop", "worker:polygon"], capture_output=True, timeout=60)
+        assert b"stopped" in out.stdout, out
+        stopped_at = time.monotonic()
+
+        def polygon_disconnected() -> bool:
+            doc = _get_json(health_url) or {}
+            return doc.get("providers", {}).get("polygon", {}).get("status") == "DISCONNECTED"
+
+        _wait(polygon_disconnected, 35, "polygon DISCONNECTED", proc)
+        assert time.monotonic() - stopped_at <= 35
+        metrics = _get_json(f"http://127.0.0.1:{api_port}/metrics") or {}
+        poly = metrics["providers"]["polygon"]
+        # A clean stop drains: everything received was published and stored.
+        assert poly["received"] > 0
+        assert poly["received"] == poly["published"] == poly["stored"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            log.close()
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    # Ctrl-C stopped the embedded PostgreSQL too.
+    assert not (var / "pg" / "postmaster.pid").exists()
