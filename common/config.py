@@ -25,6 +25,7 @@ class Settings:
     redis_url: str
     pulsar_url: str
     pulsar_topic: str = DEFAULT_TOPIC
+    pulsar_send_timeout_ms: int = 10_000
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_token: str | None = None
@@ -53,6 +54,7 @@ class Settings:
             redis_url=_env("FEEDFLEET_REDIS_URL") or "",
             pulsar_url=_env("FEEDFLEET_PULSAR_URL") or "",
             pulsar_topic=_env("FEEDFLEET_PULSAR_TOPIC", DEFAULT_TOPIC) or DEFAULT_TOPIC,
+            pulsar_send_timeout_ms=int(_env("FEEDFLEET_PULSAR_SEND_TIMEOUT_MS", "10000") or 0),
             api_host=_env("FEEDFLEET_API_HOST", "127.0.0.1") or "127.0.0.1",
             api_port=int(port),
             api_token=_env("FEEDFLEET_API_TOKEN"),

@@ -88,7 +88,10 @@ class Worker:
         self._redis = aioredis.from_url(self.settings.redis_url)
         spool_dir = Path(self.settings.spool_dir) / self.provider.name
         publisher = PulsarSink(
-            self.settings.pulsar_url, self.settings.pulsar_topic, Spool(spool_dir / "pulsar.spool")
+            self.settings.pulsar_url,
+            self.settings.pulsar_topic,
+            Spool(spool_dir / "pulsar.spool"),
+            send_timeout_ms=self.settings.pulsar_send_timeout_ms,
         )
         store = PostgresSink(self.settings.database_url, Spool(spool_dir / "postgres.spool"))
         cache = LatestCache(self._redis)
