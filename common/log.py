@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -13,7 +14,7 @@ import structlog
 _SECRET_KEYS = re.compile(r"(key|token|secret|password|passwd|apikey)", re.IGNORECASE)
 
 
-def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Mask values of secret-looking keys and any value equal to a known secret."""
     secrets = _known_secrets()
     for key, value in list(event.items()):

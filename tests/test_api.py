@@ -107,9 +107,17 @@ async def test_status_reads_the_worker_status_from_redis(
     await db.set_provider_enabled(conn, pid, True)
     await redis_client.set(
         f"provider:{pid}:status",
-        orjson.dumps({"provider_id": pid, "provider_name": name, "status": "CONNECTED",
-                      "throughput_per_sec": 12.5, "messages_received": 99,
-                      "last_update": "x", "metrics": {"received": 99}}),  # fmt: skip
+        orjson.dumps(
+            {
+                "provider_id": pid,
+                "provider_name": name,
+                "status": "CONNECTED",
+                "throughput_per_sec": 12.5,
+                "messages_received": 99,
+                "last_update": "x",
+                "metrics": {"received": 99},
+            }
+        ),
         ex=30,
     )
     doc = await (await client.get(f"/api/v1/providers/{pid}/status")).json()
@@ -134,10 +142,22 @@ async def test_health_and_metrics(
     name, pid = provider
     await redis_client.set(
         f"provider:{pid}:status",
-        orjson.dumps({"provider_id": pid, "provider_name": name, "status": "CONNECTED",
-                      "throughput_per_sec": 7.0, "messages_received": 70, "last_update": "x",
-                      "metrics": {"received": 70, "published": 70, "stored": 69,
-                                  "throughput_per_sec": 7.0}}),  # fmt: skip
+        orjson.dumps(
+            {
+                "provider_id": pid,
+                "provider_name": name,
+                "status": "CONNECTED",
+                "throughput_per_sec": 7.0,
+                "messages_received": 70,
+                "last_update": "x",
+                "metrics": {
+                    "received": 70,
+                    "published": 70,
+                    "stored": 69,
+                    "throughput_per_sec": 7.0,
+                },
+            }
+        ),
         ex=30,
     )
     resp = await client.get("/health")

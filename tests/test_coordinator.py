@@ -39,8 +39,9 @@ def test_disabled_provider_or_no_instance_gets_nothing() -> None:
 def test_an_instance_dying_moves_only_its_symbols() -> None:
     providers = [ProviderConfig("p1", "one", "polygon")]
     three = [db.LiveInstance(i, "p1", "h") for i in ("a", "b", "c")]
-    before = {a.symbol: a.instance_id for a in assign_symbols(_subs("p1", 300), providers, three)}
-    after = {a.symbol: a.instance_id for a in assign_symbols(_subs("p1", 300), providers, three[:2])}
+    subs = _subs("p1", 300)
+    before = {a.symbol: a.instance_id for a in assign_symbols(subs, providers, three)}
+    after = {a.symbol: a.instance_id for a in assign_symbols(subs, providers, three[:2])}
     moved = [s for s in before if before[s] != after[s]]
     assert moved and all(before[s] == "c" for s in moved)
 

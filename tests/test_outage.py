@@ -111,8 +111,8 @@ async def test_database_outage_spools_rows_then_stores_them(
         assert pipeline is not None
         store = pipeline.store
         assert isinstance(store, PostgresSink)
-        await until(lambda: store._conn is not None, 10, "the COPY connection")  # noqa: SLF001
-        backend = store._conn.info.backend_pid  # type: ignore[union-attr]  # noqa: SLF001
+        await until(lambda: store._conn is not None, 10, "the COPY connection")
+        backend = store._conn.info.backend_pid  # type: ignore[union-attr]
         await conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
         await until(lambda: store.counters.failures >= 1, 10, "the failed COPY")
         await until(lambda: store.counters.replayed > 0, 20, "the spooled rows replayed")
@@ -138,8 +138,21 @@ def test_spool_survives_a_restart(tmp_path: Path) -> None:
     from common.spool import Spool
 
     recs = [
-        RawMarketData("X", "p", 10**18 + i, DataType.TRADE, 1.0 + i, 1, None, None, {}, i,
-                      "T.X", False, 10**18 + i)  # fmt: skip
+        RawMarketData(
+            "X",
+            "p",
+            10**18 + i,
+            DataType.TRADE,
+            1.0 + i,
+            1,
+            None,
+            None,
+            {},
+            i,
+            "T.X",
+            False,
+            10**18 + i,
+        )
         for i in range(n)
     ]
     events = build_events(recs, 10**18 + 100)

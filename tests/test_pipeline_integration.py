@@ -147,9 +147,7 @@ async def test_status_and_connection_rows(
     assert row is not None and row[0] == "CONNECTED"
 
 
-async def test_subscription_changes_reach_the_worker_within_2s(
-    fleet: Fleet, conn: db.Conn
-) -> None:
+async def test_subscription_changes_reach_the_worker_within_2s(fleet: Fleet, conn: db.Conn) -> None:
     await until(
         lambda: fleet.worker.adapter is not None
         and len(fleet.worker.adapter.subscribed) == len(fleet.symbols),

@@ -47,7 +47,8 @@ def test_official_ws_samples_decode(fixtures_dir: Path) -> None:
 
 
 def test_client_frames_match_official_client(fixtures_dir: Path) -> None:
-    lines = [orjson.loads(x) for x in (fixtures_dir / "polygon_ws_client.jsonl").read_text().splitlines()]
+    text = (fixtures_dir / "polygon_ws_client.jsonl").read_text()
+    lines = [orjson.loads(x) for x in text.splitlines()]
     assert orjson.loads(codec.encode_subscribe(["T.*", "Q.*", "AM.*"])) == lines[1]
     assert orjson.loads(codec.encode_subscribe(["T.AAPL"])) == lines[2]
     assert orjson.loads(codec.encode_unsubscribe(["T.AAPL"])) == lines[3]

@@ -58,7 +58,8 @@ def test_price_outlier() -> None:
 
 
 def test_missing_fields() -> None:
-    got = flags(QualityChecker(), rec(1, price=None), rec(2, price=None, bid=1.0, dt=DataType.QUOTE))
+    quote = rec(2, price=None, bid=1.0, dt=DataType.QUOTE)
+    got = flags(QualityChecker(), rec(1, price=None), quote)
     assert got == [[QualityFlag.MISSING_FIELDS], [QualityFlag.MISSING_FIELDS]]
 
 

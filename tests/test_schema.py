@@ -19,9 +19,9 @@ async def test_tables_and_indexes_exist(conn: db.Conn) -> None:
         "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
         "AND tablename NOT LIKE 'raw_market_data\\_%'"
     )
-    assert TABLES <= {r[0] for r in await cur.fetchall()}
+    assert {r[0] for r in await cur.fetchall()} >= TABLES
     cur = await conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
-    assert INDEXES <= {r[0] for r in await cur.fetchall()}
+    assert {r[0] for r in await cur.fetchall()} >= INDEXES
     cur = await conn.execute(
         "SELECT conname FROM pg_constraint WHERE conname = 'subscriptions_provider_symbol_key'"
     )

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import psycopg_pool
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
@@ -67,7 +68,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return _json(body, exc.status)
     except web.HTTPException as exc:
         return _json({"error": exc.reason}, exc.status)
-    except (psycopg.OperationalError, psycopg.pool.PoolTimeout) as exc:
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         log.warning("api_database_unavailable", error=str(exc))
         return _json({"error": "database unavailable"}, 503)
 
@@ -209,7 +210,7 @@ async def _gather_providers(request: web.Request) -> tuple[list[dict[str, Any]],
     try:
         async with request.app[POOL].connection(timeout=2.0) as conn:
             providers = await db.list_providers(conn)
-    except (psycopg.OperationalError, psycopg.pool.PoolTimeout):
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
         return [], False
     return [await _live_status(request, p) | {"enabled": p.enabled} for p in providers], True
 
@@ -255,7 +256,9 @@ async def metrics(request: web.Request) -> web.Response:
     per_provider = {s["provider_name"]: s.get("metrics") or {} for s in statuses}
     keys = ("received", "published", "stored", "spooled", "spooled_total", "replayed",
             "dropped", "cached", "decode_errors")  # fmt: skip
-    totals = {k: sum(int(m.get(k) or 0) for m in per_provider.values()) for k in keys}
+    totals: dict[str, float] = {
+        k: sum(int(m.get(k) or 0) for m in per_provider.values()) for k in keys
+    }
     totals["throughput_per_sec"] = round(
         sum(float(m.get("throughput_per_sec") or 0) for m in per_provider.values()), 1
     )

@@ -119,9 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "decode":
         raise SystemExit(decode_main(args.provider, args.file, args.symbol))
     elif args.command == "run":
-        from workers.fleet import run_fleet
-
         from pathlib import Path
+
+        from workers.fleet import run_fleet
 
         raise SystemExit(run_fleet(Path(args.var) if args.var else None))
 

@@ -119,8 +119,8 @@ async def seed_demo_from_env() -> None:
     from common.config import Settings
 
     env = dict(os.environ)
-    for var, port in SIMULATOR_PORTS.items():
-        env.setdefault(var, str(port))
+    for name, port in SIMULATOR_PORTS.items():
+        env.setdefault(name, str(port))
     await seed_demo(Settings.from_env().database_url, env)
 
 
@@ -153,12 +153,11 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
             "FEEDFLEET_REDIS_SERVER": redis_server_path(),
             "FEEDFLEET_PULSAR_LITE": pulsar_lite_path(),
             "FEEDFLEET_SPOOL_DIR": str(var / "spool"),
-            "FEEDFLEET_SIM_POLYGON_PORT": env.get("FEEDFLEET_SIM_POLYGON_PORT") or str(_port(8765)),
             "FEEDFLEET_SIM_RATE": env.get("FEEDFLEET_SIM_RATE") or "1000",
         }
     )
-    for var, port in SIMULATOR_PORTS.items():
-        env[var] = env.get(var) or str(_port(port))
+    for name, port in SIMULATOR_PORTS.items():
+        env[name] = env.get(name) or str(_port(port))
     # Demo keys for the simulators; a real deployment sets its own.
     env.setdefault("POLYGON_API_KEY", "demo-polygon-key")
     env.setdefault("ALPHAVANTAGE_API_KEY", "demo-alphavantage-key")
@@ -179,6 +178,7 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
         proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env=env
         )
+
         # SIGINT/SIGTERM (Ctrl-C, systemd, kill) go on to supervisord, which stops the fleet
         # before the embedded PostgreSQL is stopped below. A terminal's Ctrl-C reaches it
         # directly as well; a second SIGINT while it is stopping does no harm.

@@ -103,7 +103,7 @@ def decode_frame(data: bytes | str, receive_ns: int, provider: str = PROVIDER) -
             out.errors.append(DecodeError("array element is not an object", clip(item)))
             continue
         ev = item.get("ev")
-        decoder = _DECODERS.get(ev)  # type: ignore[arg-type]
+        decoder = _DECODERS.get(ev) if type(ev) is str else None
         if decoder is not None:
             try:
                 records.append(decoder(item, provider, receive_ns))
@@ -148,9 +148,9 @@ def _time_ms(item: dict[str, Any], key: str) -> int:
 
 
 def _number(item: dict[str, Any], key: str, flags: list[str]) -> float | None:
-    v = item.get(key)
+    v: Any = item.get(key)
     if type(v) in _NUMBER:
-        return v  # type: ignore[return-value]
+        return v
     if QualityFlag.MISSING_FIELDS not in flags:
         flags.append(QualityFlag.MISSING_FIELDS)
     return None

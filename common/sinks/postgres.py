@@ -9,6 +9,7 @@ inserted through a staging table with ``ON CONFLICT DO NOTHING``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import psycopg
 import structlog
@@ -88,10 +89,8 @@ class PostgresSink(DurableSink):
         replay = asyncio.create_task(self.replay_loop())
         try:
             while True:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._flush_now.wait(), self.flush_interval_s)
-                except TimeoutError:
-                    pass
                 self._flush_now.clear()
                 await self.flush()
         finally:

@@ -143,8 +143,12 @@ class PulsarSink(DurableSink):
         loop = asyncio.get_running_loop()
         done: asyncio.Future[_BatchReceipt] = loop.create_future()
 
+        def settle(receipt: _BatchReceipt) -> None:
+            if not done.done():
+                done.set_result(receipt)
+
         def finish(receipt: _BatchReceipt) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(receipt))
+            loop.call_soon_threadsafe(settle, receipt)
 
         self._send_all(self._producer, _BatchReceipt(events, finish))
         result = await done
