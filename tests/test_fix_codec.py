@@ -1,0 +1,643 @@
+"""The FIX 4.4 codec: QuickFIX's acceptance scripts, real venue frames, market data, bad input."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import simplefix
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.codecs import fix as codec
+from common.codecs.base import CaptureError, DecodeError
+from common.model import DataType, QualityFlag, RawMarketData
+from common.quality import QualityChecker
+
+FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
+SESSION_FLOWS = FIXTURES / "fix44_session_flows.txt"
+needs_fixtures = pytest.mark.skipif(
+    not SESSION_FLOWS.is_file(), reason=f"shared fixture {SESSION_FLOWS} is absent"
+)
+
+T0 = 1_714_842_592_462_000_000  # 2024-05-04T17:09:52.462Z
+SEC = 1_000_000_000
+PLACEHOLDER_TS = "00000000-00:00:00.000"
+
+# Real frames from shared/protocols.md section 6 whose checksums validate.
+LMAX_LOGON = (
+    "8=FIX.4.4|9=89|35=A|49=xxx|56=LMXBL|34=1|52=20150215-22:01:05|98=0|108=30|141=Y|"
+    "553=xxx|554=###########|10=231|"
+)
+VENUE_MD_REJECT = (
+    "8=FIX.4.4|9=80|35=Y|34=1567|49=T01|52=20151105-13:08:06.797|56=XCxxx|"
+    "58=symbol not found|262=0|10=085|"
+)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def wire(fields: str) -> bytes:
+    """Frame ``35=..|..`` (fixture notation, no 8/9/10) with a correct BodyLength/CheckSum."""
+    msg = simplefix.FixMessage()
+    for part in fields.strip("|").split("|"):
+        tag, _, value = part.partition("=")
+        msg.append_pair(int(tag), value)
+    if msg.begin_string is None:
+        msg.append_pair(8, codec.BEGIN_STRING, header=True)
+    out: bytes = msg.encode()
+    return out
+
+
+def fields_of(raw: bytes) -> list[tuple[int, str]]:
+    return [(int(t), v.decode()) for t, v in codec.parse_frame(raw).pairs]
+
+
+def logged_on_client(hb: int = 30, next_in: int = 1) -> codec.FixSession:
+    """An initiator FEEDFLEET<->VENUE that has just logged on."""
+    s = codec.FixSession("FEEDFLEET", "VENUE", heartbeat_interval=hb)
+    s.logon(T0)
+    result = s.receive(
+        wire(f"35=A|34=1|49=VENUE|52=20240504-17:09:52.462|56=FEEDFLEET|98=0|108={hb}|141=Y"), T0
+    )
+    assert [type(e) for e in result.events] == [codec.LogonReceived]
+    assert s.logged_on and s.next_in_seq == 2
+    s.next_in_seq = next_in if next_in > 1 else 2
+    return s
+
+
+def venue(seq: int, body: str, msg_type: str, extra_header: str = "") -> bytes:
+    return wire(
+        f"35={msg_type}|34={seq}|49=VENUE|52=20240504-17:09:53.000|56=FEEDFLEET|"
+        f"{extra_header}{body}"
+    )
+
+
+# ---------------------------------------------------------------- QuickFIX acceptance scripts
+
+
+def load_scripts() -> dict[str, list[str]]:
+    scripts: dict[str, list[str]] = {}
+    name = ""
+    for line in SESSION_FLOWS.read_text().splitlines():
+        m = re.match(r"### quickfix .*/(\S+)\.def", line)
+        if m:
+            name = m.group(1)
+            scripts[name] = []
+        elif name and line and not line.startswith("#"):
+            scripts[name].append(line)
+    return scripts
+
+
+SCRIPT_NAMES = sorted(load_scripts()) if SESSION_FLOWS.is_file() else ["absent"]
+
+
+def normalized(pairs: list[tuple[int, str]]) -> str:
+    """Fixture form: times as QuickFIX's placeholders, CheckSum dropped (it is a placeholder)."""
+    out = []
+    for tag, value in pairs:
+        if tag == 10:
+            continue
+        if tag in (52, 122):
+            value = PLACEHOLDER_TS
+        elif tag == 60:
+            value = PLACEHOLDER_TS[:17]
+        out.append(f"{tag}={value}")
+    return "|".join(out)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_quickfix_acceptance_script(name: str) -> None:
+    """Run the script against an acceptor session: every E line must come out, BodyLength
+    included (our SendingTime has the placeholder's length), and each eDISCONNECT must end
+    the session (by Logout, by a too-low MsgSeqNum, or by the TestRequest timeout)."""
+    session = codec.FixSession("ISLD", None, acceptor=True)
+    now = T0
+    pending: list[bytes] = []
+
+    def collect(data: bytes) -> None:
+        for item in codec.FixFramer().feed(data):
+            assert isinstance(item, codec.FixFrame)
+            pending.append(item.raw)
+
+    for line in load_scripts()[name]:
+        if line == "iCONNECT":
+            continue
+        if line.startswith("I"):
+            stamp = codec.format_utc_timestamp(now)
+            fields = "|".join(
+                f"{p.split('=')[0]}={stamp[:17] if p == '60=<TIME>' else stamp}"
+                if p.endswith("=<TIME>")
+                else p
+                for p in line[1:].strip("|").split("|")
+            )
+            result = session.receive(wire(fields), now)
+            assert result.errors == []
+            out = result.outgoing
+            for event in result.events:
+                if isinstance(event, codec.LogonReceived):
+                    out += session.accept_logon(now)
+                elif isinstance(event, codec.ApplicationMessage):
+                    out += session.send_application(now, event.msg_type, event.body)  # echo
+            collect(out)
+        elif line == "eDISCONNECT":
+            for _ in range(200):
+                if session.closed:
+                    break
+                now += SEC // 2
+                collect(session.tick(now).outgoing)
+            assert session.closed
+            assert pending == []
+        else:
+            for _ in range(200):  # timer-driven output (6_SendTestRequest)
+                if pending:
+                    break
+                now += SEC // 2
+                collect(session.tick(now).outgoing)
+            assert pending, f"expected {line}"
+            got = normalized(fields_of(pending.pop(0)))
+            expected = normalized(
+                [
+                    (int(t), v)
+                    for t, _, v in (p.partition("=") for p in line[1:].strip("|").split("|"))
+                ]
+            )
+            assert got == expected
+
+
+@needs_fixtures
+def test_every_fixture_line_is_a_well_formed_fix44_message() -> None:
+    """Each I/E line parses; BodyLength in each E line equals ours for the same fields."""
+    count = 0
+    for lines in load_scripts().values():
+        for line in lines:
+            if line[:3] not in ("I8=", "E8="):
+                continue
+            pairs = [p.partition("=") for p in line[1:].strip("|").split("|")]
+            assert pairs[0][0] == "8" and pairs[0][2] == "FIX.4.4"
+            msg_type = dict((t, v) for t, _, v in pairs)["35"]
+            assert msg_type in {"0", "1", "2", "4", "5", "A", "D"}
+            if line.startswith("E"):
+                assert [t for t, _, _ in pairs][:3] == ["8", "9", "35"]
+                body = "|".join(f"{t}={v}" for t, _, v in pairs if t not in ("8", "9", "10"))
+                raw = wire(body)
+                assert fields_of(raw)[1] == (9, dict((t, v) for t, _, v in pairs)["9"])
+            count += 1
+    assert count > 60
+
+
+# ---------------------------------------------------------------- framing
+
+
+def test_real_lmax_logon_frames_and_decodes_on_an_acceptor() -> None:
+    session = codec.FixSession("LMXBL", None, acceptor=True)
+    result = session.receive(codec.pipe_to_soh(LMAX_LOGON), T0)
+    assert result.errors == []
+    [logon] = result.events
+    assert logon == codec.LogonReceived(30, True, "xxx", "###########")
+    assert session.target_comp_id == "xxx" and session.heartbeat_interval == 30
+    reply = fields_of(session.accept_logon(T0, reset_seq_num=True))
+    assert reply[2:] == [
+        (35, "A"), (34, "1"), (49, "LMXBL"), (52, "20240504-17:09:52.462"), (56, "xxx"),
+        (98, "0"), (108, "30"), (141, "Y"), (10, reply[-1][1]),
+    ]  # fmt: skip
+
+
+def test_real_md_reject_without_reason_maps_back_to_the_requested_symbol() -> None:
+    session = codec.FixSession("XCxxx", "T01")
+    session.next_in_seq = 1566  # a session carried on from earlier connections
+    session.logon(T0, reset_seq_num=False)
+    session.receive(wire("35=A|34=1566|49=T01|52=20151105-13:08:06.000|56=XCxxx|98=0|108=30"), T0)
+    session.market_data_request(T0, "0", ["EUR/USD"], [codec.BID, codec.OFFER])
+    result = session.receive(codec.pipe_to_soh(VENUE_MD_REJECT), T0)
+    assert result.errors == []
+    assert result.events == [codec.MarketDataRejected("0", None, "symbol not found", ["EUR/USD"])]
+
+
+def test_framer_handles_byte_by_byte_delivery_and_zero_padded_body_length() -> None:
+    raw = codec.pipe_to_soh(LMAX_LOGON)
+    padded = raw.replace(b"9=89", b"9=0000089")
+    padded = padded[:-4] + f"{sum(padded[:-7]) % 256:03d}".encode() + b"\x01"
+    framer = codec.FixFramer()
+    frames = [f for i in range(len(raw + padded)) for f in framer.feed((raw + padded)[i : i + 1])]
+    assert [type(f) for f in frames] == [codec.FixFrame, codec.FixFrame]
+    assert isinstance(frames[1], codec.FixFrame) and frames[1].offset == len(raw)
+    assert framer.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("mangle", "reason"),
+    [
+        (lambda r: r.replace(b"10=231", b"10=232"), "CheckSum 232 != computed 231"),
+        (lambda r: r.replace(b"9=89", b"9=87"), "BodyLength does not end at CheckSum"),
+        (lambda r: r.replace(b"8=FIX.4.4", b"8=FIX.4.2"), "unsupported BeginString FIX.4.2"),
+        (lambda r: r.replace(b"9=89\x01", b"9=x9\x01"), "second field is not BodyLength"),
+        (lambda r: r.replace(b"35=A\x0149=xxx", b"49=xxx\x0135=A"), "third field is not MsgType"),
+        (lambda r: b"garbage\x01" + r, "bytes before BeginString"),
+    ],
+)
+def test_bad_frames_are_decode_errors_and_the_next_message_still_decodes(
+    mangle: Callable[[bytes], bytes], reason: str
+) -> None:
+    good = codec.pipe_to_soh(LMAX_LOGON)
+    bad = mangle(good)
+    items = codec.FixFramer().feed(bad + good)
+    errors = [i for i in items if isinstance(i, DecodeError)]
+    frames = [i for i in items if isinstance(i, codec.FixFrame)]
+    assert errors and errors[0].reason.startswith(reason)
+    assert [f.raw for f in frames][-1] == good
+
+
+def test_body_length_too_long_resyncs_on_the_next_message() -> None:
+    good = codec.pipe_to_soh(LMAX_LOGON)
+    bad = good.replace(b"9=89", b"9=500")  # past the end of what has arrived
+    items = codec.FixFramer().feed(bad + good)
+    assert isinstance(items[0], DecodeError)
+    assert items[0].reason == "BodyLength runs past the message"
+    assert isinstance(items[-1], codec.FixFrame) and items[-1].raw == good
+
+
+def test_text_containing_8_equals_fix_is_not_a_message_start() -> None:
+    raw = wire("35=5|34=2|49=A|52=20240504-17:09:52.462|56=B|58=8=FIX.4.4 is the version")
+    items = codec.FixFramer().feed(raw)
+    assert len(items) == 1 and isinstance(items[0], codec.FixFrame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(min_value=1, max_value=50))
+def test_arbitrary_bytes_never_raise(data: bytes, cut: int) -> None:
+    session = logged_on_client()
+    good = venue(2, "262=r|268=1|279=0|269=2|270=10.5|271=3|55=AAPL", "X")
+    for chunk in (data[:cut], data[cut:], b"\x01" + good):
+        result = session.receive(chunk, T0)
+        assert all(isinstance(e, DecodeError) for e in result.errors)
+
+
+@given(st.lists(st.sampled_from(list(codec.pipe_to_soh(LMAX_LOGON))), max_size=200))
+def test_shuffled_message_bytes_never_raise(data: list[int]) -> None:
+    for item in codec.FixFramer().feed(bytes(data)):
+        assert isinstance(item, codec.FixFrame | DecodeError)
+
+
+# ---------------------------------------------------------------- time
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800 * SEC))
+def test_timestamp_round_trip_to_the_millisecond(ns: int) -> None:
+    text = codec.format_utc_timestamp(ns)
+    assert len(text) == 21
+    assert codec.parse_utc_timestamp(text) == ns - ns % 1_000_000
+
+
+def test_timestamp_parsing_accepts_seconds_and_micros_and_rejects_junk() -> None:
+    assert codec.parse_utc_timestamp("20150215-22:01:05") == 1_424_037_665 * SEC
+    assert codec.parse_utc_timestamp("20150215-22:01:05.123456") == 1_424_037_665_123_456_000
+    for bad in (
+        "",
+        "2015021-22:01:05",
+        "20151315-22:01:05",
+        "20150215 22:01:05",
+        "20150215-2a:01:05",
+    ):
+        assert codec.parse_utc_timestamp(bad) is None
+
+
+# ---------------------------------------------------------------- session: initiator side
+
+
+def test_logon_request_carries_heartbeat_reset_and_credentials() -> None:
+    s = codec.FixSession("FEEDFLEET", "VENUE", heartbeat_interval=15)
+    raw = s.logon(T0, username="user", password="secret")
+    assert fields_of(raw)[2:-1] == [
+        (35, "A"), (34, "1"), (49, "FEEDFLEET"), (52, "20240504-17:09:52.462"), (56, "VENUE"),
+        (98, "0"), (108, "15"), (141, "Y"), (553, "user"), (554, "secret"),
+    ]  # fmt: skip
+    assert s.next_out_seq == 2
+
+
+def test_logout_answering_logon_is_a_refusal_with_the_text() -> None:
+    s = codec.FixSession("FEEDFLEET", "VENUE")
+    s.logon(T0)
+    result = s.receive(venue(1, "58=Logon rejected: invalid credentials", "5"), T0)
+    assert result.events == [
+        codec.LogoutReceived("Logon rejected: invalid credentials"),
+        codec.SessionClosed("logon refused: Logon rejected: invalid credentials"),
+    ]
+    assert s.closed and not s.logged_on and result.outgoing == b""
+
+
+def test_first_message_not_logon_closes_without_reply() -> None:
+    s = codec.FixSession("ISLD", None, acceptor=True)
+    result = s.receive(wire("35=0|34=1|49=TW44|52=20240504-17:09:52.462|56=ISLD"), T0)
+    assert s.closed and result.outgoing == b""
+    assert isinstance(result.events[0], codec.SessionClosed)
+
+
+def test_wrong_comp_id_ends_the_session_with_logout() -> None:
+    s = logged_on_client()
+    result = s.receive(wire("35=0|34=2|49=OTHER|52=20240504-17:09:52.462|56=FEEDFLEET"), T0)
+    assert s.closed
+    assert (58, "CompID problem") in fields_of(result.outgoing)
+
+
+def test_market_data_request_round_trip_subscribe_and_unsubscribe() -> None:
+    client = logged_on_client()
+    server = codec.FixSession("VENUE", None, acceptor=True)
+    server.receive(codec.FixSession("FEEDFLEET", "VENUE").logon(T0), T0)
+    server.accept_logon(T0)
+    sub = client.market_data_request(T0, "AAPL:1", ["AAPL"], [codec.BID, codec.OFFER, codec.TRADE])
+    body = fields_of(sub)[7:-1]
+    assert body == [
+        (262, "AAPL:1"), (263, "1"), (264, "1"), (265, "1"), (267, "3"), (269, "0"),
+        (269, "1"), (269, "2"), (146, "1"), (55, "AAPL"),
+    ]  # fmt: skip
+    unsub = client.market_data_request(
+        T0, "AAPL:1", ["AAPL"], [codec.TRADE], subscription_type=codec.DISABLE_PREVIOUS,
+        update_type=None,
+    )  # fmt: skip
+    result = server.receive(sub + unsub, T0)
+    assert result.errors == []
+    assert result.events == [
+        codec.MarketDataRequested("AAPL:1", "1", 1, "1", ["0", "1", "2"], ["AAPL"]),
+        codec.MarketDataRequested("AAPL:1", "2", 1, None, ["2"], ["AAPL"]),
+    ]
+    assert client.md_requests == {}
+
+
+def test_test_request_is_answered_with_heartbeat_carrying_the_id() -> None:
+    s = logged_on_client()
+    result = s.receive(venue(2, "112=HELLO", "1"), T0)
+    assert result.events == [codec.TestRequestReceived("HELLO")]
+    out = fields_of(result.outgoing)
+    assert (35, "0") in out and (112, "HELLO") in out
+
+
+def test_silence_sends_test_request_then_times_out() -> None:
+    s = logged_on_client(hb=2)
+    assert s.tick(T0 + 1 * SEC).outgoing == b""
+    heartbeat = s.tick(T0 + 2 * SEC).outgoing  # nothing sent for HeartBtInt
+    assert (35, "0") in fields_of(heartbeat)
+    tr = s.tick(T0 + 2 * SEC + 400_000_000).outgoing  # 1.2 x HeartBtInt without receiving
+    assert (35, "1") in fields_of(tr) and (112, "TEST") in fields_of(tr)
+    assert s.tick(T0 + 4 * SEC).outgoing == b""  # no heartbeat while the TestRequest is open
+    timeout = s.tick(T0 + 4 * SEC + 800_000_000)
+    assert timeout.timed_out and s.closed
+
+
+def test_test_request_answer_keeps_the_session_alive() -> None:
+    s = logged_on_client(hb=2)
+    s.tick(T0 + 2_400_000_000)
+    s.receive(venue(2, "112=TEST", "0"), T0 + 2_500_000_000)
+    assert not s.tick(T0 + 4_800_000_000).timed_out
+
+
+def test_gap_sends_resend_request_and_queues_until_gap_fill() -> None:
+    s = logged_on_client()
+    first = s.receive(venue(2, "55=AAPL|268=1|269=2|270=10|271=1", "W"), T0)
+    assert [r.provider_sequence for r in first.records] == [2]
+    result = s.receive(venue(5, "268=1|279=0|269=2|270=11|271=1|55=AAPL", "X"), T0)
+    assert result.records == []
+    assert result.events == [codec.SequenceGap(3, 5)]
+    assert [(t, v) for t, v in fields_of(result.outgoing) if t in (35, 7, 16)] == [
+        (35, "2"), (7, "3"), (16, "0"),
+    ]  # fmt: skip
+    # A second early message does not repeat the ResendRequest.
+    again = s.receive(venue(6, "268=1|279=0|269=2|270=12|271=1|55=AAPL", "X"), T0)
+    assert again.outgoing == b"" and again.events == []
+    fill = s.receive(venue(3, "36=5|123=Y", "4", "43=Y|122=20240504-17:09:53.000|"), T0)
+    assert [r.price for r in fill.records] == [11.0, 12.0]
+    assert [r.provider_sequence for r in fill.records] == [5, 6]
+    assert s.next_in_seq == 7
+    checker = QualityChecker(stale_after_s=None)
+    checker.check(first.records + fill.records)
+    assert [r.quality_flags for r in first.records + fill.records] == [[], [QualityFlag.GAP], []]
+
+
+def test_gap_fill_over_queued_messages_still_delivers_them() -> None:
+    """QuickFIX answers 7=3|16=0 with one GapFill 34=3|36=6 even over application messages
+    it sent; 4 and 5 were received and queued, so they are delivered, not dropped."""
+    s = logged_on_client()
+    first = s.receive(venue(2, "268=1|279=0|269=2|270=100.02|271=1|55=A", "X"), T0).records
+    held = s.receive(
+        venue(4, "268=1|279=0|269=2|270=100.04|271=1|55=A", "X")
+        + venue(5, "268=1|279=0|269=2|270=100.05|271=1|55=A", "X"),
+        T0,
+    )
+    assert held.records == [] and held.events == [codec.SequenceGap(3, 4)]
+    fill = s.receive(venue(3, "36=6|123=Y", "4", "43=Y|122=20240504-17:09:53.000|"), T0)
+    assert [(r.price, r.provider_sequence) for r in fill.records] == [(100.04, 4), (100.05, 5)]
+    assert s.next_in_seq == 6
+    QualityChecker(stale_after_s=None).check(first + fill.records)
+    assert [r.quality_flags for r in fill.records] == [[QualityFlag.GAP], []]
+
+
+def test_unanswered_gap_is_given_up_when_the_queue_is_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(codec, "MAX_QUEUED", 3)
+    s = logged_on_client()
+    first = s.receive(venue(2, "268=1|279=0|269=2|270=100.02|271=1|55=A", "X"), T0).records
+    out = s.receive(
+        b"".join(venue(n, f"268=1|279=0|269=2|270=100.0{n}|271=1|55=A", "X") for n in range(5, 9)),
+        T0,
+    )
+    assert [r.provider_sequence for r in out.records] == [5, 6, 7, 8]
+    assert s.next_in_seq == 9
+    QualityChecker(stale_after_s=None).check(first + out.records)
+    assert [r.quality_flags for r in out.records] == [[QualityFlag.GAP], [], [], []]
+
+
+def test_resent_message_fills_the_gap_and_possdup_copies_are_ignored() -> None:
+    s = logged_on_client()
+    s.receive(venue(3, "268=1|279=0|269=2|270=11|271=1|55=AAPL", "X"), T0)
+    resent = s.receive(
+        venue(2, "268=1|279=0|269=2|270=10|271=1|55=AAPL", "X", "43=Y|122=20240504-17:09:52.000|"),
+        T0,
+    )
+    assert [r.price for r in resent.records] == [10.0, 11.0]
+    assert resent.records[0].provider_specific["PossDupFlag"] == "Y"
+    dup = s.receive(venue(3, "268=1|279=0|269=2|270=11|271=1|55=AAPL", "X", "43=Y|"), T0)
+    assert dup.records == [] and dup.outgoing == b"" and not s.closed
+
+
+def test_too_low_without_possdup_logs_out() -> None:
+    s = logged_on_client()
+    s.receive(venue(2, "", "0") + venue(3, "", "0"), T0)
+    result = s.receive(venue(2, "", "0"), T0)
+    assert s.closed
+    assert (58, "MsgSeqNum too low, expecting 4 but received 2") in fields_of(result.outgoing)
+
+
+def test_sequence_reset_mode_jumps_and_the_next_record_is_a_gap() -> None:
+    s = logged_on_client()
+    a = s.receive(venue(2, "268=1|279=0|269=2|270=10|271=1|55=AAPL", "X"), T0).records
+    reset = s.receive(venue(0, "36=10", "4"), T0)
+    assert reset.events == [codec.SequenceResetReceived(10, False)] and s.next_in_seq == 10
+    b = s.receive(venue(10, "268=1|279=0|269=2|270=10|271=1|55=AAPL", "X"), T0).records
+    QualityChecker(stale_after_s=None).check(a + b)
+    assert b[0].quality_flags == [QualityFlag.GAP]
+
+
+def test_admin_messages_between_records_are_not_a_gap_and_sub_records_not_duplicates() -> None:
+    s = logged_on_client()
+    out = s.receive(
+        venue(
+            2, "55=AAPL|268=3|269=0|270=10.0|271=5|269=1|270=10.2|271=6|269=2|270=10.1|271=1", "W"
+        )
+        + venue(3, "", "0")
+        + venue(4, "112=X", "1")
+        + venue(5, "268=2|279=0|269=2|270=10.1|271=1|55=AAPL|279=0|269=2|270=10.15|271=2", "X"),
+        T0,
+    )
+    recs = out.records
+    assert [(r.data_type, r.provider_sequence) for r in recs] == [
+        (DataType.QUOTE, 2), (DataType.TRADE, 2), (DataType.TRADE, 5), (DataType.TRADE, 5),
+    ]  # fmt: skip
+    assert recs[2].sequence_contiguous is False  # 3 and 4 were a Heartbeat and a TestRequest
+    assert recs[1].stream == recs[0].stream + "#2"
+    checker = QualityChecker(stale_after_s=None)
+    checker.check(recs)
+    assert all(r.quality_flags == [] for r in recs)
+
+
+# ---------------------------------------------------------------- market data
+
+
+def test_real_snapshot_body_gives_top_of_book_quote() -> None:
+    """The LMAX-style 35=W from protocols.md 6.4, venue tag 106 inside the group."""
+    s = logged_on_client()
+    body = (
+        "55=EUR/USD|262=0|268=2|269=0|270=1.11941|271=1000000|299=0|106=1|"
+        "269=1|270=1.11944|271=1000000|299=0|106=1"
+    )
+    result = s.receive(venue(2, body, "W"), T0 + 5)
+    assert result.errors == []
+    [quote] = result.records
+    assert quote == RawMarketData(
+        "EUR/USD", codec.PROVIDER, codec.parse_utc_timestamp("20240504-17:09:53.000") or 0,
+        DataType.QUOTE, None, None, 1.11941, 1.11944,
+        {"MsgType": "W", "MDReqID": "0", "QuoteEntryID": "0", "Issuer": "1",
+         "BidSize": 1000000.0, "OfferSize": 1000000.0},
+        2, s.stream, True, T0 + 5, [],
+    )  # fmt: skip
+    assert s.stream == "VENUE->FEEDFLEET@20240504-17:09:52.462"
+
+
+def test_binance_style_incremental_trades_default_symbol_to_previous_entry() -> None:
+    s = logged_on_client()
+    body = (
+        "262=t|268=3|279=0|269=2|270=10.00000|271=0.01000|55=BNBBUSD|1003=0|"
+        "60=20240504-17:09:52.100|279=0|269=2|270=10.01|271=0.5|1003=1|"
+        "279=0|269=2|270=10.02|271=0.25|55=ETHBUSD|1003=2"
+    )
+    recs = s.receive(venue(2, body, "X"), T0).records
+    assert [(r.symbol, r.data_type, r.price, r.volume) for r in recs] == [
+        ("BNBBUSD", DataType.TRADE, 10.0, 0.01), ("BNBBUSD", DataType.TRADE, 10.01, 0.5),
+        ("ETHBUSD", DataType.TRADE, 10.02, 0.25),
+    ]  # fmt: skip
+    assert recs[0].timestamp_ns == codec.parse_utc_timestamp("20240504-17:09:52.100")
+    assert recs[0].provider_specific == {
+        "MsgType": "X", "MDReqID": "t", "MDUpdateAction": "0", "TradeID": "0",
+    }  # fmt: skip
+
+
+def test_incremental_updates_keep_the_other_side_and_entry_times_are_used() -> None:
+    s = logged_on_client()
+    s.receive(venue(2, "55=AAPL|268=2|269=0|270=100.0|271=5|269=1|270=100.2|271=7", "W"), T0)
+    upd = s.receive(
+        venue(3, "268=1|279=1|269=0|55=AAPL|270=100.1|271=9|272=20240504|273=17:09:52.900", "X"),
+        T0,
+    ).records
+    [quote] = upd
+    assert (quote.bid, quote.ask) == (100.1, 100.2)
+    assert quote.provider_specific["BidSize"] == 9.0 and quote.provider_specific["OfferSize"] == 7.0
+    assert quote.timestamp_ns == codec.parse_utc_timestamp("20240504-17:09:52.900")
+    gone = s.receive(venue(4, "268=1|279=2|269=1|55=AAPL", "X"), T0).records
+    assert (gone[0].bid, gone[0].ask) == (100.1, None)
+    QualityChecker(stale_after_s=None).check(gone)
+    assert QualityFlag.MISSING_FIELDS in gone[0].quality_flags
+
+
+def test_encoder_output_decodes_to_the_same_values() -> None:
+    server = codec.FixSession("VENUE", "FEEDFLEET", acceptor=True)
+    server.logged_on = True
+    client = logged_on_client()
+    t = T0 + 123_000_000
+    server.next_out_seq = 2  # after its Logon reply
+    raw = server.snapshot(T0, "MSFT", [
+        codec.MDEntry(codec.BID, 410.11, 300, time_ns=t),
+        codec.MDEntry(codec.OFFER, 410.15, 200, time_ns=t),
+        codec.MDEntry(codec.TRADE, 410.12, 50, time_ns=t),
+    ], "MSFT:1")  # fmt: skip
+    raw += server.incremental(T0, [
+        codec.MDEntry(codec.TRADE, 410.13, 25, "MSFT", codec.NEW, t, entry_id="77"),
+    ], "MSFT:1")  # fmt: skip
+    recs = client.receive(raw, T0).records
+    assert [(r.data_type, r.bid, r.ask, r.price, r.volume, r.timestamp_ns) for r in recs] == [
+        (DataType.QUOTE, 410.11, 410.15, None, None, t),
+        (DataType.TRADE, None, None, 410.12, 50.0, t),
+        (DataType.TRADE, None, None, 410.13, 25.0, t),
+    ]
+    assert recs[2].provider_specific["MDEntryID"] == "77"
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("268=2|279=0|269=2|270=1|271=1|55=A", "NoMDEntries is 2 but 1 entries follow"),
+        ("268=1|279=0|269=2|270=1|271=1", "MD entry without Symbol (55)"),
+        ("268=x|279=0|269=2|270=1", "NoMDEntries (268) not a number"),
+        ("262=a", "X without NoMDEntries (268)"),
+        ("268=1|279=0|55=A|270=1", "MD entry without MDEntryType (269)"),
+        ("268=1|279=7|269=0|55=A|270=1", "unknown MDUpdateAction '7'"),
+    ],
+)
+def test_bad_market_data_is_a_decode_error_not_an_exception(body: str, reason: str) -> None:
+    s = logged_on_client()
+    result = s.receive(venue(2, body, "X"), T0)
+    assert reason in [e.reason for e in result.errors]
+    ok = s.receive(venue(3, "268=1|279=0|269=2|270=5|271=1|55=A", "X"), T0)
+    assert [r.price for r in ok.records] == [5.0]
+
+
+def test_unparsable_price_flags_missing_fields() -> None:
+    s = logged_on_client()
+    [rec] = s.receive(venue(2, "268=1|279=0|269=2|270=abc|271=1|55=A", "X"), T0).records
+    assert rec.price is None and rec.quality_flags == [QualityFlag.MISSING_FIELDS]
+
+
+def test_other_entry_types_and_deeper_levels_are_skipped() -> None:
+    s = logged_on_client()
+    body = "268=3|279=0|269=7|270=5|55=A|279=0|269=0|270=4|290=2|279=0|269=B|271=100"
+    result = s.receive(venue(2, body, "X"), T0)
+    assert result.records == [] and result.errors == [] and result.skipped == 3
+
+
+# ---------------------------------------------------------------- captures
+
+
+def test_decode_capture_raw_stream_with_offsets() -> None:
+    server = codec.FixSession("VENUE", "FEEDFLEET", acceptor=True)
+    a = server.incremental(T0, [codec.MDEntry(codec.TRADE, 1.5, 2, "AAA", codec.NEW)])
+    b = server.incremental(T0, [codec.MDEntry(codec.TRADE, 2.5, 3, "BBB", codec.NEW)])
+    bad = a.replace(b"1.5", b"1.6")
+    out = list(codec.decode_capture(a + bad + b))
+    assert [type(o) for o in out] == [RawMarketData, CaptureError, RawMarketData]
+    assert isinstance(out[1], CaptureError) and out[1].location == f"offset {len(a)}"
+    assert [o.price for o in out if isinstance(o, RawMarketData)] == [1.5, 2.5]
+    only_b = list(codec.decode_capture(a + b, symbol="BBB"))
+    assert [o.symbol for o in only_b if isinstance(o, RawMarketData)] == ["BBB"]
+
+
+def test_decode_capture_pipe_lines_with_log_prefix() -> None:
+    server = codec.FixSession("VENUE", "FEEDFLEET", acceptor=True)
+    a = codec.to_pipes(server.incremental(T0, [codec.MDEntry(codec.TRADE, 1.5, 2, "AAA")]))
+    data = f"20240504-17:09:52.462 : {a}\nnot fix\n{a.replace('10=', '10=9')}\n".encode()
+    out = list(codec.decode_capture(data))
+    assert isinstance(out[0], RawMarketData) and out[0].provider_sequence == 1
+    assert isinstance(out[1], CaptureError) and out[1].location == "line 2"
+    assert isinstance(out[2], CaptureError) and out[2].location == "line 3"

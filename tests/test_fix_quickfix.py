@@ -1,0 +1,280 @@
+"""FixAdapter against a real FIX engine: QuickFIX (``quickfix-ssl`` wheel) as the acceptor.
+
+QuickFIX validates everything we send against its FIX44.xml data dictionary (required tags,
+group structure, field order in groups, SendingTime accuracy, sequence numbers) and is the
+one that frames what we receive, so this checks the codec against an independent
+implementation on both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.model import ConnectionStatus, DataType, RawMarketData
+from common.provider import Instrument, ProviderConfig
+from common.quality import QualityChecker
+from workers.fix import FixAdapter
+
+fix: Any = pytest.importorskip(
+    "quickfix", reason="quickfix is not installed (pip install quickfix-ssl)"
+)
+fix44: Any = pytest.importorskip("quickfix44", reason="quickfix44 comes with quickfix-ssl")
+
+DICTIONARY = Path(sys.prefix) / "share" / "quickfix" / "FIX44.xml"
+ACCEPTOR = "QFSERVER"
+CLIENT = "FEEDFLEET"
+PASSWORD = "qf-pass"
+
+
+@dataclass
+class SeenRequest:
+    md_req_id: str
+    subscription_type: str
+    depth: int
+    entry_types: list[str]
+    symbols: list[str]
+
+
+class MarketDataApp(fix.Application):
+    """Answers each 35=V with a 35=W and five 35=X updates per symbol.
+
+    QuickFIX calls these from its own thread. ``skip_before_update`` makes QuickFIX skip an
+    outgoing MsgSeqNum before that update, so the adapter has a real gap to recover from.
+    (Refusing a Logon by raising ``quickfix.RejectLogon`` aborts the process with the
+    quickfix-ssl 1.15.1.post4 wheel, so the auth refusal is tested against the simulator.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[SeenRequest] = []
+        self.passwords: list[str] = []
+        self.rejects: list[str] = []
+        self.resend_requests: list[tuple[str, str]] = []
+        self.skip_before_update: int | None = None
+        self.lock = threading.Lock()
+
+    def onCreate(self, sessionID: Any) -> None:  # QuickFIX's callback names
+        pass
+
+    def onLogon(self, sessionID: Any) -> None:
+        pass
+
+    def onLogout(self, sessionID: Any) -> None:
+        pass
+
+    def toAdmin(self, message: Any, sessionID: Any) -> None:
+        pass
+
+    def fromAdmin(self, message: Any, sessionID: Any) -> None:
+        msg_type = message.getHeader().getField(35)
+        with self.lock:
+            if msg_type == "A":
+                self.passwords.append(message.getField(554) if message.isSetField(554) else "")
+            elif msg_type == "2":
+                self.resend_requests.append((message.getField(7), message.getField(16)))
+            elif msg_type == "3":
+                self.rejects.append(message.toString().replace("\x01", "|"))
+
+    def toApp(self, message: Any, sessionID: Any) -> None:
+        pass
+
+    def fromApp(self, message: Any, sessionID: Any) -> None:
+        if message.getHeader().getField(35) != "V":
+            return
+        entry_group = fix44.MarketDataRequest.NoMDEntryTypes()
+        entry_types = []
+        for i in range(1, int(message.getField(267)) + 1):
+            message.getGroup(i, entry_group)
+            entry_types.append(entry_group.getField(269))
+        sym_group = fix44.MarketDataRequest.NoRelatedSym()
+        symbols = []
+        for i in range(1, int(message.getField(146)) + 1):
+            message.getGroup(i, sym_group)
+            symbols.append(sym_group.getField(55))
+        req = SeenRequest(message.getField(262), message.getField(263),
+                          int(message.getField(264)), entry_types, symbols)  # fmt: skip
+        with self.lock:
+            self.requests.append(req)
+        if req.subscription_type != "1":
+            return
+        session = fix.Session.lookupSession(sessionID)
+        for sym in symbols:
+            fix.Session.sendToTarget(snapshot(req.md_req_id, sym), sessionID)
+            for i in range(5):
+                if i == self.skip_before_update:
+                    session.setNextSenderMsgSeqNum(session.getExpectedSenderNum() + 1)
+                fix.Session.sendToTarget(incremental(req.md_req_id, sym, i), sessionID)
+
+
+def snapshot(md_req_id: str, symbol: str) -> Any:
+    msg = fix44.MarketDataSnapshotFullRefresh()
+    msg.setField(fix.MDReqID(md_req_id))
+    msg.setField(fix.Symbol(symbol))
+    for entry_type, px, size in (("0", 99.5, 300), ("1", 99.7, 200), ("2", 99.6, 50)):
+        group = fix44.MarketDataSnapshotFullRefresh.NoMDEntries()
+        group.setField(fix.MDEntryType(entry_type))
+        group.setField(fix.MDEntryPx(px))
+        group.setField(fix.MDEntrySize(size))
+        msg.addGroup(group)
+    return msg
+
+
+def incremental(md_req_id: str, symbol: str, i: int) -> Any:
+    msg = fix44.MarketDataIncrementalRefresh()
+    msg.setField(fix.MDReqID(md_req_id))
+    group = fix44.MarketDataIncrementalRefresh.NoMDEntries()
+    group.setField(fix.MDUpdateAction("1" if i % 2 == 0 else "0"))
+    group.setField(fix.MDEntryType("0" if i % 2 == 0 else "2"))
+    group.setField(fix.Symbol(symbol))
+    group.setField(fix.MDEntryPx(99.5 + i / 100 if i % 2 == 0 else 99.61 + i / 100))
+    group.setField(fix.MDEntrySize(100 + i))
+    msg.addGroup(group)
+    return msg
+
+
+@dataclass
+class RunningAcceptor:
+    port: int
+    app: MarketDataApp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def acceptor(tmp_path: Path) -> AsyncIterator[RunningAcceptor]:
+    if not DICTIONARY.is_file():
+        pytest.skip(f"quickfix data dictionary {DICTIONARY} is absent")
+    port = free_port()
+    cfg = tmp_path / "acceptor.cfg"
+    cfg.write_text(
+        "[DEFAULT]\n"
+        "ConnectionType=acceptor\n"
+        f"SocketAcceptPort={port}\n"
+        "SocketAcceptHost=127.0.0.1\n"
+        f"FileStorePath={tmp_path / 'store'}\n"
+        "StartTime=00:00:00\nEndTime=00:00:00\n"
+        "ResetOnLogon=Y\nResetOnLogout=Y\nResetOnDisconnect=Y\n"
+        "UseDataDictionary=Y\n"
+        f"DataDictionary={DICTIONARY}\n"
+        "ValidateUserDefinedFields=Y\n"
+        "[SESSION]\n"
+        "BeginString=FIX.4.4\n"
+        f"SenderCompID={ACCEPTOR}\n"
+        f"TargetCompID={CLIENT}\n"
+    )
+    app = MarketDataApp()
+    settings = fix.SessionSettings(str(cfg))
+    engine = fix.SocketAcceptor(app, fix.MemoryStoreFactory(), settings, fix.ScreenLogFactory(
+        False, False, False))  # fmt: skip
+    engine.start()
+    try:
+        yield RunningAcceptor(port, app)
+    finally:
+        # QuickFIX's stop waits for logouts; keep it off the event loop.
+        await asyncio.to_thread(engine.stop, True)
+
+
+def adapter_for(port: int, monkeypatch: pytest.MonkeyPatch) -> FixAdapter:
+    monkeypatch.setenv("FEEDFLEET_QF_PASSWORD", PASSWORD)
+    return FixAdapter(ProviderConfig("p-qf", "quickfix", "fix", connection_config={
+        "host": "127.0.0.1", "port": port, "sender_comp_id": CLIENT,
+        "target_comp_id": ACCEPTOR, "heartbeat_interval": 1,
+        "password_env": "FEEDFLEET_QF_PASSWORD", "logon_timeout_s": 5,
+    }))  # fmt: skip
+
+
+async def collect(adapter: FixAdapter, count: int, timeout: float = 5.0) -> list[RawMarketData]:
+    records: list[RawMarketData] = []
+
+    async def run() -> None:
+        async for batch in adapter.stream_batches():
+            records.extend(batch)
+            if len(records) >= count:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return records
+
+
+async def test_quickfix_acceptor_serves_snapshot_and_updates(
+    acceptor: RunningAcceptor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = adapter_for(acceptor.port, monkeypatch)
+    await adapter.connect()
+    assert adapter.connection_status is ConnectionStatus.CONNECTED
+    assert acceptor.app.passwords == [PASSWORD]
+    await adapter.subscribe([Instrument("AAPL"), Instrument("MSFT")])
+    # Per symbol: W gives a QUOTE and a TRADE, then 5 X messages (3 quotes, 2 trades).
+    records = await collect(adapter, 14)
+    assert acceptor.app.rejects == []
+    assert adapter.decode_errors == 0 and adapter.session_rejects == 0
+    assert [(r.md_req_id, r.subscription_type, r.depth, r.entry_types, r.symbols)
+            for r in acceptor.app.requests] == [
+        ("AAPL:1", "1", 1, ["0", "1", "2"], ["AAPL"]),
+        ("MSFT:2", "1", 1, ["0", "1", "2"], ["MSFT"]),
+    ]  # fmt: skip
+    aapl = [r for r in records if r.symbol == "AAPL"]
+    assert [(r.data_type, r.bid, r.ask, r.price, r.volume) for r in aapl] == [
+        (DataType.QUOTE, 99.5, 99.7, None, None),
+        (DataType.TRADE, None, None, 99.6, 50.0),
+        (DataType.QUOTE, 99.5, 99.7, None, None),
+        (DataType.TRADE, None, None, 99.62, 101.0),
+        (DataType.QUOTE, 99.52, 99.7, None, None),
+        (DataType.TRADE, None, None, 99.64, 103.0),
+        (DataType.QUOTE, 99.54, 99.7, None, None),
+    ]
+    assert all(r.stream.startswith(f"{ACCEPTOR}->{CLIENT}@") for r in records)
+    now = time.time_ns()
+    assert all(abs(r.timestamp_ns - now) < 10 * 10**9 for r in records)  # from SendingTime
+    QualityChecker(stale_after_s=None).check(records)
+    assert [r.quality_flags for r in records if r.quality_flags] == []
+
+    # Unsubscribe is a 263=2 QuickFIX accepts (no session Reject), and heartbeats go both
+    # ways at HeartBtInt 1 without the adapter timing out.
+    await adapter.unsubscribe([Instrument("MSFT")])
+    with pytest.raises(TimeoutError):
+        await collect(adapter, 1, timeout=2.6)
+    assert acceptor.app.requests[-1].subscription_type == "2"
+    assert acceptor.app.requests[-1].md_req_id == "MSFT:2"
+    assert acceptor.app.rejects == [] and adapter.session_rejects == 0
+    assert adapter.connection_status is ConnectionStatus.CONNECTED
+    await adapter.disconnect()
+
+
+async def test_quickfix_fills_a_sequence_gap_after_our_resend_request(
+    acceptor: RunningAcceptor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acceptor.app.skip_before_update = 2
+    adapter = adapter_for(acceptor.port, monkeypatch)
+    await adapter.connect()
+    await adapter.subscribe([Instrument("AAPL")])
+    records = await collect(adapter, 7)
+    # We asked from the missing number on (7=5|16=0). QuickFIX answers with one
+    # SequenceReset-GapFill 34=5|36=9 over the application messages too; the session still
+    # delivers 6-8, which it had received and queued behind the hole.
+    assert acceptor.app.resend_requests == [("5", "0")]
+    assert adapter.sequence_gaps == 1 and adapter.decode_errors == 0
+    assert [r.provider_sequence for r in records] == [2, 2, 3, 4, 6, 7, 8]
+    assert [r.price or r.bid for r in records] == [99.5, 99.6, 99.5, 99.62, 99.52, 99.64, 99.54]
+    checker = QualityChecker(stale_after_s=None)
+    checker.check(records)
+    assert [r.quality_flags for r in records] == [[], [], [], [], ["gap"], [], []]
+    with pytest.raises(TimeoutError):
+        await collect(adapter, 1, timeout=1.5)  # the re-sent copies yield nothing new
+    assert acceptor.app.rejects == [] and adapter.connection_status is ConnectionStatus.CONNECTED
+    await adapter.disconnect()
