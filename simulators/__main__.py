@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SIMULATORS = ("polygon", "refinitiv", "alphavantage", "iex", "bloomberg")
+SIMULATORS = ("polygon", "refinitiv", "alphavantage", "iex", "fix", "bloomberg")
 
 
 def main() -> None:

@@ -74,7 +74,7 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
         def all_connected() -> dict[str, Any] | None:
             doc = _get_json(health_url) or {}
             providers = doc.get("providers", {})
-            wanted = ("polygon", "refinitiv", "alphavantage", "iex", "bloomberg")
+            wanted = ("polygon", "refinitiv", "alphavantage", "iex", "fix", "bloomberg")
             ok = all(providers.get(n, {}).get("status") == "CONNECTED" for n in wanted)
             return doc if ok else None
 

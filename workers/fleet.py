@@ -73,6 +73,12 @@ DEMO_PROVIDERS = [
         {"host": "127.0.0.1", "port": "{FEEDFLEET_SIM_IEX_PORT}", "heartbeat_timeout_s": 5},
         list(DEMO_SYMBOLS),
     ),
+    DemoProvider(
+        "fix", "fix",
+        {"host": "127.0.0.1", "port": "{FEEDFLEET_SIM_FIX_PORT}", "sender_comp_id": "FEEDFLEET",
+         "target_comp_id": "FIXSIM", "heartbeat_interval": 5},
+        list(DEMO_SYMBOLS),
+    ),
     # blpapi is not on PyPI: the demo runs the adapter on the stand-in library.
     DemoProvider(
         "bloomberg", "bloomberg",
@@ -86,6 +92,7 @@ SIMULATOR_PORTS = {
     "FEEDFLEET_SIM_REFINITIV_PORT": 15000,
     "FEEDFLEET_SIM_ALPHAVANTAGE_PORT": 8770,
     "FEEDFLEET_SIM_IEX_PORT": 10378,
+    "FEEDFLEET_SIM_FIX_PORT": 9878,
     "FEEDFLEET_SIM_BLOOMBERG_PORT": 8194,
 }
 
@@ -111,6 +118,14 @@ async def seed_demo(database_url: str, env: dict[str, str]) -> None:
                 conn, demo.name, demo.provider_type, config, demo.rate_limits, priority=10 * rank
             )
             await db.subscribe(conn, provider_id, demo.symbols, list(demo.data_types))
+    finally:
+        await conn.close()
+
+
+async def _apply_schema(database_url: str) -> None:
+    conn = await db.connect(database_url)
+    try:
+        await db.apply_schema(conn)
     finally:
         await conn.close()
 
@@ -158,6 +173,9 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
     )
     for name, port in SIMULATOR_PORTS.items():
         env[name] = env.get(name) or str(_port(port))
+    # Production hosts set FEEDFLEET_DEMO=false: no simulators, no demo rows.
+    demo = env.get("FEEDFLEET_DEMO", "true").lower() not in ("0", "false", "no")
+    env["FEEDFLEET_DEMO"] = str(demo).lower()
     # Demo keys for the simulators; a real deployment sets its own.
     env.setdefault("POLYGON_API_KEY", "demo-polygon-key")
     env.setdefault("ALPHAVANTAGE_API_KEY", "demo-alphavantage-key")
@@ -168,7 +186,10 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
     var = (var or ROOT / "var").resolve()
     env, postgres = fleet_environment(var)
     try:
-        asyncio.run(seed_demo(env["FEEDFLEET_DATABASE_URL"], env))
+        if env["FEEDFLEET_DEMO"] == "true":
+            asyncio.run(seed_demo(env["FEEDFLEET_DATABASE_URL"], env))
+        else:
+            asyncio.run(_apply_schema(env["FEEDFLEET_DATABASE_URL"]))
         print(
             f"feedfleet: api on http://{env.get('FEEDFLEET_API_HOST', '127.0.0.1')}:"
             f"{env.get('FEEDFLEET_API_PORT', '8080')}/ ; Ctrl-C stops the fleet",
