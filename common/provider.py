@@ -124,6 +124,13 @@ class ProviderAdapter(abc.ABC):
             for record in batch:
                 yield record
 
+    def requests_sent(self) -> int:
+        """Requests made to a request-based provider so far (0 for streaming ones).
+
+        The worker mirrors the per-minute count to Redis ``ratelimit:{provider}:{minute}``.
+        """
+        return 0
+
     def status(self) -> ProviderStatus:
         return ProviderStatus(
             provider_id=self.config.id,

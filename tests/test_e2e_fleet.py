@@ -80,6 +80,17 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
 
         _wait(all_connected, 60, "every demo provider CONNECTED", proc)
 
+        def every_provider_reached_every_sink() -> bool:
+            doc = _get_json(f"http://127.0.0.1:{api_port}/metrics") or {}
+            providers = doc.get("providers", {})
+            return len(providers) == 6 and all(
+                (m or {}).get(k, 0) > 0
+                for m in providers.values()
+                for k in ("received", "published", "stored", "cached")
+            )
+
+        _wait(every_provider_reached_every_sink, 60, "events from each provider in all sinks", proc)
+
         out = subprocess.run([*ctl, "stop", "worker:polygon"], capture_output=True, timeout=60)
         assert b"stopped" in out.stdout, out
         stopped_at = time.monotonic()

@@ -105,6 +105,9 @@ class AlphaVantageAdapter(ProviderAdapter):
         self.rate_limited = 0
         self.timeouts = 0
 
+    def requests_sent(self) -> int:
+        return self._limiter.requests if self._limiter is not None else 0
+
     # ------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:

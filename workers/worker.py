@@ -38,7 +38,14 @@ from common.provider import (
     ProviderRateLimited,
 )
 from common.quality import QualityChecker
-from common.redis_keys import CIRCUIT_TTL_S, STATUS_TTL_S, circuit_key, provider_status_key
+from common.redis_keys import (
+    CIRCUIT_TTL_S,
+    RATELIMIT_TTL_S,
+    STATUS_TTL_S,
+    circuit_key,
+    provider_status_key,
+    ratelimit_key,
+)
 from common.retry import Backoff
 from common.sinks.postgres import PostgresSink
 from common.sinks.pulsar import PulsarSink
@@ -71,6 +78,7 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._last_rate: tuple[float, int] = (time.monotonic(), 0)
         self.throughput = 0.0
+        self._requests_reported = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -200,6 +208,7 @@ class Worker:
                     previous = self.adapter.subscribed if self.adapter else {}
                     self.adapter = self._new_adapter(provider)
                     self.adapter.subscribed.update(previous)
+                    self._requests_reported = 0
                 adapter = self.adapter
                 self._set_status(ConnectionStatus.CONNECTING, None)
                 await adapter.connect()
@@ -346,7 +355,13 @@ class Worker:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(provider_status_key(self.provider.id), payload, ex=STATUS_TTL_S)
             pipe.set(circuit_key(self.provider.name), self.circuit.state.value, ex=CIRCUIT_TTL_S)
+            sent = self.adapter.requests_sent() if self.adapter is not None else 0
+            if sent > self._requests_reported:
+                key = ratelimit_key(self.provider.name, int(time.time() // 60))
+                pipe.incrby(key, sent - self._requests_reported)
+                pipe.expire(key, RATELIMIT_TTL_S)
             await pipe.execute()
+            self._requests_reported = max(sent, self._requests_reported)
 
     async def _record_status(self) -> None:
         """A ``provider_connections`` row whenever the status (or its error) changes."""
