@@ -35,7 +35,14 @@ from datetime import time as dtime
 from aiohttp import web
 
 from common.codecs import alphavantage as codec
-from simulators.market import Faults, PriceWalk, symbol_universe
+from simulators.market import (
+    Faults,
+    PriceWalk,
+    run_simulator,
+    serve_until_stopped,
+    simulator_arg_parser,
+    symbols_from_args,
+)
 
 
 @dataclass
@@ -223,15 +230,10 @@ class AlphaVantageSimulator:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="simulators alphavantage",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8770)
-    p.add_argument("--symbols", default="", help="comma-separated tickers (default: generated)")
-    p.add_argument("--num-symbols", type=int, default=20)
+    p = simulator_arg_parser(
+        "alphavantage", __doc__, port=8770, num_symbols=20,
+        faults_help="e.g. rate_limit,malformed_every=7",
+    )  # fmt: skip
     p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
     p.add_argument(
         "--bar-seconds", type=float, default=None,
@@ -242,12 +244,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit-requests", type=int, default=5)
     p.add_argument("--rate-limit-window-s", type=float, default=60.0)
     p.add_argument("--rate-limit-kind", choices=("second", "minute", "day"), default="minute")
-    p.add_argument("--faults", default="", help="e.g. rate_limit,malformed_every=7")
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
-    symbols = [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
     start = (
         datetime.strptime(args.session_start, codec.LOCAL_TIME_FORMAT)
         if args.session_start
@@ -255,21 +255,17 @@ async def serve(args: argparse.Namespace) -> None:
     )
     sim = AlphaVantageSimulator(
         AlphaVantageSimConfig(
-            symbols=symbols, api_key=args.api_key, faults=Faults.parse(args.faults),
-            bar_seconds=args.bar_seconds, session_start=start, history_bars=args.history_bars,
+            symbols=symbols_from_args(args), api_key=args.api_key,
+            faults=Faults.parse(args.faults), bar_seconds=args.bar_seconds,
+            session_start=start, history_bars=args.history_bars,
             rate_limit_requests=args.rate_limit_requests,
             rate_limit_window_s=args.rate_limit_window_s, rate_limit_kind=args.rate_limit_kind,
         )
     )  # fmt: skip
-    port = await sim.start(args.host, args.port)
-    print(f"alphavantage simulator on http://{args.host}:{port}/query", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
+    await serve_until_stopped(
+        sim, args.host, args.port, "alphavantage simulator on http://{host}:{port}/query"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
-    uvloop.run(serve(build_arg_parser().parse_args(argv)))
+    run_simulator(serve, build_arg_parser(), argv)

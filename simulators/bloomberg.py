@@ -36,7 +36,15 @@ from typing import Any
 
 from common.codecs import bloomberg as codec
 from common.codecs.base import CodecError, DecodeError
-from simulators.market import Faults, Pacer, PriceWalk, symbol_universe
+from simulators.market import (
+    Faults,
+    Pacer,
+    PriceWalk,
+    run_simulator,
+    serve_until_stopped,
+    simulator_arg_parser,
+    symbols_from_args,
+)
 
 # ====================================================================== the library half
 
@@ -1047,37 +1055,28 @@ class BloombergSimulator:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simulators bloomberg", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8194)
-    p.add_argument("--symbols", default="", help="comma-separated tickers (default: generated)")
-    p.add_argument("--num-symbols", type=int, default=500)
-    p.add_argument("--rate", type=float, default=1000.0, help="data messages/s per connection")
-    p.add_argument("--batch", type=int, default=10, help="messages per SUBSCRIPTION_DATA event")
+    p = simulator_arg_parser(
+        "bloomberg", __doc__, port=8194, num_symbols=500, rate=1000.0,
+        rate_help="data messages/s per connection", batch=10,
+        batch_help="messages per SUBSCRIPTION_DATA event",
+    )  # fmt: skip
     p.add_argument("--app-name", default=None, help="the only application name accepted")
     p.add_argument("--topic-suffix", default=codec.DEFAULT_TOPIC_SUFFIX)
-    p.add_argument("--faults", default="", help="e.g. refuse_auth,drop_after=1000")
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
-    symbols = [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
     sim = BloombergSimulator(
         BloombergSimConfig(
-            symbols=symbols, rate=args.rate, batch=args.batch, app_name=args.app_name,
-            topic_suffix=args.topic_suffix, faults=Faults.parse(args.faults),
+            symbols=symbols_from_args(args), rate=args.rate, batch=args.batch,
+            app_name=args.app_name, topic_suffix=args.topic_suffix,
+            faults=Faults.parse(args.faults),
         )
     )  # fmt: skip
-    port = await sim.start(args.host, args.port)
-    print(f"bloomberg stand-in server on {args.host}:{port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
+    await serve_until_stopped(
+        sim, args.host, args.port, "bloomberg stand-in server on {host}:{port}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
-    uvloop.run(serve(build_arg_parser().parse_args(argv)))
+    run_simulator(serve, build_arg_parser(), argv)

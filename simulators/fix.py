@@ -24,7 +24,15 @@ import time
 from dataclasses import dataclass, field
 
 from common.codecs import fix as codec
-from simulators.market import Faults, Pacer, PriceWalk, symbol_universe
+from simulators.market import (
+    Faults,
+    Pacer,
+    PriceWalk,
+    run_simulator,
+    serve_until_stopped,
+    simulator_arg_parser,
+    symbols_from_args,
+)
 
 # A frame whose body is fine but whose CheckSum is wrong: what line noise looks like.
 MALFORMED_FRAME = b"8=FIX.4.4\x019=5\x0135=X\x0110=000\x01"
@@ -235,36 +243,26 @@ class FixSimulator:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simulators fix", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9878)
-    p.add_argument("--symbols", default="", help="comma-separated tickers (default: generated)")
-    p.add_argument("--num-symbols", type=int, default=500)
-    p.add_argument("--rate", type=float, default=200.0, help="update messages/s per connection")
-    p.add_argument("--batch", type=int, default=1, help="symbols per IncrementalRefresh")
+    p = simulator_arg_parser(
+        "fix", __doc__, port=9878, num_symbols=500, rate=200.0,
+        rate_help="update messages/s per connection", batch=1,
+        batch_help="symbols per IncrementalRefresh",
+    )  # fmt: skip
     p.add_argument("--comp-id", default="FIXSIM", help="our SenderCompID")
     p.add_argument("--password", default=None, help="the only Password accepted (default: any)")
-    p.add_argument("--faults", default="", help="e.g. refuse_auth,drop_after=1000")
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
-    symbols = [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
     sim = FixSimulator(
         FixSimConfig(
-            symbols=symbols, rate=args.rate, batch=args.batch, comp_id=args.comp_id,
-            password=args.password, faults=Faults.parse(args.faults),
+            symbols=symbols_from_args(args), rate=args.rate, batch=args.batch,
+            comp_id=args.comp_id, password=args.password, faults=Faults.parse(args.faults),
         )
     )  # fmt: skip
-    port = await sim.start(args.host, args.port)
-    print(f"fix simulator (FIX.4.4 acceptor {args.comp_id}) on {args.host}:{port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
+    banner = f"fix simulator (FIX.4.4 acceptor {args.comp_id}) on {{host}}:{{port}}"
+    await serve_until_stopped(sim, args.host, args.port, banner)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
-    uvloop.run(serve(build_arg_parser().parse_args(argv)))
+    run_simulator(serve, build_arg_parser(), argv)

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,15 @@ from typing import BinaryIO
 
 from common.codecs import iex as codec
 from common.codecs import pcap
-from simulators.market import Faults, Pacer, PriceWalk, symbol_universe
+from simulators.market import (
+    Faults,
+    Pacer,
+    PriceWalk,
+    run_simulator,
+    serve_until_stopped,
+    simulator_arg_parser,
+    symbols_from_args,
+)
 
 # 30 Quote Updates (44 bytes each with the block length) keep a segment inside a 1500-byte frame.
 MAX_BATCH = 30
@@ -284,32 +291,28 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simulators iex", description=__doc__)
-    p.add_argument("--host", default="0.0.0.0", help="local address to send from")
-    p.add_argument("--port", type=int, default=0, help="local port to send from (0: any)")
+    p = simulator_arg_parser(
+        "iex", __doc__, port=0, num_symbols=100, rate=1000.0, rate_help="data messages/s (0: idle)",
+        batch=10, batch_help=f"messages per segment (max {MAX_BATCH})", host="0.0.0.0",
+        faults_help="e.g. drop_after=1000,skip_seq_every=500",
+    )  # fmt: skip
     p.add_argument(
         "--dest", default="127.0.0.1:10378", help="HOST:PORT to send to, unicast or multicast"
     )
     p.add_argument("--multicast-interface", default=None, help="local address for multicast")
     p.add_argument("--multicast-ttl", type=int, default=1)
-    p.add_argument("--symbols", default="", help="comma-separated tickers (default: generated)")
-    p.add_argument("--num-symbols", type=int, default=100)
-    p.add_argument("--rate", type=float, default=1000.0, help="data messages/s (0: idle)")
-    p.add_argument("--batch", type=int, default=10, help=f"messages per segment (max {MAX_BATCH})")
     p.add_argument("--channel", type=int, default=1)
     p.add_argument("--session", type=int, default=None)
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     p.add_argument("--session-pause-s", type=float, default=1.0)
     p.add_argument("--pcap", default=None, help="also write what is sent to this pcap file")
-    p.add_argument("--faults", default="", help="e.g. drop_after=1000,skip_seq_every=500")
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
-    symbols = [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
     sim = IexSimulator(
         IexSimConfig(
-            symbols=symbols,
+            symbols=symbols_from_args(args),
             destination=_host_port(args.dest),
             rate=args.rate,
             batch=args.batch,
@@ -323,21 +326,9 @@ async def serve(args: argparse.Namespace) -> None:
             faults=Faults.parse(args.faults),
         )
     )
-    port = await sim.start(args.host, args.port)
-    dest = f"{sim.destination[0]}:{sim.destination[1]}"
-    print(f"iex simulator sending TOPS 1.6 to udp://{dest} from port {port}", flush=True)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # Stop cleanly on SIGTERM too, so the pcap file ends on a whole record.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
-    try:
-        await done.wait()
-    finally:
-        await sim.stop()
+    banner = f"iex simulator sending TOPS 1.6 to udp://{args.dest} from port {{port}}"
+    await serve_until_stopped(sim, args.host, args.port, banner)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
-    uvloop.run(serve(build_arg_parser().parse_args(argv)))
+    run_simulator(serve, build_arg_parser(), argv)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
+import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+from aiohttp import web
 
 DEMO_SYMBOLS = [
     "AAPL",
@@ -131,3 +137,71 @@ class Pacer:
             self._sent = 0
         else:
             await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------- running a simulator
+
+
+class Simulator(Protocol):
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
+def simulator_arg_parser(
+    name: str, description: str | None, *, port: int, num_symbols: int,
+    rate: float | None = None, rate_help: str = "events/s per connection",
+    batch: int | None = None, batch_help: str = "events per frame", host: str = "127.0.0.1",
+    faults_help: str = "e.g. refuse_auth,drop_after=1000",
+) -> argparse.ArgumentParser:  # fmt: skip
+    """The options every simulator takes; each adds its own after."""
+    p = argparse.ArgumentParser(
+        prog=f"simulators {name}", description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--host", default=host)
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--symbols", default="", help="comma-separated symbols (default: generated)")
+    p.add_argument("--num-symbols", type=int, default=num_symbols)
+    if rate is not None:
+        p.add_argument("--rate", type=float, default=rate, help=rate_help)
+    if batch is not None:
+        p.add_argument("--batch", type=int, default=batch, help=batch_help)
+    p.add_argument("--faults", default="", help=faults_help)
+    return p
+
+
+def symbols_from_args(args: argparse.Namespace) -> list[str]:
+    return [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
+
+
+async def serve_until_stopped(sim: Simulator, host: str, port: int, banner: str) -> None:
+    """Start, print ``banner`` (``{host}``/``{port}`` filled in), run until SIGINT/SIGTERM.
+
+    Stopping on SIGTERM too lets supervisord stop a simulator cleanly (a pcap being
+    written ends on a whole record).
+    """
+    bound = await sim.start(host, port)
+    print(banner.format(host=host, port=bound), flush=True)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await done.wait()
+    finally:
+        await sim.stop()
+
+
+def run_simulator(serve: Callable[[argparse.Namespace], Awaitable[None]],
+                  parser: argparse.ArgumentParser, argv: list[str] | None) -> None:  # fmt: skip
+    import uvloop
+
+    uvloop.run(serve(parser.parse_args(argv)))  # type: ignore[arg-type]
+
+
+def abort_websocket(ws: web.WebSocketResponse) -> None:
+    """Drop the TCP connection without a close frame, as a network failure would."""
+    request = ws._req  # aiohttp has no public way to abort
+    if request is not None and request.transport is not None:
+        request.transport.abort()

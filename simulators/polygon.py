@@ -17,7 +17,16 @@ import aiohttp
 from aiohttp import web
 
 from common.codecs import polygon as codec
-from simulators.market import Faults, Pacer, PriceWalk, symbol_universe
+from simulators.market import (
+    Faults,
+    Pacer,
+    PriceWalk,
+    abort_websocket,
+    run_simulator,
+    serve_until_stopped,
+    simulator_arg_parser,
+    symbols_from_args,
+)
 
 
 @dataclass
@@ -81,7 +90,7 @@ class PolygonSimulator:
     async def drop_all(self) -> None:
         """Close every client connection abruptly (a test's network failure)."""
         for conn in list(self.connections):
-            _abort(conn.ws)
+            abort_websocket(conn.ws)
 
     async def _handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=False, max_msg_size=4 * 1024 * 1024)
@@ -206,7 +215,7 @@ class PolygonSimulator:
             conn.sent += len(events)
             self.events_sent += len(events)
             if faults.drop_after and conn.sent >= faults.drop_after:
-                _abort(conn.ws)
+                abort_websocket(conn.ws)
                 return
             await pacer.wait_for(len(events))
 
@@ -220,44 +229,25 @@ class PolygonSimulator:
         return bars
 
 
-def _abort(ws: web.WebSocketResponse) -> None:
-    """Drop the TCP connection without a close frame, as a network failure would."""
-    request = ws._req
-    if request is not None and request.transport is not None:
-        request.transport.abort()
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simulators polygon", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--symbols", default="", help="comma-separated tickers (default: generated)")
-    p.add_argument("--num-symbols", type=int, default=500)
-    p.add_argument("--rate", type=float, default=1000.0, help="events/s per connection")
-    p.add_argument("--batch", type=int, default=10, help="events per frame")
+    p = simulator_arg_parser("polygon", __doc__, port=8765, num_symbols=500, rate=1000.0, batch=10)
     p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
-    p.add_argument("--faults", default="", help="e.g. refuse_auth,drop_after=1000")
-    p.add_argument("--stamp-send-ns", action="store_true")
+    p.add_argument("--stamp-send-ns", action="store_true", help="add each event's send time")
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
-    symbols = [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
     sim = PolygonSimulator(
         PolygonSimConfig(
-            symbols=symbols, rate=args.rate, batch=args.batch, api_key=args.api_key,
-            faults=Faults.parse(args.faults), stamp_send_ns=args.stamp_send_ns,
+            symbols=symbols_from_args(args), rate=args.rate, batch=args.batch,
+            api_key=args.api_key, faults=Faults.parse(args.faults),
+            stamp_send_ns=args.stamp_send_ns,
         )
     )  # fmt: skip
-    port = await sim.start(args.host, args.port)
-    print(f"polygon simulator on ws://{args.host}:{port}/stocks", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
+    await serve_until_stopped(
+        sim, args.host, args.port, "polygon simulator on ws://{host}:{port}/stocks"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
-    uvloop.run(serve(build_arg_parser().parse_args(argv)))
+    run_simulator(serve, build_arg_parser(), argv)

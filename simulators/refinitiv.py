@@ -27,7 +27,16 @@ import aiohttp
 from aiohttp import web
 
 from common.codecs import refinitiv as codec
-from simulators.market import Faults, Pacer, PriceWalk, symbol_universe
+from simulators.market import (
+    Faults,
+    Pacer,
+    PriceWalk,
+    abort_websocket,
+    run_simulator,
+    serve_until_stopped,
+    simulator_arg_parser,
+    symbol_universe,
+)
 
 # The real capture's SeqNumber steps by 16 between consecutive updates of one item.
 SEQ_STEP = 16
@@ -106,7 +115,7 @@ class RefinitivSimulator:
     async def drop_all(self) -> None:
         """Close every client connection abruptly (a test's network failure)."""
         for conn in list(self.connections):
-            _abort(conn.ws)
+            abort_websocket(conn.ws)
 
     def open_items(self) -> list[str]:
         """Names streaming on every live connection (tests check re-subscription with it)."""
@@ -315,7 +324,7 @@ class RefinitivSimulator:
             conn.sent += len(messages)
             self.events_sent += len(messages)
             if faults.drop_after and conn.sent >= faults.drop_after:
-                _abort(conn.ws)
+                abort_websocket(conn.ws)
                 return
             await pacer.wait_for(len(messages))
 
@@ -346,26 +355,15 @@ def _time_fields(now: datetime) -> tuple[str, int]:
     return now.strftime("%H:%M:%S"), ms
 
 
-def _abort(ws: web.WebSocketResponse) -> None:
-    """Drop the TCP connection without a close frame, as a network failure would."""
-    request = ws._req
-    if request is not None and request.transport is not None:
-        request.transport.abort()
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simulators refinitiv", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=15000)
-    p.add_argument("--symbols", default="", help="comma-separated RICs (default: generated)")
-    p.add_argument("--num-symbols", type=int, default=500)
-    p.add_argument("--rate", type=float, default=1000.0, help="update messages/s per connection")
-    p.add_argument("--batch", type=int, default=10, help="messages per frame")
+    p = simulator_arg_parser(
+        "refinitiv", __doc__, port=15000, num_symbols=500, rate=1000.0,
+        rate_help="update messages/s per connection", batch=10, batch_help="messages per frame",
+    )  # fmt: skip
     p.add_argument("--user", default=None, help="the only user accepted (default: any)")
     p.add_argument("--token", default=None, help="the only AuthnToken accepted (default: any)")
     p.add_argument("--ping-interval", type=float, default=10.0)
     p.add_argument("--ping-timeout", type=float, default=30.0)
-    p.add_argument("--faults", default="", help="e.g. refuse_auth,drop_after=1000")
     return p
 
 
@@ -380,15 +378,10 @@ async def serve(args: argparse.Namespace) -> None:
             ping_interval_s=args.ping_interval, ping_timeout_s=args.ping_timeout,
         )
     )  # fmt: skip
-    port = await sim.start(args.host, args.port)
-    print(f"refinitiv simulator on ws://{args.host}:{port}/WebSocket", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await sim.stop()
+    await serve_until_stopped(
+        sim, args.host, args.port, "refinitiv simulator on ws://{host}:{port}/WebSocket"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvloop
-
-    uvloop.run(serve(build_arg_parser().parse_args(argv)))
+    run_simulator(serve, build_arg_parser(), argv)
