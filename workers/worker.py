@@ -99,7 +99,7 @@ class Worker:
             self.settings.pulsar_url,
             self.settings.pulsar_topic,
             Spool(spool_dir / "pulsar.spool"),
-            send_timeout_ms=self.settings.pulsar_send_timeout_ms,
+            stall_timeout_s=self.settings.pulsar_send_timeout_ms / 1000,
         )
         store = PostgresSink(self.settings.database_url, Spool(spool_dir / "postgres.spool"))
         cache = LatestCache(self._redis)
