@@ -67,16 +67,6 @@ def event_id_for(
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _copy_text(value: float | int | str | None) -> bytes:
-    return b"\\N" if value is None else str(value).encode()
-
-
-def _copy_json(value: bytes) -> bytes:
-    # COPY text format: backslash is the escape character. orjson never emits raw tabs
-    # or newlines (they are escaped inside strings), so only backslashes need doubling.
-    return value.replace(b"\\", b"\\\\")
-
-
 def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
     """Turn one batch of checked records into events. ``publish_ns`` is read once per batch."""
     publish_iso = iso_ns(publish_ns)
@@ -85,17 +75,24 @@ def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
     dumps = orjson.dumps
     prev_key: tuple[str, int | None] | None = None
     ordinal = 0
+    # Records of one read share a receive time and mostly a provider time: format each once.
+    last_ts, last_ts_iso = -1, ""
+    last_recv, last_recv_iso = -1, ""
     for r in records:
         # Several records from one provider message share its sequence number (a FIX
         # refresh with many entries): the ordinal keeps their ids distinct and stable.
         key = (r.stream, r.provider_sequence)
         ordinal = ordinal + 1 if key == prev_key else 0
         prev_key = key
-        dt = r.data_type.value
+        dt = r.data_type  # a StrEnum: formats and serializes as its value
         event_id = event_id_for(
             r.provider, r.stream, r.provider_sequence, r.timestamp_ns, dt, ordinal
         )
-        provider_time = iso_ns(r.timestamp_ns)
+        if r.timestamp_ns != last_ts:
+            last_ts, last_ts_iso = r.timestamp_ns, iso_ns(r.timestamp_ns)
+        if r.receive_ns != last_recv:
+            last_recv, last_recv_iso = r.receive_ns, iso_ns(r.receive_ns)
+        provider_time = last_ts_iso
         specific = dumps(r.provider_specific)
         flags = r.quality_flags
         payload = dumps(
@@ -122,7 +119,7 @@ def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
         )
         row = copy_row(
             event_id, r.symbol, r.provider, provider_time, dt, r.price, r.volume, r.bid,
-            r.ask, specific, r.provider_sequence, flags, r.receive_ns,
+            r.ask, specific, r.provider_sequence, flags, last_recv_iso,
         )  # fmt: skip
         origin = r.provider_specific.get("ffsend") or r.timestamp_ns
         append(Event(event_id, r.symbol, payload, row, r.receive_ns, origin))
@@ -138,38 +135,37 @@ COPY_COLUMNS = (
 def copy_row(
     event_id: str, symbol: str, provider: str, provider_time: str, data_type: str,
     price: float | None, volume: float | None, bid: float | None, ask: float | None,
-    specific_json: bytes, sequence: int | None, flags: list[str], receive_ns: int,
+    specific_json: bytes, sequence: int | None, flags: list[str], receive_time: str,
 ) -> bytes:  # fmt: skip
-    """One line of COPY text for ``raw_market_data`` (columns in ``COPY_COLUMNS`` order)."""
+    """One line of COPY text for ``raw_market_data`` (columns in ``COPY_COLUMNS`` order).
+
+    Built as one string and encoded once: this runs for every event.
+    """
+    specific = specific_json.decode()
+    if "\\" in specific:
+        # COPY text format: backslash is the escape character. orjson never emits raw
+        # tabs or newlines (they are escaped inside strings), so only backslashes double.
+        specific = specific.replace("\\", "\\\\")
     return (
-        b"\t".join(
-            (
-                event_id.encode(),
-                _escape(symbol),
-                _escape(provider),
-                provider_time.encode(),
-                data_type.encode(),
-                _copy_text(price),
-                _copy_text(volume),
-                _copy_text(bid),
-                _copy_text(ask),
-                _copy_json(specific_json),
-                _copy_text(sequence),
-                ("{" + ",".join(flags) + "}").encode(),
-                iso_ns(receive_ns).encode(),
-            )
-        )
-        + b"\n"
-    )
+        f"{event_id}\t{_escape(symbol)}\t{_escape(provider)}\t{provider_time}\t{data_type}\t"
+        f"{_NULL if price is None else price}\t{_NULL if volume is None else volume}\t"
+        f"{_NULL if bid is None else bid}\t{_NULL if ask is None else ask}\t{specific}\t"
+        f"{_NULL if sequence is None else sequence}\t{{{','.join(flags)}}}\t{receive_time}\n"
+    ).encode()
 
 
-def _escape(text: str) -> bytes:
+_NULL = "\\N"
+
+
+@functools.lru_cache(maxsize=65536)
+def _escape(text: str) -> str:
+    """A symbol or provider name as COPY text (cached: the same few hundred recur)."""
     if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
         text = (
             text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
             .replace("\r", "\\r")
         )  # fmt: skip
-    return text.encode()
+    return text
 
 
 def event_from_payload(payload: bytes, receive_ns: int) -> Event:
@@ -181,7 +177,7 @@ def event_from_payload(payload: bytes, receive_ns: int) -> Event:
         doc["event_id"], raw["symbol"], doc["provider"], raw["timestamp"], raw["data_type"],
         raw["price"], raw["volume"], raw["bid"], raw["ask"],
         orjson.dumps(raw["provider_specific"]), meta["provider_sequence"],
-        meta["quality_flags"], receive_ns,
+        meta["quality_flags"], iso_ns(receive_ns),
     )  # fmt: skip
     origin = raw["provider_specific"].get("ffsend") or _iso_to_ns(raw["timestamp"])
     return Event(doc["event_id"], raw["symbol"], payload, row, receive_ns, origin)

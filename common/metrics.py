@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
@@ -38,6 +39,13 @@ class LatencyWindow:
 
     def record_us(self, value_us: int) -> None:
         self.histogram.record_value(max(1, min(value_us, 600_000_000)))
+
+    def record_many_us(self, values_us: list[int]) -> None:
+        """Record a batch. Events of one read share most of their times, so equal values
+        are recorded once with a count (``record_value`` costs about a microsecond)."""
+        record = self.histogram.record_value
+        for value, count in Counter(values_us).items():
+            record(max(1, min(value, 600_000_000)), count)
 
     def percentiles_ms(self) -> dict[str, float | None]:
         h = self.histogram

@@ -150,11 +150,9 @@ class PulsarSink(DurableSink):
             self._failed(receipt.events, receipt.error)
             return
         now_ns = time.time_ns()
-        record = self.latency.record_us
-        record_origin = self.provider_latency.record_us
-        for e in receipt.events:
-            record((now_ns - e.receive_ns) // 1000)
-            record_origin((now_ns - e.origin_ns) // 1000)
+        events = receipt.events
+        self.latency.record_many_us([(now_ns - e.receive_ns) // 1000 for e in events])
+        self.provider_latency.record_many_us([(now_ns - e.origin_ns) // 1000 for e in events])
         self._acked(receipt.events)
 
     def _check_stalled(self) -> None:

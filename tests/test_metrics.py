@@ -1,0 +1,26 @@
+"""Latency histograms: batch recording equals recording one by one."""
+
+from __future__ import annotations
+
+import random
+
+from common.metrics import LatencyWindow
+
+
+def test_record_many_matches_record_one_by_one() -> None:
+    rng = random.Random(3)
+    values = [rng.choice([0, 5, 5, 5, 120, 9_999, 10**10]) for _ in range(2000)]
+    one, many = LatencyWindow(), LatencyWindow()
+    for v in values:
+        one.record_us(v)
+    many.record_many_us(values)
+    assert one.histogram.get_total_count() == many.histogram.get_total_count() == 2000
+    for pct in (1, 50, 90, 99, 99.9, 100):
+        assert one.histogram.get_value_at_percentile(pct) == many.histogram.get_value_at_percentile(
+            pct
+        )
+    max_ms = many.percentiles_ms()["max"]
+    assert max_ms is not None and 600_000 <= max_ms < 601_000  # clamped to 10 min
+    decoded = LatencyWindow()
+    decoded.histogram.decode_and_add(many.encoded())
+    assert decoded.histogram.get_total_count() == 2000
