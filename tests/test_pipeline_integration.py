@@ -43,6 +43,7 @@ class Fleet:
     worker: Worker
     collector: PulsarCollector
     symbols: list[str]
+    worker_task: asyncio.Task[None]
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ async def fleet(services: Services, conn: db.Conn) -> AsyncIterator[Fleet]:
         asyncio.create_task(worker.run(handle_signals=False)),
     ]
     try:
-        yield Fleet(settings, sim, name, provider_id, worker, collector, symbols)
+        yield Fleet(settings, sim, name, provider_id, worker, collector, symbols, tasks[1])
     finally:
         worker.stop()
         coordinator.stop()
@@ -145,6 +146,32 @@ async def test_status_and_connection_rows(
     assert 0 < await redis_client.ttl(f"provider:{fleet.provider_id}:status") <= 30
     row = await db.latest_connection(conn, fleet.provider_id)
     assert row is not None and row[0] == "CONNECTED"
+
+
+async def test_stopping_writes_metrics_and_a_disconnected_status(
+    fleet: Fleet, conn: db.Conn, redis_client: aioredis.Redis
+) -> None:
+    await until(
+        lambda: fleet.worker.pipeline is not None and fleet.worker.pipeline.received > 500,
+        20, "data",
+    )  # fmt: skip
+    fleet.worker.stop()
+    await asyncio.wait_for(fleet.worker_task, 30)
+    received = pipeline_received(fleet.worker)
+    cur = await conn.execute(
+        "SELECT messages_received, messages_published, messages_stored FROM ingestion_metrics "
+        "WHERE provider_id = %s ORDER BY id DESC LIMIT 1",
+        (fleet.provider_id,),
+    )
+    assert await cur.fetchone() == (received, received, received)
+    row = await db.latest_connection(conn, fleet.provider_id)
+    assert row is not None and row[0] == "DISCONNECTED"
+    status = orjson.loads(await redis_client.get(f"provider:{fleet.provider_id}:status") or b"{}")
+    assert status["status"] == "DISCONNECTED"
+    cur = await conn.execute(
+        "SELECT count(*) FROM worker_instances WHERE instance_id = %s", (fleet.worker.instance_id,)
+    )
+    assert await cur.fetchone() == (0,)  # deregistered, so its symbols move at once
 
 
 async def test_subscription_changes_reach_the_worker_within_2s(fleet: Fleet, conn: db.Conn) -> None:
