@@ -218,6 +218,9 @@ class Worker:
                 self._reconnect.clear()
                 async for batch in adapter.stream_batches():
                     pipeline.process(batch)
+                    # A socket with data buffered returns reads without yielding; let the
+                    # sinks, status and assignment tasks run between reads.
+                    await asyncio.sleep(0)
                     if adapter.connection_status is not self.status:
                         self._set_status(adapter.connection_status, adapter.last_error)
                     if self._reconnect.is_set():

@@ -37,6 +37,8 @@ class PostgresSink(DurableSink):
         self._buffer: list[Event] = []
         self._conn: psycopg.AsyncConnection | None = None
         self._flush_now = asyncio.Event()
+        # The flusher and the replay loop share one connection: one COPY at a time.
+        self._copy_lock = asyncio.Lock()
 
     def _send(self, events: list[Event]) -> None:
         self._buffer.extend(events)
@@ -52,15 +54,18 @@ class PostgresSink(DurableSink):
 
     async def deliver(self, events: list[Event]) -> None:
         data = b"".join(e.copy_row for e in events)
-        conn = await self._connection()
-        try:
-            async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY) as copy:
-                await copy.write(data)
-        except psycopg.errors.UniqueViolation:
-            await self._insert_skipping_duplicates(conn, data)
-        except psycopg.OperationalError:
-            await self._drop_connection()
-            raise
+        async with self._copy_lock:
+            conn = await self._connection()
+            try:
+                try:
+                    async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY) as copy:
+                        await copy.write(data)
+                except psycopg.errors.UniqueViolation:
+                    await self._insert_skipping_duplicates(conn, data)
+            except BaseException:
+                # Whatever failed, the connection's state is unknown: never reuse it.
+                await self._drop_connection()
+                raise
 
     async def _insert_skipping_duplicates(self, conn: psycopg.AsyncConnection, data: bytes) -> None:
         async with conn.transaction(), conn.cursor() as cur:

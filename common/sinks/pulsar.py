@@ -24,7 +24,6 @@ broker took just before it stalled may still arrive twice; consumers de-duplicat
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,12 +91,12 @@ class PulsarSink(DurableSink):
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        pulsar_log = logging.getLogger("pulsar")
-        pulsar_log.setLevel(logging.WARNING)
         if self._client is None:
+            # The client's own console logger: a Python logger makes its threads take the
+            # GIL for every line and was seen to abort the process at exit.
             self._client = pulsar.Client(
                 self.url, operation_timeout_seconds=10, connection_timeout_ms=5000,
-                io_threads=1, logger=pulsar_log,
+                io_threads=1, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
             )  # fmt: skip
         client = self._client
         self._producer = await loop.run_in_executor(
