@@ -1,0 +1,80 @@
+"""`feedfleet bench --quick` end to end with tiny windows, so the benchmark never rots.
+
+Only the shape and the consistency of the report are checked, never a timing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ordered(figures: dict[str, Any]) -> None:
+    values = [figures[k] for k in ("p50", "p99", "p999", "max")]
+    assert all(isinstance(v, float) and v > 0 for v in values), figures
+    assert values == sorted(values), figures
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "workers.bench", "--quick", "--json", str(out),
+            "--symbols", "20", "--events-per-frame", "10", "--work-dir", str(tmp_path / "work"),
+            # hidden: tiny windows, a two-step ramp, one fixed latency rate
+            "--window-s", "1", "--ramp-start", "1000", "--ramp-max", "2000",
+            "--latency-rates", "1000",
+        ],
+        cwd=ROOT, capture_output=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    assert b"max sustained throughput" in proc.stdout
+    report = orjson.loads(out.read_bytes())
+
+    for key in (
+        "max_sustained_events_per_s", "baseline_events_per_s", "latency_ms",
+        "cpu_s_per_million_events", "peak_rss_mb", "symbols", "events_per_frame", "runs",
+    ):  # fmt: skip
+        assert key in report, key
+    assert report["symbols"] == 20
+    assert report["events_per_frame"] == 10
+    assert report["runs"] == 1
+    assert report["max_sustained_events_per_s"] > 0
+    assert report["baseline_events_per_s"] > 0
+    assert report["pipeline_to_baseline_ratio"] > 0
+    assert report["cpu_s_per_million_events"] > 0
+    assert report["peak_rss_mb"] > 0
+
+    latency = report["latency_ms"]
+    assert "1000" in latency
+    rate80 = report["rate_at_80pct_of_max"]
+    assert rate80 in latency
+    for entry in latency.values():
+        _ordered(entry)
+        _ordered(entry["consumer"])
+
+    (run,) = report["run_details"]
+    assert run["max_sustained_events_per_s"] == report["max_sustained_events_per_s"]
+    at_max = run["at_max"]
+    assert at_max["sustained"] and at_max["offered"] == report["max_sustained_events_per_s"]
+    for step in run["steps"]:
+        if not step["sustained"]:
+            continue
+        # Nothing lost: every event received was published, stored (and is in the table),
+        # and reached the consumer.
+        assert step["received"] > 0
+        assert step["received"] == step["published"] == step["stored"], step
+        assert step["stored_rows"] == step["stored"], step
+        assert step["consumed_unique"] == step["received"], step
+        assert step["spooled_max"] == 0
+        assert step["received_per_s"] > 0
+        assert step["receipt_ms"]["count"] > 0 and step["consumer_ms"]["count"] > 0
