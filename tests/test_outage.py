@@ -172,3 +172,21 @@ def test_spool_survives_a_restart(tmp_path: Path) -> None:
     with open(tmp_path / "s.spool", "ab") as f:
         f.write(b"123\t{broken")
     assert Spool(tmp_path / "s.spool").read(10)[0] == []
+
+
+async def test_redis_down_degrades_but_never_blocks(services: Services, conn: db.Conn) -> None:
+    """Redis is a cache: with none reachable, events still reach Pulsar and PostgreSQL."""
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    sim, worker, tasks, coord = await _start_fleet(services, conn, redis_url=dead_redis)
+    try:
+        await until(lambda: _received(worker) > 1000, 30, "data without Redis")
+        await sim.stop()
+        pipeline = worker.pipeline
+        assert pipeline is not None
+        assert await pipeline.drained(timeout=30)
+        c = pipeline.counts()
+        assert c.received == c.published == c.stored
+        assert c.cached == 0
+        assert pipeline.cache is not None and not pipeline.cache.healthy
+    finally:
+        await _stop_fleet(sim, worker, tasks, coord)
