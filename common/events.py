@@ -8,9 +8,9 @@ Shape (the seed's, plus ``raw_data.data_type``)::
      "metadata": {"ingestion_latency_ms", "provider_sequence", "quality_flags"}}
 
 ``event_id`` is a UUID-formatted hash of (provider, stream, sequence, provider time,
-data type, ordinal), so replaying the same provider data yields the same ids and
-consumers can de-duplicate. ``timestamp`` is the publish-ready time; ``raw_data.timestamp``
-the provider's event time.
+data type, ordinal), and of the values where the provider gives no sequence, so replaying
+the same provider data yields the same ids and consumers can de-duplicate.
+``timestamp`` is the publish-ready time; ``raw_data.timestamp`` the provider's event time.
 """
 
 from __future__ import annotations
@@ -85,15 +85,20 @@ def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
         ordinal = ordinal + 1 if key == prev_key else 0
         prev_key = key
         dt = r.data_type  # a StrEnum: formats and serializes as its value
-        event_id = event_id_for(
-            r.provider, r.stream, r.provider_sequence, r.timestamp_ns, dt, ordinal
-        )
+        seq = r.provider_sequence
+        specific = dumps(r.provider_specific)
+        if seq is None:
+            # No sequence (polled quotes, bars): the values tell one update from the next,
+            # and a replay of the same record still hashes the same.
+            content = f"{r.stream}|{r.price}|{r.volume}|{r.bid}|{r.ask}|{specific.decode()}"
+            event_id = event_id_for(r.provider, content, None, r.timestamp_ns, dt, ordinal)
+        else:
+            event_id = event_id_for(r.provider, r.stream, seq, r.timestamp_ns, dt, ordinal)
         if r.timestamp_ns != last_ts:
             last_ts, last_ts_iso = r.timestamp_ns, iso_ns(r.timestamp_ns)
         if r.receive_ns != last_recv:
             last_recv, last_recv_iso = r.receive_ns, iso_ns(r.receive_ns)
         provider_time = last_ts_iso
-        specific = dumps(r.provider_specific)
         flags = r.quality_flags
         payload = dumps(
             {

@@ -10,7 +10,7 @@ from common.model import DataType, RawMarketData
 T0 = 1_700_000_000_123_456_789
 
 
-def trade(seq: int = 7, **kw: object) -> RawMarketData:
+def trade(seq: int | None = 7, **kw: object) -> RawMarketData:
     base = dict(
         symbol="AAPL", provider="polygon", timestamp_ns=T0, data_type=DataType.TRADE,
         price=187.25, volume=300, provider_specific={"x": 4, "c": [12]},
@@ -67,3 +67,17 @@ def test_replayed_event_rebuilds_the_same_row() -> None:
 def test_iso_ns() -> None:
     assert iso_ns(0) == "1970-01-01T00:00:00.000000Z"
     assert iso_ns(T0) == "2023-11-14T22:13:20.123456Z"
+
+
+def test_unsequenced_updates_with_the_same_time_get_distinct_ids() -> None:
+    """A polled quote whose price changed but whose timestamp did not is a new event."""
+    a = trade(None, stream="GLOBAL_QUOTE:AAPL")
+    b = trade(None, stream="GLOBAL_QUOTE:AAPL", price=187.5)
+    first = build_events([a], T0)[0].event_id
+    second = build_events([b], T0)[0].event_id
+    replay = build_events([trade(None, stream="GLOBAL_QUOTE:AAPL")], T0 + 5)[0].event_id
+    assert first != second and first == replay
+    # Only a field outside price/volume/bid/ask changed (Alpha Vantage's day volume).
+    c = trade(None, stream="GLOBAL_QUOTE:AAPL", provider_specific={"volume": 2})
+    d = trade(None, stream="GLOBAL_QUOTE:AAPL", provider_specific={"volume": 3})
+    assert build_events([c], T0)[0].event_id != build_events([d], T0)[0].event_id

@@ -32,7 +32,7 @@ def _batch(provider: str, start: int, n: int) -> list[RawMarketData]:
             "T.PGS",
             False,
             T0 + i,
-        )  # fmt: skip
+        )
         for i in range(start, start + n)
     ]
 
@@ -78,6 +78,7 @@ async def test_replayed_rows_already_stored_are_not_duplicated(
     await sink.deliver(events[:30])
     await sink.deliver(events)  # an ambiguous commit replayed: 30 rows already there
     await sink.close()
+    assert sink.duplicates_skipped == 30
     cur = await conn.execute(
         "SELECT count(*) FROM raw_market_data WHERE provider = %s", (provider,)
     )

@@ -37,6 +37,7 @@ class PostgresSink(DurableSink):
         self._buffer: list[Event] = []
         self._conn: psycopg.AsyncConnection | None = None
         self._flush_now = asyncio.Event()
+        self.duplicates_skipped = 0
         # The flusher and the replay loop share one connection: one COPY at a time.
         self._copy_lock = asyncio.Lock()
 
@@ -81,6 +82,14 @@ class PostgresSink(DurableSink):
                 f"INSERT INTO raw_market_data ({COPY_COLUMNS}) "
                 f"SELECT {COPY_COLUMNS} FROM raw_market_data_staging ON CONFLICT DO NOTHING"
             )
+            inserted = max(cur.rowcount, 0)
+            await cur.execute("SELECT count(*) FROM raw_market_data_staging")
+            row = await cur.fetchone()
+            skipped = (row[0] if row else 0) - inserted
+        if skipped:
+            # Rows already stored by an earlier attempt (a replay after an ambiguous commit).
+            self.duplicates_skipped += skipped
+            log.info("duplicate_rows_skipped", count=skipped)
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
