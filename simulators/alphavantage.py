@@ -37,6 +37,7 @@ from aiohttp import web
 from common.codecs import alphavantage as codec
 from simulators.market import (
     Faults,
+    HttpServer,
     PriceWalk,
     run_simulator,
     serve_until_stopped,
@@ -91,7 +92,7 @@ class AlphaVantageSimulator:
         self._window_count = 0
         self._drops_left = 0
         self._stopping = asyncio.Event()
-        self._runner: web.AppRunner | None = None
+        self._server = HttpServer()
         self.port = 0
 
     def app(self) -> web.Application:
@@ -101,17 +102,12 @@ class AlphaVantageSimulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._started = self._window_start = time.monotonic()
-        self._runner = web.AppRunner(self.app(), handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self.port = await self._server.serve(self.app(), host, port)
         return self.port
 
     async def stop(self) -> None:
         self._stopping.set()  # releases held ("silent") responses
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._server.close()
 
     # ------------------------------------------------------------ requests
 

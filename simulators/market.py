@@ -205,3 +205,24 @@ def abort_websocket(ws: web.WebSocketResponse) -> None:
     request = ws._req  # aiohttp has no public way to abort
     if request is not None and request.transport is not None:
         request.transport.abort()
+
+
+class HttpServer:
+    """The aiohttp server a WebSocket or HTTP simulator runs its app on."""
+
+    def __init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def serve(self, app: web.Application, host: str, port: int) -> int:
+        """Start serving; returns the bound port (``port=0`` picks a free one)."""
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -19,6 +19,7 @@ from aiohttp import web
 from common.codecs import polygon as codec
 from simulators.market import (
     Faults,
+    HttpServer,
     Pacer,
     PriceWalk,
     abort_websocket,
@@ -66,7 +67,7 @@ class PolygonSimulator:
         self.walk = PriceWalk(config.symbols)
         self.connections: list[_Connection] = []
         self.events_sent = 0
-        self._runner: web.AppRunner | None = None
+        self._server = HttpServer()
         self.port = 0
 
     def app(self) -> web.Application:
@@ -75,17 +76,13 @@ class PolygonSimulator:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._runner = web.AppRunner(self.app(), handle_signals=False)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.port = int(self._runner.addresses[0][1])
+        self.port = await self._server.serve(self.app(), host, port)
         return self.port
 
     async def stop(self) -> None:
         for conn in list(self.connections):
             await conn.ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._server.close()
 
     async def drop_all(self) -> None:
         """Close every client connection abruptly (a test's network failure)."""

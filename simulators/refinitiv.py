@@ -29,6 +29,7 @@ from aiohttp import web
 from common.codecs import refinitiv as codec
 from simulators.market import (
     Faults,
+    HttpServer,
     Pacer,
     PriceWalk,
     abort_websocket,
@@ -90,7 +91,7 @@ class RefinitivSimulator:
         self.events_sent = 0
         self.pongs_received = 0
         self.requests: list[codec.ClientRequest] = []
-        self._runner: web.AppRunner | None = None
+        self._server = HttpServer()
         self.port = 0
 
     def app(self) -> web.Application:
@@ -99,18 +100,13 @@ class RefinitivSimulator:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._runner = web.AppRunner(self.app(), handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self.port = await self._server.serve(self.app(), host, port)
         return self.port
 
     async def stop(self) -> None:
         for conn in list(self.connections):
             await conn.ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._server.close()
 
     async def drop_all(self) -> None:
         """Close every client connection abruptly (a test's network failure)."""
