@@ -65,9 +65,12 @@ def redis_command(port: int, data_dir: Path) -> list[str]:
 
 def pulsar_command(port: int, data_dir: Path) -> list[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
+    # pulsar-lite otherwise serves Prometheus metrics on 0.0.0.0:8080, our API's port.
+    config = data_dir.parent / f"{data_dir.name}.toml"
+    config.write_text("[metrics]\nenabled = false\n")
     return [
-        pulsar_lite_path(), "--addr", f"127.0.0.1:{port}", "--db-path", str(data_dir),
-        "--log-level", "warn",
+        pulsar_lite_path(), "--config", str(config), "--addr", f"127.0.0.1:{port}",
+        "--db-path", str(data_dir), "--log-level", "warn",
     ]  # fmt: skip
 
 

@@ -156,6 +156,8 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
         env["FEEDFLEET_PULSAR_URL"] = f"pulsar://127.0.0.1:{pulsar_port}"
     for name in ("redis", "pulsar", "log", "spool"):
         (var / name).mkdir(parents=True, exist_ok=True)
+    # Its metrics listener would take 0.0.0.0:8080, the API's port.
+    (var / "pulsar-lite.toml").write_text("[metrics]\nenabled = false\n")
     env.update(
         {
             "FEEDFLEET_PYTHON": sys.executable,
