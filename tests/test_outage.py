@@ -5,7 +5,6 @@ Each test runs its own services where it must stop one, so the shared ones stay 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from pathlib import Path
@@ -17,14 +16,13 @@ from common.sinks.postgres import PostgresSink
 from simulators.polygon import PolygonSimConfig, PolygonSimulator
 from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
-from tests.test_pipeline_integration import KEY_ENV, until
-from workers.coordinator import Coordinator
-from workers.worker import Worker
+from tests.running import RunningWorker, until
+from tests.test_pipeline_integration import KEY_ENV
 
 
 async def _start_fleet(
     services: Services, conn: db.Conn, **settings: object
-) -> tuple[PolygonSimulator, Worker, list[asyncio.Task[None]], Coordinator]:
+) -> tuple[PolygonSimulator, RunningWorker]:
     os.environ[KEY_ENV] = "test-key"
     tag = uuid.uuid4().hex[:6].upper()
     symbols = [f"O{tag}{i}" for i in range(5)]
@@ -36,27 +34,7 @@ async def _start_fleet(
         {"url": f"ws://127.0.0.1:{port}/stocks", "api_key_env": KEY_ENV, "stale_after_s": None},
     )  # fmt: skip
     await db.subscribe(conn, provider_id, symbols, [DataType.TRADE, DataType.QUOTE])
-    s = services.settings(**settings)
-    coordinator = Coordinator(s, poll_s=0.5)
-    worker = Worker(s, name)
-    tasks = [
-        asyncio.create_task(coordinator.run(handle_signals=False)),
-        asyncio.create_task(worker.run(handle_signals=False)),
-    ]
-    return sim, worker, tasks, coordinator
-
-
-async def _stop_fleet(
-    sim: PolygonSimulator, worker: Worker, tasks: list[asyncio.Task[None]], coord: Coordinator
-) -> None:
-    worker.stop()
-    coord.stop()
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-    await sim.stop()
-
-
-def _received(worker: Worker) -> int:
-    return worker.pipeline.received if worker.pipeline else 0
+    return sim, RunningWorker.start(services.settings(**settings), name)
 
 
 async def test_broker_outage_spools_then_replays_everything(
@@ -68,11 +46,12 @@ async def test_broker_outage_spools_then_replays_everything(
     url = f"pulsar://127.0.0.1:{port}"
     topic = f"persistent://public/default/outage-{uuid.uuid4().hex[:8]}"
     collector = PulsarCollector(url, topic)
-    sim, worker, tasks, coord = await _start_fleet(
+    sim, running = await _start_fleet(
         services, conn, pulsar_url=url, pulsar_topic=topic, pulsar_send_timeout_ms=2000
     )
+    worker = running.worker
     try:
-        await until(lambda: _received(worker) > 1000, 30, "data before the outage")
+        await until(lambda: running.received > 1000, 30, "data before the outage")
         collector.close()
         broker.stop()
         pipeline = worker.pipeline
@@ -95,7 +74,8 @@ async def test_broker_outage_spools_then_replays_everything(
         collector = PulsarCollector(url, topic)
         assert await collector.wait_for(c.received, timeout=60) == c.received
     finally:
-        await _stop_fleet(sim, worker, tasks, coord)
+        await running.stop()
+        await sim.stop()
         collector.close()
         broker.stop()
 
@@ -104,9 +84,10 @@ async def test_database_outage_spools_rows_then_stores_them(
     services: Services, conn: db.Conn
 ) -> None:
     """The COPY connection is killed; the batch spools and is stored once, not twice."""
-    sim, worker, tasks, coord = await _start_fleet(services, conn)
+    sim, running = await _start_fleet(services, conn)
+    worker = running.worker
     try:
-        await until(lambda: _received(worker) > 1000, 30, "data")
+        await until(lambda: running.received > 1000, 30, "data")
         pipeline = worker.pipeline
         assert pipeline is not None
         store = pipeline.store
@@ -128,7 +109,8 @@ async def test_database_outage_spools_rows_then_stores_them(
         )
         assert await cur.fetchone() == (c.received, c.received)
     finally:
-        await _stop_fleet(sim, worker, tasks, coord)
+        await running.stop()
+        await sim.stop()
 
 
 def test_spool_survives_a_restart(tmp_path: Path) -> None:
@@ -177,9 +159,10 @@ def test_spool_survives_a_restart(tmp_path: Path) -> None:
 async def test_redis_down_degrades_but_never_blocks(services: Services, conn: db.Conn) -> None:
     """Redis is a cache: with none reachable, events still reach Pulsar and PostgreSQL."""
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
-    sim, worker, tasks, coord = await _start_fleet(services, conn, redis_url=dead_redis)
+    sim, running = await _start_fleet(services, conn, redis_url=dead_redis)
+    worker = running.worker
     try:
-        await until(lambda: _received(worker) > 1000, 30, "data without Redis")
+        await until(lambda: running.received > 1000, 30, "data without Redis")
         await sim.stop()
         pipeline = worker.pipeline
         assert pipeline is not None
@@ -189,4 +172,5 @@ async def test_redis_down_degrades_but_never_blocks(services: Services, conn: db
         assert c.cached == 0
         assert pipeline.cache is not None and not pipeline.cache.healthy
     finally:
-        await _stop_fleet(sim, worker, tasks, coord)
+        await running.stop()
+        await sim.stop()

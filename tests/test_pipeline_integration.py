@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -20,18 +20,10 @@ from simulators.market import Faults
 from simulators.polygon import PolygonSimConfig, PolygonSimulator
 from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
-from workers.coordinator import Coordinator
+from tests.running import RunningWorker, until
 from workers.worker import Worker
 
 KEY_ENV = "FEEDFLEET_TEST_POLYGON_KEY"
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -40,10 +32,13 @@ class Fleet:
     sim: PolygonSimulator
     provider_name: str
     provider_id: str
-    worker: Worker
+    running: RunningWorker
     collector: PulsarCollector
     symbols: list[str]
-    worker_task: asyncio.Task[None]
+
+    @property
+    def worker(self) -> Worker:
+        return self.running.worker
 
 
 @pytest.fixture
@@ -62,18 +57,11 @@ async def fleet(services: Services, conn: db.Conn) -> AsyncIterator[Fleet]:
     )  # fmt: skip
     await db.subscribe(conn, provider_id, symbols, [DataType.TRADE, DataType.QUOTE])
     collector = PulsarCollector(settings.pulsar_url, settings.pulsar_topic)
-    coordinator = Coordinator(settings, poll_s=0.5)
-    worker = Worker(settings, name)
-    tasks = [
-        asyncio.create_task(coordinator.run(handle_signals=False)),
-        asyncio.create_task(worker.run(handle_signals=False)),
-    ]
+    running = RunningWorker.start(settings, name)
     try:
-        yield Fleet(settings, sim, name, provider_id, worker, collector, symbols, tasks[1])
+        yield Fleet(settings, sim, name, provider_id, running, collector, symbols)
     finally:
-        worker.stop()
-        coordinator.stop()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        await running.stop()
         collector.close()
         await sim.stop()
         await db.set_provider_enabled(conn, provider_id, False)
@@ -156,8 +144,8 @@ async def test_stopping_writes_metrics_and_a_disconnected_status(
         20, "data",
     )  # fmt: skip
     fleet.worker.stop()
-    await asyncio.wait_for(fleet.worker_task, 30)
-    received = pipeline_received(fleet.worker)
+    await asyncio.wait_for(fleet.running.worker_task, 30)
+    received = fleet.running.received
     cur = await conn.execute(
         "SELECT messages_received, messages_published, messages_stored FROM ingestion_metrics "
         "WHERE provider_id = %s ORDER BY id DESC LIMIT 1",
@@ -192,19 +180,13 @@ async def test_subscription_changes_reach_the_worker_within_2s(fleet: Fleet, con
 
 async def test_reconnects_after_the_provider_drops(fleet: Fleet) -> None:
     worker = fleet.worker
-    await until(lambda: worker.pipeline is not None and worker.pipeline.received > 200, 20, "data")
+    await until(lambda: fleet.running.received > 200, 20, "data")
     errors_before = worker.error_count
     await fleet.sim.drop_all()
     await until(lambda: worker.error_count > errors_before, 10, "the drop to be seen")
-    assert pipeline_received(worker) > 0
-    mark = pipeline_received(worker)
-    await until(lambda: pipeline_received(worker) > mark + 200, 20, "data after reconnect")
+    mark = fleet.running.received
+    await until(lambda: fleet.running.received > mark + 200, 20, "data after reconnect")
     assert worker.status.value == "CONNECTED"
-
-
-def pipeline_received(worker: Worker) -> int:
-    assert worker.pipeline is not None
-    return worker.pipeline.received
 
 
 async def test_refused_auth_shows_error(fleet: Fleet) -> None:

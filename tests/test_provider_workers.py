@@ -28,9 +28,8 @@ from simulators.iex import IexSimConfig, IexSimulator
 from simulators.refinitiv import RefinitivSimConfig, RefinitivSimulator
 from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
-from tests.test_pipeline_integration import KEY_ENV, until
-from workers.coordinator import Coordinator
-from workers.worker import Worker
+from tests.running import RunningWorker, until
+from tests.test_pipeline_integration import KEY_ENV
 
 
 @dataclass
@@ -109,12 +108,8 @@ async def test_provider_worker_reaches_every_sink(
     await db.subscribe(conn, provider_id, symbols, list(case.data_types))
     settings = services.settings()
     collector = PulsarCollector(settings.pulsar_url, settings.pulsar_topic)
-    coordinator = Coordinator(settings, poll_s=0.5)
-    worker = Worker(settings, name)
-    tasks = [
-        asyncio.create_task(coordinator.run(handle_signals=False)),
-        asyncio.create_task(worker.run(handle_signals=False)),
-    ]
+    running = RunningWorker.start(settings, name)
+    worker = running.worker
     try:
         await until(
             lambda: worker.pipeline is not None and worker.pipeline.received >= case.min_records,
@@ -149,9 +144,7 @@ async def test_provider_worker_reaches_every_sink(
         cached = await redis_client.get(f"latest:{next(iter(seen))}")
         assert cached is not None and orjson.loads(cached)["provider"] == name
     finally:
-        worker.stop()
-        coordinator.stop()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        await running.stop()
         collector.close()
         await sim.stop()
         await db.set_provider_enabled(conn, provider_id, False)
