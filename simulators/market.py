@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -226,3 +226,37 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class WebSocketSimulator:
+    """What the WebSocket simulators share: the server, its client list, stop and drop.
+
+    Subclasses implement ``_handle`` (one client session) and keep ``connections`` current.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[Any] = []  # the subclass's per-client state, each with .ws
+        self._server = HttpServer()
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)  # any path, as real clients vary it
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self.port = await self._server.serve(self.app(), host, port)
+        return self.port
+
+    async def stop(self) -> None:
+        for conn in list(self.connections):
+            await conn.ws.close()
+        await self._server.close()
+
+    async def drop_all(self) -> None:
+        """Close every client connection abruptly (a test's network failure)."""
+        for conn in list(self.connections):
+            abort_websocket(conn.ws)

@@ -19,9 +19,9 @@ from aiohttp import web
 from common.codecs import polygon as codec
 from simulators.market import (
     Faults,
-    HttpServer,
     Pacer,
     PriceWalk,
+    WebSocketSimulator,
     abort_websocket,
     run_simulator,
     serve_until_stopped,
@@ -60,34 +60,14 @@ class _Connection:
         return out
 
 
-class PolygonSimulator:
+class PolygonSimulator(WebSocketSimulator):
     def __init__(self, config: PolygonSimConfig) -> None:
+        super().__init__()
         self.config = config
         self.known = set(config.symbols)
         self.walk = PriceWalk(config.symbols)
         self.connections: list[_Connection] = []
         self.events_sent = 0
-        self._server = HttpServer()
-        self.port = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        return app
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self.port = await self._server.serve(self.app(), host, port)
-        return self.port
-
-    async def stop(self) -> None:
-        for conn in list(self.connections):
-            await conn.ws.close()
-        await self._server.close()
-
-    async def drop_all(self) -> None:
-        """Close every client connection abruptly (a test's network failure)."""
-        for conn in list(self.connections):
-            abort_websocket(conn.ws)
 
     async def _handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=False, max_msg_size=4 * 1024 * 1024)

@@ -29,9 +29,9 @@ from aiohttp import web
 from common.codecs import refinitiv as codec
 from simulators.market import (
     Faults,
-    HttpServer,
     Pacer,
     PriceWalk,
+    WebSocketSimulator,
     abort_websocket,
     run_simulator,
     serve_until_stopped,
@@ -81,8 +81,9 @@ class _Connection:
             await self.ws.send_str(codec.encode_messages(messages))
 
 
-class RefinitivSimulator:
+class RefinitivSimulator(WebSocketSimulator):
     def __init__(self, config: RefinitivSimConfig) -> None:
+        super().__init__()
         self.config = config
         self.known = set(config.symbols)
         self.walk = PriceWalk(config.symbols)
@@ -91,27 +92,6 @@ class RefinitivSimulator:
         self.events_sent = 0
         self.pongs_received = 0
         self.requests: list[codec.ClientRequest] = []
-        self._server = HttpServer()
-        self.port = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        return app
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self.port = await self._server.serve(self.app(), host, port)
-        return self.port
-
-    async def stop(self) -> None:
-        for conn in list(self.connections):
-            await conn.ws.close()
-        await self._server.close()
-
-    async def drop_all(self) -> None:
-        """Close every client connection abruptly (a test's network failure)."""
-        for conn in list(self.connections):
-            abort_websocket(conn.ws)
 
     def open_items(self) -> list[str]:
         """Names streaming on every live connection (tests check re-subscription with it)."""
