@@ -22,7 +22,7 @@ from hashlib import blake2b
 
 import orjson
 
-from common.model import RawMarketData
+from common.model import RawMarketData, iso_ns
 
 EVENT_TYPE = "raw_market_data_ingested"
 
@@ -39,17 +39,6 @@ class Event:
     # When the provider produced it: the simulator's send stamp where present, else the
     # provider timestamp. Latency "provider -> Pulsar receipt" is measured from here.
     origin_ns: int
-
-
-@functools.lru_cache(maxsize=4096)
-def _second_prefix(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def iso_ns(ns: int) -> str:
-    """ISO 8601 UTC with microseconds; the per-second part is cached (hot path)."""
-    seconds, rem = divmod(ns, 1_000_000_000)
-    return f"{_second_prefix(seconds)}.{rem // 1000:06d}Z"
 
 
 def event_id_for(

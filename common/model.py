@@ -7,6 +7,7 @@ ISO strings are made only at the edges (events, API answers).
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -103,9 +104,15 @@ def ns_to_datetime(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC)
 
 
-def ns_to_iso(ns: int) -> str:
-    """ISO 8601 UTC with microseconds, e.g. ``2024-05-04T17:09:52.462000Z``."""
+@functools.lru_cache(maxsize=4096)
+def _second_prefix(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def iso_ns(ns: int) -> str:
+    """ISO 8601 UTC with microseconds, e.g. ``2024-05-04T17:09:52.462000Z``.
+
+    On the per-event path: the part up to the second is cached.
+    """
     seconds, rem = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") + (
-        f".{rem // 1000:06d}Z"
-    )
+    return f"{_second_prefix(seconds)}.{rem // 1000:06d}Z"

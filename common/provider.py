@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from common.model import ConnectionStatus, DataType, ProviderStatus, RawMarketData, ns_to_iso
+from common.model import ConnectionStatus, DataType, ProviderStatus, RawMarketData, iso_ns
 
 
 class ProviderError(Exception):
@@ -136,7 +136,7 @@ class ProviderAdapter(abc.ABC):
             provider_id=self.config.id,
             provider_name=self.config.name,
             status=self.connection_status,
-            last_update=ns_to_iso(time.time_ns()),
+            last_update=iso_ns(time.time_ns()),
             subscribed_symbols=len(self.subscribed),
             last_error=self.last_error,
         )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from common.events import build_events, event_from_payload, iso_ns
-from common.model import DataType, RawMarketData
+from common.events import build_events, event_from_payload
+from common.model import DataType, RawMarketData, iso_ns
 
 T0 = 1_700_000_000_123_456_789
 

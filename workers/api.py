@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from common import db
 from common.config import Settings
-from common.model import ConnectionStatus, DataType, ProviderStatus, SubscriptionRequest, ns_to_iso
+from common.model import ConnectionStatus, DataType, ProviderStatus, SubscriptionRequest, iso_ns
 from common.provider import ProviderConfig
 from common.redis_keys import provider_status_key
 
@@ -140,7 +140,7 @@ async def _live_status(request: web.Request, provider: ProviderConfig) -> dict[s
         provider_id=provider.id,
         provider_name=provider.name,
         status=ConnectionStatus.DISCONNECTED,
-        last_update=ns_to_iso(time.time_ns()),
+        last_update=iso_ns(time.time_ns()),
         last_error=None if provider.enabled else "provider disabled",
     )
     return asdict(status) | {"metrics": None}
@@ -231,7 +231,7 @@ async def health(request: web.Request) -> web.Response:
         overall = "degraded"
     body = {
         "status": overall,
-        "timestamp": ns_to_iso(time.time_ns()),
+        "timestamp": iso_ns(time.time_ns()),
         "components": {
             "database": "up" if db_up else "down",
             "redis": "up" if redis_up else "down",
@@ -262,9 +262,7 @@ async def metrics(request: web.Request) -> web.Response:
     totals["throughput_per_sec"] = round(
         sum(float(m.get("throughput_per_sec") or 0) for m in per_provider.values()), 1
     )
-    return _json(
-        {"timestamp": ns_to_iso(time.time_ns()), "totals": totals, "providers": per_provider}
-    )
+    return _json({"timestamp": iso_ns(time.time_ns()), "totals": totals, "providers": per_provider})
 
 
 async def status_page(request: web.Request) -> web.Response:

@@ -41,7 +41,7 @@ async def _db_init() -> None:
 def decode_main(provider: str, path: str | None, symbol: str | None) -> int:
     """Print one JSON object per record; errors to stderr; exit 1 if anything failed."""
     from common.codecs.base import CaptureError
-    from common.events import iso_ns
+    from common.model import iso_ns
 
     try:
         codec = importlib.import_module(f"common.codecs.{provider}")

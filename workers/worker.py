@@ -28,7 +28,7 @@ import structlog
 from common import db
 from common.circuit import CircuitBreaker
 from common.config import Settings
-from common.model import ConnectionStatus, ProviderStatus, ns_to_iso
+from common.model import ConnectionStatus, ProviderStatus, iso_ns
 from common.pipeline import Pipeline
 from common.provider import (
     ProviderAdapter,
@@ -335,7 +335,7 @@ class Worker:
             provider_id=self.provider.id,
             provider_name=self.provider.name,
             status=self.status,
-            last_update=ns_to_iso(time.time_ns()),
+            last_update=iso_ns(time.time_ns()),
             messages_received=counts.received,
             messages_published=counts.published,
             messages_stored=counts.stored,
