@@ -21,6 +21,7 @@ from simulators.market import (
     Faults,
     Pacer,
     PriceWalk,
+    SymbolState,
     WebSocketSimulator,
     abort_websocket,
     run_simulator,
@@ -164,13 +165,7 @@ class PolygonSimulator(WebSocketSimulator):
             for _ in range(cfg.batch):
                 ev, sym = targets[rr % len(targets)]
                 rr += 1
-                if ev == "T":
-                    st, price, size = walk.trade(sym)
-                    event = codec.trade_event(sym, price, size, now_ms, st.sequence,
-                                              trade_id=str(st.trade_id))  # fmt: skip
-                else:
-                    st, bid, ask, bs, as_ = walk.quote(sym)
-                    event = codec.quote_event(sym, bid, bs, ask, as_, now_ms, st.sequence)
+                event, st = tick_event(walk, ev, sym, now_ms)
                 if faults.skip_seq_every and st.sequence % faults.skip_seq_every == 0:
                     st.sequence += 1
                 events.append(event)
@@ -204,6 +199,18 @@ class PolygonSimulator(WebSocketSimulator):
             bars.append(codec.aggregate_event("AM", sym, px, px, px, px, 100,
                                               end_ms - 60_000, end_ms))  # fmt: skip
         return bars
+
+
+def tick_event(
+    walk: PriceWalk, ev: str, sym: str, now_ms: int
+) -> tuple[dict[str, object], SymbolState]:
+    """The next trade (``ev == "T"``) or quote for ``sym`` from the price walk."""
+    if ev == "T":
+        st, price, size = walk.trade(sym)
+        trade = codec.trade_event(sym, price, size, now_ms, st.sequence, trade_id=str(st.trade_id))
+        return trade, st
+    st, bid, ask, bid_lots, ask_lots = walk.quote(sym)
+    return codec.quote_event(sym, bid, bid_lots, ask, ask_lots, now_ms, st.sequence), st
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -1068,6 +1068,7 @@ async def serve_replay(port: int, symbols: int, events_per_frame: int) -> None:
     from aiohttp import web
 
     from simulators.market import PriceWalk
+    from simulators.polygon import tick_event
 
     names = symbol_universe(symbols)
     walk = PriceWalk(names)
@@ -1076,17 +1077,11 @@ async def serve_replay(port: int, symbols: int, events_per_frame: int) -> None:
     rr = 0
     for _ in range(256):
         now_ms = time.time_ns() // 1_000_000
-        events: list[dict[str, Any]] = []
+        events: list[dict[str, object]] = []
         for _ in range(events_per_frame):
             ev, sym = targets[rr % len(targets)]
             rr += 1
-            if ev == "T":
-                st, price, size = walk.trade(sym)
-                event = codec.trade_event(sym, price, size, now_ms, st.sequence,
-                                          trade_id=str(st.trade_id))  # fmt: skip
-            else:
-                st, bid, ask, bs, as_ = walk.quote(sym)
-                event = codec.quote_event(sym, bid, bs, ask, as_, now_ms, st.sequence)
+            event, _ = tick_event(walk, ev, sym, now_ms)
             event["ffsend"] = time.time_ns()
             events.append(event)
         frames.append(codec.encode_events(events))
