@@ -171,6 +171,12 @@ async def test_redis_down_degrades_but_never_blocks(services: Services, conn: db
         assert c.received == c.published == c.stored
         assert c.cached == 0
         assert pipeline.cache is not None and not pipeline.cache.healthy
+        await running.stop()
+        # Stopping without Redis still deregisters, so the symbols move at once.
+        cur = await conn.execute(
+            "SELECT count(*) FROM worker_instances WHERE instance_id = %s", (worker.instance_id,)
+        )
+        assert await cur.fetchone() == (0,)
     finally:
         await running.stop()
         await sim.stop()

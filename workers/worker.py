@@ -157,12 +157,20 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
         await store.close()
         await publisher.close()
-        with contextlib.suppress(Exception):
-            await self._publish_status()
-            await self._record_status()
-            assert self._conn is not None and self.provider is not None
-            await self._write_metrics()
-            await db.remove_instance(self._conn, self.instance_id)
+        # Each step on its own: Redis being down must not keep the instance registered.
+        assert self._conn is not None
+        conn = self._conn
+        for step in (
+            self._publish_status,
+            self._record_status,
+            self._write_metrics,
+            lambda: db.remove_instance(conn, self.instance_id),
+        ):
+            try:
+                await step()
+            except Exception as exc:
+                log.warning("shutdown_step_failed", step=getattr(step, "__name__", "?"),
+                            error=str(exc))  # fmt: skip
         log.info("worker_stopped", drained=drained, **asdict(self.pipeline.counts()))
         if self._redis is not None:
             await self._redis.aclose()
