@@ -37,9 +37,6 @@ class LatencyWindow:
 
     histogram: HdrHistogram = field(default_factory=new_latency_histogram)
 
-    def record_us(self, value_us: int) -> None:
-        self.histogram.record_value(max(1, min(value_us, 600_000_000)))
-
     def record_many_us(self, values_us: list[int]) -> None:
         """Record a batch. Events of one read share most of their times, so equal values
         are recorded once with a count (``record_value`` costs about a microsecond)."""

@@ -8,7 +8,7 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -79,9 +79,6 @@ class PriceWalk:
         bid, ask = round(st.price - half, 2), round(st.price + half, 2)
         return st, bid, ask, self._rng.randint(1, 20), self._rng.randint(1, 20)
 
-    def choice(self, seq: list[str]) -> str:
-        return self._rng.choice(seq)
-
 
 @dataclass(slots=True)
 class Faults:
@@ -96,12 +93,11 @@ class Faults:
     malformed_every: int = 0
     skip_seq_every: int = 0
     rate_limit: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
         faults = cls()
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, _, value = part.partition("=")
             if name not in known:
