@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import _pulsar
 import pulsar
 import structlog
 
@@ -39,7 +40,7 @@ from common.spool import Spool
 log = structlog.get_logger("feedfleet.pulsar")
 
 _OK = pulsar.Result.Ok
-_PROPERTIES = {"event_type": EVENT_TYPE}
+_MessageBuilder = _pulsar.MessageBuilder
 
 
 class _BatchReceipt:
@@ -125,13 +126,15 @@ class PulsarSink(DurableSink):
 
     @staticmethod
     def _send_all(producer: Any, receipt: _BatchReceipt) -> None:
-        send = producer.send_async
+        # The messages are built with the client's own MessageBuilder and handed to the
+        # underlying producer: pulsar.Producer.send_async type-checks ten arguments in
+        # Python before building the same message, a fifth of the cost of a send here.
+        send = producer._producer.send_async
         events = receipt.events
         try:
             for e in events[:-1]:
-                send(e.payload, None, properties=_PROPERTIES, partition_key=e.symbol)
-            last = events[-1]
-            send(last.payload, receipt.callback, properties=_PROPERTIES, partition_key=last.symbol)
+                send(_message(e), None)
+            send(_message(events[-1]), receipt.callback)
         except Exception as exc:
             # The last message was not handed over, so no callback will come.
             receipt.error = f"send_async: {exc}"
@@ -225,6 +228,17 @@ class PulsarSink(DurableSink):
                 log.warning("pulsar_close_failed", error=str(exc))
         if client is not None:
             await loop.run_in_executor(None, client.close)
+
+
+def _message(event: Event) -> Any:
+    """One event as one Pulsar message: its JSON, ``event_type`` property, symbol key."""
+    return (
+        _MessageBuilder()
+        .content(event.payload)
+        .property("event_type", EVENT_TYPE)
+        .partition_key(event.symbol)
+        .build()
+    )
 
 
 def _close_quietly(producer: Any) -> None:
