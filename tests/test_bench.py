@@ -32,7 +32,7 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
             "--symbols", "20", "--events-per-frame", "10", "--work-dir", str(tmp_path / "work"),
             # hidden: tiny windows, a two-step ramp, one fixed latency rate
             "--window-s", "1", "--ramp-start", "1000", "--ramp-max", "2000",
-            "--latency-rates", "1000",
+            "--latency-rates", "1000", "--providers", "2", "--provider-rate", "500",
         ],
         cwd=ROOT, capture_output=True, timeout=280,
     )  # fmt: skip
@@ -62,11 +62,20 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
         _ordered(entry)
         _ordered(entry["consumer"])
 
+    assert set(report["cpu_cores_at_max"]) >= {"worker", "simulator", "machine"}
+    multi = report["providers_at_once"]
+    assert multi["providers"] == 2 and multi["offered_events_per_s_each"] == 500
+    assert multi["received_events_per_s_total"] > 0
+
     (run,) = report["run_details"]
+    # Each provider of the step ran its own worker and stored under its own name.
+    lanes = run["providers_at_once"]
+    assert [lane["label"].rsplit(" ", 1)[1] for lane in lanes] == ["bench", "bench-2"]
+    assert any(lane["sustained"] for lane in lanes), lanes
     assert run["max_sustained_events_per_s"] == report["max_sustained_events_per_s"]
     at_max = run["at_max"]
     assert at_max["sustained"] and at_max["offered"] == report["max_sustained_events_per_s"]
-    for step in run["steps"]:
+    for step in run["steps"] + lanes:
         if not step["sustained"]:
             continue
         # Nothing lost: every event received was published, stored (and is in the table),

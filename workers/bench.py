@@ -9,7 +9,11 @@ table on stdout and as JSON (``--json FILE``):
 - latency at 1k, 10k and 50k events/s and at 80% of the maximum: provider -> Pulsar receipt
   (the worker's cumulative HDR histogram, differenced over the window) and provider ->
   consumer (an HDR histogram here); "provider" is the simulator's per-frame send stamp;
-- worker CPU seconds per million events and peak RSS, at the maximum;
+- worker CPU seconds per million events and peak RSS, at the maximum, and the CPU cores
+  each process (worker, simulator, this process with its consumer, broker) and the whole
+  machine kept busy there;
+- several providers at once (``--providers``, 3, at ``--provider-rate``, 10,000 events/s
+  each): one worker and one simulator per provider, each judged on its own;
 - a baseline: the same aiohttp WebSocket receive and orjson parse against an unpaced
   simulator, with no normalization and no sinks.
 
@@ -79,6 +83,9 @@ PROVIDER_NAME = "bench"
 KEY_ENV = "FEEDFLEET_BENCH_POLYGON_KEY"
 WORKER_HOST = "bench"
 LATENCY_RATES = (1_000, 10_000, 50_000)
+# Several providers at once: this many workers, each with its own simulator, at this rate.
+PROVIDERS_AT_ONCE = 3
+PER_PROVIDER_RATE = 10_000
 # "Keeps up": the worker received at least this share of the offered rate over the window.
 KEEP_UP_FRACTION = 0.95
 # "No growing backlog": received - min(published, stored) grew by less than this many
@@ -115,6 +122,8 @@ class BenchOptions:
     ramp_max: int
     bisect_steps: int
     latency_rates: tuple[int, ...]
+    providers: int
+    provider_rate: int
     json_path: Path | None
     work_dir: Path | None
 
@@ -362,6 +371,16 @@ class Consumer:
 
 
 @dataclass(frozen=True)
+class Lane:
+    """One provider row and its simulator's port: a step runs a simulator and a worker
+    per lane. Single-provider steps use the first lane."""
+
+    name: str
+    provider_id: str
+    sim_port: int
+
+
+@dataclass(frozen=True)
 class Sample:
     """One ``provider:{id}:status`` document, the parts the bench reads."""
 
@@ -455,11 +474,11 @@ class Bench:
         self.services = services
         self.work = work
         self.symbols = symbol_universe(options.symbols)
-        self.sim_port = free_port()
+        self.sim_port = free_port()  # the baseline's source
+        self.lanes: list[Lane] = []
         self.conn: db.Conn | None = None
         self.redis: aioredis.Redis | None = None
         self.pulsar: pulsar.Client | None = None
-        self.provider_id = ""
         self._coordinator: Any = None
         self._coordinator_task: asyncio.Task[None] | None = None
         self._step_no = 0
@@ -472,13 +491,17 @@ class Bench:
         svc = self.services
         self.conn = await db.connect(svc.database_url)
         await db.apply_schema(self.conn)
-        self.provider_id = await db.upsert_provider(
-            self.conn, PROVIDER_NAME, "polygon",
-            {"url": f"ws://127.0.0.1:{self.sim_port}/stocks", "api_key_env": KEY_ENV},
-        )  # fmt: skip
-        await db.subscribe(
-            self.conn, self.provider_id, self.symbols, [DataType.TRADE, DataType.QUOTE]
-        )
+        for i in range(max(1, self.options.providers)):
+            name = PROVIDER_NAME if i == 0 else f"{PROVIDER_NAME}-{i + 1}"
+            port = free_port()
+            provider_id = await db.upsert_provider(
+                self.conn, name, "polygon",
+                {"url": f"ws://127.0.0.1:{port}/stocks", "api_key_env": KEY_ENV},
+            )  # fmt: skip
+            await db.subscribe(
+                self.conn, provider_id, self.symbols, [DataType.TRADE, DataType.QUOTE]
+            )
+            self.lanes.append(Lane(name, provider_id, port))
         self.redis = aioredis.from_url(svc.redis_url)
         # A C++ logger: a Python one would be called from the client's threads, up to and
         # during interpreter shutdown.
@@ -512,22 +535,24 @@ class Bench:
 
     # ------------------------------------------------------------ processes
 
-    def _start_simulator(self, rate: int, log_path: Path) -> subprocess.Popen[bytes]:
+    def _start_simulator(self, rate: int, log_path: Path, port: int) -> subprocess.Popen[bytes]:
         cmd = [
-            sys.executable, "-m", "simulators", "polygon", "--port", str(self.sim_port),
+            sys.executable, "-m", "simulators", "polygon", "--port", str(port),
             "--rate", str(rate), "--batch", str(self.options.events_per_frame),
             "--num-symbols", str(self.options.symbols), "--stamp-send-ns",
         ]  # fmt: skip
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_for_port(self.sim_port, timeout=20)
+            wait_for_port(port, timeout=20)
         except TimeoutError:
             _stop(proc, 5)
             raise
         return proc
 
-    def _start_worker(self, topic: str, spool_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    def _start_worker(
+        self, topic: str, spool_dir: Path, log_path: Path, lane: Lane
+    ) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env.update(
             {
@@ -542,17 +567,17 @@ class Bench:
         )
         with open(log_path, "ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "workers", PROVIDER_NAME],
+                [sys.executable, "-m", "workers", lane.name],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
-    async def _status(self) -> Sample | None:
+    async def _status(self, lane: Lane) -> Sample | None:
         assert self.redis is not None
-        raw = await self.redis.get(provider_status_key(self.provider_id))
+        raw = await self.redis.get(provider_status_key(lane.provider_id))
         return Sample.parse(raw) if raw else None
 
     async def _fresh_status(
-        self, after: float, worker: subprocess.Popen[bytes], timeout: float = 10.0
+        self, after: float, worker: subprocess.Popen[bytes], lane: Lane, timeout: float = 10.0
     ) -> Sample:
         """The first status the worker writes after ``after`` (its clock, epoch seconds).
 
@@ -561,7 +586,7 @@ class Bench:
         """
         deadline = time.monotonic() + timeout
         while True:
-            sample = await self._status()
+            sample = await self._status(lane)
             if sample is not None and sample.at > after:
                 return sample
             if worker.poll() is not None:
@@ -574,25 +599,31 @@ class Bench:
 
     # ------------------------------------------------------------ a step
 
-    async def step(self, rate: int, window_s: float, label: str) -> StepResult:
+    async def step(
+        self, rate: int, window_s: float, label: str, lane: Lane | None = None,
+        *, truncate: bool = True,
+    ) -> StepResult:  # fmt: skip
+        """One provider at ``rate``; ``truncate=False`` when other lanes run beside it."""
         assert self.conn is not None and self.pulsar is not None
+        lane = lane or self.lanes[0]
         self._step_no += 1
         started = time.monotonic()
-        step_dir = self.work / f"step{self._step_no:03d}-{rate}"
+        step_dir = self.work / f"step{self._step_no:03d}-{rate}-{lane.name}"
         step_dir.mkdir(parents=True)
         result = StepResult(label=label, offered=rate, window_s=window_s)
         topic = f"persistent://public/default/bench-{uuid.uuid4().hex[:12]}"
-        await self.conn.execute("TRUNCATE raw_market_data")
+        if truncate:
+            await self.conn.execute("TRUNCATE raw_market_data")
         if self.redis is not None:
-            await self.redis.delete(provider_status_key(self.provider_id))
+            await self.redis.delete(provider_status_key(lane.provider_id))
         consumer = await asyncio.to_thread(Consumer, self.pulsar, topic)
         sim: subprocess.Popen[bytes] | None = None
         worker: subprocess.Popen[bytes] | None = None
         try:
-            sim = self._start_simulator(rate, step_dir / "simulator.log")
-            worker = self._start_worker(topic, step_dir / "spool", step_dir / "worker.log")
+            sim = self._start_simulator(rate, step_dir / "simulator.log", lane.sim_port)
+            worker = self._start_worker(topic, step_dir / "spool", step_dir / "worker.log", lane)
             await self._measure(
-                result, sim, worker, consumer, window_s, result.phase("setup", started)
+                result, sim, worker, consumer, window_s, result.phase("setup", started), lane
             )
         except (WorkerDied, TimeoutError) as exc:
             result.sustained = False
@@ -615,24 +646,33 @@ class Bench:
                 result.worker_exit_code = worker.returncode
                 stopping = result.phase("stop_worker", stopping)
                 with contextlib.suppress(psycopg.Error):
-                    await db.remove_instance(
-                        self.conn, f"{PROVIDER_NAME}@{WORKER_HOST}:{worker.pid}"
-                    )
+                    await db.remove_instance(self.conn, f"{lane.name}@{WORKER_HOST}:{worker.pid}")
             await asyncio.to_thread(consumer.close)
         result.elapsed_s = round(time.monotonic() - started, 1)
         log(result.summary())
         return result
 
+    async def providers_step(self, rate: int, window_s: float, label: str) -> list[StepResult]:
+        """Every lane at once, each at ``rate``: one worker and one simulator per provider,
+        each judged on its own (kept up, nothing lost) over windows that overlap."""
+        assert self.conn is not None
+        await self.conn.execute("TRUNCATE raw_market_data")
+        steps = [
+            self.step(rate, window_s, f"{label} {lane.name}", lane, truncate=False)
+            for lane in self.lanes
+        ]
+        return list(await asyncio.gather(*steps))
+
     async def _measure(
         self, result: StepResult, sim: subprocess.Popen[bytes], worker: subprocess.Popen[bytes],
-        consumer: Consumer, window_s: float, mark: float,
+        consumer: Consumer, window_s: float, mark: float, lane: Lane,
     ) -> None:  # fmt: skip
         opts = self.options
         n = len(self.symbols)
         # 1. Streaming: the coordinator assigned every symbol and events arrive.
         deadline = time.monotonic() + 30.0
         while True:
-            sample = await self._status()
+            sample = await self._status(lane)
             if sample and sample.subscribed >= n and sample.received > 0:
                 break
             if worker.poll() is not None:
@@ -648,7 +688,7 @@ class Bench:
         pids = {"worker": worker.pid, "simulator": sim.pid, "bench": os.getpid()}
         if self.services.broker_pid is not None:
             pids["broker"] = self.services.broker_pid
-        first = await self._fresh_status(time.time(), worker)
+        first = await self._fresh_status(time.time(), worker, lane)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         cpu0["machine"] = machine_busy_seconds()
         consumer.start_window()
@@ -658,12 +698,12 @@ class Bench:
         end_at = time.monotonic() + window_s - 0.3
         while (remaining := end_at - time.monotonic()) > 0.05:
             await asyncio.sleep(min(1.0, remaining))
-            sample = await self._status()
+            sample = await self._status(lane)
             if sample is not None:
                 samples.append(sample)
             if worker.poll() is not None:
                 raise WorkerDied(f"worker exited with {worker.returncode} during the window")
-        last = await self._fresh_status(first.at + window_s - 0.3, worker)
+        last = await self._fresh_status(first.at + window_s - 0.3, worker, lane)
         mark = result.phase("window", mark)
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         cpu1["machine"] = machine_busy_seconds()
@@ -694,7 +734,7 @@ class Bench:
         drain_s = self.options.windows.drain_s
         if result.reasons:
             drain_s = min(drain_s, OVERLOADED_DRAIN_S)
-        final = await self._drain(worker, stopped_at, drain_s)
+        final = await self._drain(worker, stopped_at, drain_s, lane)
         mark = result.phase("drain", mark)
         await self._wait_consumer(consumer, final.received, drain_s)
         mark = result.phase("consumer", mark)
@@ -703,7 +743,9 @@ class Bench:
             final.received, final.published, final.stored,
         )  # fmt: skip
         assert self.conn is not None
-        cur = await self.conn.execute("SELECT count(*) FROM raw_market_data")
+        cur = await self.conn.execute(
+            "SELECT count(*) FROM raw_market_data WHERE provider = %s", (lane.name,)
+        )
         row = await cur.fetchone()
         result.stored_rows = int(row[0]) if row else 0
         result.consumed_unique = len(consumer.ids)
@@ -715,7 +757,7 @@ class Bench:
         self._judge_totals(result)
 
     async def _drain(
-        self, worker: subprocess.Popen[bytes], stopped_at: float, drain_s: float
+        self, worker: subprocess.Popen[bytes], stopped_at: float, drain_s: float, lane: Lane
     ) -> Sample:
         """The first status, after the simulator stopped, with the worker disconnected (so
         it read everything the socket held) and everything received published and stored.
@@ -724,7 +766,7 @@ class Bench:
         previous: Sample | None = None
         after = stopped_at
         while True:
-            sample = await self._fresh_status(after, worker, timeout=5.0)
+            sample = await self._fresh_status(after, worker, lane, timeout=5.0)
             settled = sample.received == sample.published == sample.stored
             if settled and (
                 sample.status != "CONNECTED"
@@ -787,7 +829,7 @@ class Bench:
         out: dict[str, Any] = {}
         out.update(await self._receive_only(self._start_source(cmd, step_dir / "replay.log")))
         if with_simulator:
-            source = self._start_simulator(0, step_dir / "simulator.log")
+            source = self._start_simulator(0, step_dir / "simulator.log", self.sim_port)
             out["simulator_unpaced"] = await self._receive_only(source)
         message = f"baseline: {out['events_per_s']:,.0f} events/s (cpu cores {out['cpu_cores']})"
         if with_simulator:
@@ -936,8 +978,15 @@ class Bench:
                 result = await self.step(r, w.probe_s, f"run {run_no} latency")
                 steps.append(result)
                 latency[str(r)] = result
+
+        providers: list[StepResult] = []
+        if len(self.lanes) > 1:
+            providers = await self.providers_step(
+                opts.provider_rate, w.probe_s, f"run {run_no} providers"
+            )
         return {
             "run": run_no,
+            "providers_at_once": [p.as_json() for p in providers],
             "max_sustained_events_per_s": max_rate,
             "max_capped_by_ramp": capped,
             "rate_at_80pct_of_max": rate80,
@@ -973,6 +1022,32 @@ def _latency_entry(steps: list[dict[str, Any]]) -> dict[str, Any]:
     return entry
 
 
+def _providers_entry(options: BenchOptions, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Medians over the runs of the several-providers step; per run, the worst lane."""
+    per_run = [r["providers_at_once"] for r in runs if r["providers_at_once"]]
+    if not per_run:
+        return None
+
+    def worst(lanes: list[dict[str, Any]], key: str) -> float | None:
+        values = [lane[key].get("p99") for lane in lanes]
+        return None if None in values else max(values)
+
+    return {
+        "providers": len(per_run[0]),
+        "offered_events_per_s_each": options.provider_rate,
+        "kept_up_runs": sum(1 for lanes in per_run if all(lane["sustained"] for lane in lanes)),
+        "received_events_per_s_total": median(
+            sum(lane["received_per_s"] for lane in lanes) for lanes in per_run
+        ),
+        "receipt_p99_ms_worst_provider": median(worst(lanes, "receipt_ms") for lanes in per_run),
+        "consumer_p99_ms_worst_provider": median(worst(lanes, "consumer_ms") for lanes in per_run),
+        "worker_cpu_cores_total": median(
+            sum(lane["cpu_cores"].get("worker", 0.0) for lane in lanes) for lanes in per_run
+        ),
+        "machine_cpu_cores": median(lanes[0]["cpu_cores"].get("machine") for lanes in per_run),
+    }
+
+
 def summarize(
     options: BenchOptions, runs: list[dict[str, Any]], services: Services
 ) -> dict[str, Any]:
@@ -989,6 +1064,10 @@ def summarize(
         steps = [r["latency"][str(r["rate_at_80pct_of_max"])] for r in runs
                  if r["rate_at_80pct_of_max"]]  # fmt: skip
         latency[key80] = _latency_entry(steps)
+    cores_at_max = {
+        k: median(s["cpu_cores"].get(k) for s in at_max)
+        for k in (at_max[0]["cpu_cores"] if at_max else {})
+    }
     return {
         "max_sustained_events_per_s": max_rate,
         "baseline_events_per_s": baseline,
@@ -997,6 +1076,8 @@ def summarize(
         "latency_ms": latency,
         "cpu_s_per_million_events": median(s["cpu_s_per_million_events"] for s in at_max),
         "peak_rss_mb": median(s["peak_rss_mb"] for s in at_max),
+        "cpu_cores_at_max": cores_at_max,
+        "providers_at_once": _providers_entry(options, runs),
         "symbols": options.symbols,
         "events_per_frame": options.events_per_frame,
         "runs": options.runs,
@@ -1038,6 +1119,23 @@ def render_table(report: dict[str, Any]) -> str:
         f"| worker CPU per million events (at max) | {n(report['cpu_s_per_million_events'], 1)}"
         " s |",
         f"| worker peak RSS (at max) | {n(report['peak_rss_mb'], 1)} MB |",
+        f"| CPU cores busy at max, of {report['machine']['cpus']} | "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["cpu_cores_at_max"].items() if v is not None)
+        + " |",
+    ]
+    multi = report.get("providers_at_once")
+    if multi:
+        lines.append(
+            f"| {multi['providers']} providers at once, "
+            f"{n(multi['offered_events_per_s_each'])} events/s each | kept up in "
+            f"{multi['kept_up_runs']}/{runs} runs, "
+            f"{n(multi['received_events_per_s_total'])} events/s received in all; worst "
+            f"provider's p99 {n(multi['receipt_p99_ms_worst_provider'], 2)} ms to receipt, "
+            f"{n(multi['consumer_p99_ms_worst_provider'], 2)} ms to the consumer; workers "
+            f"{n(multi['worker_cpu_cores_total'], 2)} cores, machine "
+            f"{n(multi['machine_cpu_cores'], 2)} |"
+        )
+    lines += [
         "",
         "Latency in ms: provider send stamp -> Pulsar receipt in the worker, and -> the consumer.",
         "",
@@ -1140,6 +1238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="1 run, short windows (for CI)")
     p.add_argument("--symbols", type=int, default=500, metavar="N", help="default 500")
     p.add_argument("--events-per-frame", type=int, default=50, metavar="N", help="default 50")
+    p.add_argument("--providers", type=int, default=PROVIDERS_AT_ONCE, metavar="N",
+                   help="providers at once in each run's last step, each with its own worker "
+                   f"and simulator (default {PROVIDERS_AT_ONCE}; 1: no such step)")  # fmt: skip
+    p.add_argument("--provider-rate", type=int, default=PER_PROVIDER_RATE, metavar="N",
+                   help=f"events/s offered to each (default {PER_PROVIDER_RATE:,})")  # fmt: skip
     p.add_argument("--runs", type=int, default=None, metavar="N",
                    help="runs to take the median of (default 3; --quick: 1)")  # fmt: skip
     p.add_argument("--work-dir", default=None, metavar="DIR",
@@ -1163,7 +1266,8 @@ def parse_options(argv: list[str]) -> BenchOptions:
     rates: tuple[int, ...] = LATENCY_RATES
     if args.latency_rates is not None:
         rates = tuple(int(r) for r in args.latency_rates.split(",") if r.strip())
-    for name in ("symbols", "events_per_frame", "ramp_start", "ramp_max"):
+    for name in ("symbols", "events_per_frame", "ramp_start", "ramp_max", "providers",
+                 "provider_rate"):  # fmt: skip
         if getattr(args, name) < 1:
             raise SystemExit(f"bench: --{name.replace('_', '-')} must be at least 1")
     return BenchOptions(
@@ -1178,6 +1282,8 @@ def parse_options(argv: list[str]) -> BenchOptions:
         if args.bisect_steps is not None
         else (1 if args.quick else 3),
         latency_rates=rates,
+        providers=args.providers,
+        provider_rate=args.provider_rate,
         json_path=Path(args.json) if args.json else None,
         work_dir=Path(args.work_dir) if args.work_dir else None,
     )
