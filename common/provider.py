@@ -68,6 +68,23 @@ class ProviderConfig:
     connection_config: dict[str, Any] = field(default_factory=dict)
     rate_limits: dict[str, Any] = field(default_factory=dict)
 
+    def number(self, key: str, default: float) -> float:
+        """``connection_config[key]`` as a float; a value that is not one is a config error
+        (the worker then reports the row as ERROR instead of crashing the session)."""
+        value = self.connection_config.get(key, default)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ProviderConfigError(f"connection_config.{key} must be a number") from None
+
+    def integer(self, key: str, default: int) -> int:
+        """``connection_config[key]`` as an int; see ``number``."""
+        value = self.connection_config.get(key, default)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ProviderConfigError(f"connection_config.{key} must be an integer") from None
+
     def secret(self, key: str) -> str:
         """Read the secret whose environment variable the config names under ``key``.
 

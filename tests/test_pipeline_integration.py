@@ -194,3 +194,23 @@ async def test_refused_auth_shows_error(fleet: Fleet) -> None:
     await fleet.sim.drop_all()
     await until(lambda: fleet.worker.status.value == "ERROR", 15, "ERROR status")
     assert "auth" in (fleet.worker.last_error or "").lower()
+
+
+async def test_a_bad_number_in_the_provider_row_is_a_clear_error(
+    fleet: Fleet, conn: db.Conn
+) -> None:
+    """An operator's typo in connection_config: ERROR naming the field, no crash, and the
+    worker streams again once the row is put right."""
+    await until(lambda: fleet.running.received > 100, 20, "data")
+    row = await db.find_provider(conn, fleet.provider_name)
+    assert row is not None
+    good = row.connection_config
+    await db.upsert_provider(conn, fleet.provider_name, "polygon", {**good, "heartbeat_s": "ten"})
+    await until(lambda: fleet.worker.status.value == "ERROR", 10, "ERROR status")
+    assert fleet.worker.last_error == (
+        "ProviderConfigError: connection_config.heartbeat_s must be a number"
+    )
+    await db.upsert_provider(conn, fleet.provider_name, "polygon", good)
+    await until(lambda: fleet.worker.status.value == "CONNECTED", 45, "CONNECTED again")
+    mark = fleet.running.received
+    await until(lambda: fleet.running.received > mark + 100, 20, "data after the fix")

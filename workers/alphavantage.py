@@ -82,13 +82,13 @@ class AlphaVantageAdapter(ProviderAdapter):
         self.outputsize = str(cc.get("outputsize", "compact"))
         extended = cc.get("extended_hours")
         self.extended_hours = None if extended is None else bool(extended)
-        self.poll_interval_s = float(cc.get("poll_interval_s", 60.0))
-        self.request_timeout_s = float(cc.get("request_timeout_s", 10.0))
-        self.max_failures = int(cc.get("max_failures", 3))
-        self.max_rate_limit_retries = int(cc.get("max_rate_limit_retries", 5))
+        self.poll_interval_s = config.number("poll_interval_s", 60.0)
+        self.request_timeout_s = config.number("request_timeout_s", 10.0)
+        self.max_failures = config.integer("max_failures", 3)
+        self.max_rate_limit_retries = config.integer("max_rate_limit_retries", 5)
         self.backoff = Backoff(
-            base_s=float(cc.get("rate_limit_backoff_s", 2.0)),
-            max_s=float(cc.get("rate_limit_backoff_max_s", 120.0)),
+            base_s=config.number("rate_limit_backoff_s", 2.0),
+            max_s=config.number("rate_limit_backoff_max_s", 120.0),
         )
         self._api_key = ""
         self._http: aiohttp.ClientSession | None = None

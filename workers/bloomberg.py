@@ -87,7 +87,7 @@ class BloombergAdapter(ProviderAdapter):
         cc = config.connection_config
         self.module_name = str(cc.get("blpapi_module") or "blpapi")
         self.host = str(cc.get("host", "localhost"))
-        self.port = int(cc.get("port", 8194))
+        self.port = config.integer("port", 8194)
         self.app_name = str(cc["app_name"]) if cc.get("app_name") else None
         self.service = str(cc.get("service", codec.SERVICE))
         self.topic_suffix = str(cc.get("topic_suffix", codec.DEFAULT_TOPIC_SUFFIX))
@@ -97,10 +97,10 @@ class BloombergAdapter(ProviderAdapter):
         self.fields: list[str] | None = list(fields) if fields else None
         interval = cc.get("interval_s")
         self.interval_s = float(interval) if interval else None
-        self.silence_timeout_s = float(cc.get("silence_timeout_s", 60.0))
-        self.start_timeout_s = float(cc.get("start_timeout_s", 15.0))
-        self.poll_ms = int(cc.get("poll_ms", 200))
-        self.max_pending_events = int(cc.get("max_pending_events", 1000))
+        self.silence_timeout_s = config.number("silence_timeout_s", 60.0)
+        self.start_timeout_s = config.number("start_timeout_s", 15.0)
+        self.poll_ms = config.integer("poll_ms", 200)
+        self.max_pending_events = config.integer("max_pending_events", 1000)
         # Counters the worker can export.
         self.skipped_messages = 0
         self.slow_consumer_warnings = 0

@@ -31,7 +31,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import structlog
 
@@ -69,14 +69,14 @@ class FixAdapter(ProviderAdapter):
         super().__init__(config)
         cc = config.connection_config
         self.host = str(cc.get("host", ""))
-        self.port = _int(cc, "port", 0)
+        self.port = config.integer("port", 0)
         self.sender_comp_id = str(cc.get("sender_comp_id", ""))
         self.target_comp_id = str(cc.get("target_comp_id", ""))
-        self.heartbeat_interval = _int(cc, "heartbeat_interval", 30)
+        self.heartbeat_interval = config.integer("heartbeat_interval", 30)
         self.username: str | None = cc.get("username")
         self.reset_on_logon = bool(cc.get("reset_on_logon", True))
-        self.market_depth = _int(cc, "market_depth", 1)
-        self.logon_timeout_s = float(cc.get("logon_timeout_s", 10.0))
+        self.market_depth = config.integer("market_depth", 1)
+        self.logon_timeout_s = config.number("logon_timeout_s", 10.0)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._session: codec.FixSession | None = None
@@ -328,11 +328,3 @@ class FixAdapter(ProviderAdapter):
             writer.close()
             with contextlib.suppress(OSError, TimeoutError, RuntimeError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-
-def _int(cc: dict[str, Any], key: str, default: int) -> int:
-    value = cc.get(key, default)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ProviderConfigError(f"connection_config.{key} must be an integer") from None

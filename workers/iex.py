@@ -83,7 +83,7 @@ class IexAdapter(ProviderAdapter):
         self.port = cc.get("port")
         self.multicast_group = cc.get("multicast_group")
         self.interface = cc.get("interface")
-        self.heartbeat_timeout_s = float(cc.get("heartbeat_timeout_s", 5.0))
+        self.heartbeat_timeout_s = config.number("heartbeat_timeout_s", 5.0)
         self.pcap_path = cc.get("pcap_path")
         self.replay_speed = str(cc.get("replay_speed", "recorded"))
         self.all_symbols = bool(cc.get("all_symbols", False))

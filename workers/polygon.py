@@ -38,7 +38,7 @@ class PolygonAdapter(ProviderAdapter):
         super().__init__(config)
         cc = config.connection_config
         self.url = str(cc.get("url", "wss://socket.massive.com/stocks"))
-        self.heartbeat_s = float(cc.get("heartbeat_s", 10.0))
+        self.heartbeat_s = config.number("heartbeat_s", 10.0)
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self.skipped_events = 0

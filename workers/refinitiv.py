@@ -70,7 +70,7 @@ class RefinitivAdapter(ProviderAdapter):
         self.view: list[str] | None = view
         timeout = cc.get("heartbeat_timeout_s")
         self.heartbeat_timeout_s: float | None = float(timeout) if timeout is not None else None
-        self.login_timeout_s = float(cc.get("login_timeout_s", 10.0))
+        self.login_timeout_s = config.number("login_timeout_s", 10.0)
         self.consumer = codec.ConsumerProtocol(config.name)
         self.ping_timeout_s = codec.DEFAULT_PING_TIMEOUT_S
         self.skipped_messages = 0
