@@ -295,13 +295,20 @@ CSV_QUOTE_COLUMNS = tuple(JSON_QUOTE_KEYS.values())
 _QUOTE_NUMBERS = ("open", "high", "low", "volume", "previousClose", "change")
 
 
+def _read_csv(text: bytes, out: DecodedResponse) -> pl.DataFrame | None:
+    """A CSV response as text columns, or None with a decode error when it is not CSV."""
+    try:
+        return pl.read_csv(text, infer_schema=False, truncate_ragged_lines=True)
+    except Exception as exc:  # polars raises several kinds; all mean "not this CSV"
+        out.errors.append(DecodeError(f"invalid CSV: {exc}", clip(text)))
+        return None
+
+
 def _decode_quote_csv(
     text: bytes, query: Query, receive_ns: int, provider: str, out: DecodedResponse
 ) -> None:
-    try:
-        frame = pl.read_csv(text, infer_schema=False, truncate_ragged_lines=True)
-    except Exception as exc:  # polars raises several kinds; all mean "not this CSV"
-        out.errors.append(DecodeError(f"invalid CSV: {exc}", clip(text)))
+    frame = _read_csv(text, out)
+    if frame is None:
         return
     if "price" not in frame.columns or "latestDay" not in frame.columns:
         out.errors.append(DecodeError("CSV quote header lacks price/latestDay", clip(text)))
@@ -380,10 +387,8 @@ def _series_frame(series: dict[str, Any], errors: list[DecodeError]) -> pl.DataF
 def _decode_bars_csv(
     text: bytes, query: Query, receive_ns: int, provider: str, out: DecodedResponse
 ) -> None:
-    try:
-        frame = pl.read_csv(text, infer_schema=False, truncate_ragged_lines=True)
-    except Exception as exc:  # polars raises several kinds; all mean "not this CSV"
-        out.errors.append(DecodeError(f"invalid CSV: {exc}", clip(text)))
+    frame = _read_csv(text, out)
+    if frame is None:
         return
     # The retired extended-history CSV called the first column "time".
     if "timestamp" not in frame.columns and "time" in frame.columns:
