@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
 
 import orjson
 import pytest
@@ -11,8 +14,23 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from common import db
+from common.model import ConnectionStatus, ProviderStatus, iso_ns
+from common.redis_keys import provider_status_key
 from tests.conftest import Services
 from workers.api import build_app
+
+
+async def _report_status(
+    redis_client: aioredis.Redis, pid: str, name: str, received: int, throughput: float,
+    metrics: dict[str, Any],
+) -> None:  # fmt: skip
+    """Write what a connected worker's status loop writes (``Worker._publish_status``)."""
+    status = ProviderStatus(
+        pid, name, ConnectionStatus.CONNECTED, iso_ns(time.time_ns()),
+        messages_received=received, throughput_per_sec=throughput,
+    )  # fmt: skip
+    doc = asdict(status) | {"metrics": metrics}
+    await redis_client.set(provider_status_key(pid), orjson.dumps(doc), ex=30)
 
 
 @pytest.fixture
@@ -105,21 +123,7 @@ async def test_status_reads_the_worker_status_from_redis(
     doc = await resp.json()
     assert resp.status == 200 and doc["status"] == "DISCONNECTED"  # no worker has reported
     await db.set_provider_enabled(conn, pid, True)
-    await redis_client.set(
-        f"provider:{pid}:status",
-        orjson.dumps(
-            {
-                "provider_id": pid,
-                "provider_name": name,
-                "status": "CONNECTED",
-                "throughput_per_sec": 12.5,
-                "messages_received": 99,
-                "last_update": "x",
-                "metrics": {"received": 99},
-            }
-        ),
-        ex=30,
-    )
+    await _report_status(redis_client, pid, name, 99, 12.5, {"received": 99})
     doc = await (await client.get(f"/api/v1/providers/{pid}/status")).json()
     assert doc["status"] == "CONNECTED" and doc["messages_received"] == 99
     assert "metrics" not in doc
@@ -140,26 +144,8 @@ async def test_health_and_metrics(
     client: TestClient, provider: tuple[str, str], redis_client: aioredis.Redis
 ) -> None:
     name, pid = provider
-    await redis_client.set(
-        f"provider:{pid}:status",
-        orjson.dumps(
-            {
-                "provider_id": pid,
-                "provider_name": name,
-                "status": "CONNECTED",
-                "throughput_per_sec": 7.0,
-                "messages_received": 70,
-                "last_update": "x",
-                "metrics": {
-                    "received": 70,
-                    "published": 70,
-                    "stored": 69,
-                    "throughput_per_sec": 7.0,
-                },
-            }
-        ),
-        ex=30,
-    )
+    metrics = {"received": 70, "published": 70, "stored": 69, "throughput_per_sec": 7.0}
+    await _report_status(redis_client, pid, name, 70, 7.0, metrics)
     resp = await client.get("/health")
     assert resp.status == 200
     doc = await resp.json()
