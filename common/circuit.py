@@ -1,8 +1,9 @@
 """Circuit breaker for a provider connection.
 
 CLOSED: attempts go through. After ``failure_threshold`` consecutive failures it OPENs for
-``open_s``; then one HALF_OPEN attempt decides. The coordinator reads the state (mirrored
-to Redis ``circuit:{provider}``, TTL 300 s) to fail symbols over to another provider.
+``open_s``; then one HALF_OPEN attempt decides. The worker mirrors the state to Redis
+``circuit:{provider}`` (TTL 300 s) for operators; the coordinator does not read it yet
+(failover to another provider is not built).
 """
 
 from __future__ import annotations
