@@ -33,7 +33,7 @@ def new_latency_histogram() -> HdrHistogram:
 
 @dataclass(slots=True)
 class LatencyWindow:
-    """Receive -> Pulsar receipt latency of the events acked in the current window."""
+    """A latency histogram in microseconds, reset when the owner's window ends."""
 
     histogram: HdrHistogram = field(default_factory=new_latency_histogram)
 
@@ -43,6 +43,10 @@ class LatencyWindow:
         record = self.histogram.record_value
         for value, count in Counter(values_us).items():
             record(max(1, min(value, 600_000_000)), count)
+
+    def record_us(self, value_us: int, count: int = 1) -> None:
+        """One value standing for ``count`` events (a batch that shares one time)."""
+        self.histogram.record_value(max(1, min(value_us, 600_000_000)), count)
 
     def percentiles_ms(self) -> dict[str, float | None]:
         h = self.histogram

@@ -61,6 +61,9 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
     for entry in latency.values():
         _ordered(entry)
         _ordered(entry["consumer"])
+        _ordered(entry["pulsar_round_trip"])
+        # The round trip is a part of the provider -> receipt time.
+        assert entry["pulsar_round_trip"]["p50"] <= entry["p50"], entry
 
     assert set(report["cpu_cores_at_max"]) >= {"worker", "simulator", "machine"}
     multi = report["providers_at_once"]
@@ -87,3 +90,5 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
         assert step["spooled_max"] == 0
         assert step["received_per_s"] > 0
         assert step["receipt_ms"]["count"] > 0 and step["consumer_ms"]["count"] > 0
+        # Every acknowledged event has both times.
+        assert step["pulsar_round_trip_ms"]["count"] == step["receipt_ms"]["count"], step

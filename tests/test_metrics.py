@@ -24,3 +24,13 @@ def test_record_many_matches_record_one_by_one() -> None:
     decoded = LatencyWindow()
     decoded.histogram.decode_and_add(many.encoded())
     assert decoded.histogram.get_total_count() == 2000
+
+
+def test_a_value_with_a_count_stands_for_that_many_events() -> None:
+    batch, each = LatencyWindow(), LatencyWindow()
+    batch.record_us(1_500, 50)
+    batch.record_us(0, 2)  # below the histogram's floor: counted as 1 µs
+    each.record_many_us([1_500] * 50 + [1, 1])
+    assert batch.histogram.get_total_count() == 52
+    assert batch.percentiles_ms() == each.percentiles_ms()
+    assert batch.percentiles_ms()["p50"] == 1.5

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from common import db
 from common.config import Settings
 from common.model import DataType
+from common.sinks.pulsar import PulsarSink
 from simulators.market import Faults
 from simulators.polygon import PolygonSimConfig, PolygonSimulator
 from tests.conftest import Services
@@ -82,6 +83,17 @@ async def test_received_equals_published_equals_stored(
     assert counts.received >= 3000
     assert counts.received == counts.published == counts.stored
     assert counts.spooled == 0
+    # Every published event's time to receipt was measured, and its Pulsar round trip
+    # (from the hand-over to the client) is a part of it.
+    publisher = pipeline.publisher
+    assert isinstance(publisher, PulsarSink)
+    to_receipt, round_trip = publisher.provider_latency, publisher.round_trip_latency
+    assert to_receipt.histogram.get_total_count() == counts.published
+    assert round_trip.histogram.get_total_count() == counts.published
+    round_trip_p50 = round_trip.percentiles_ms()["p50"]
+    to_receipt_p50 = to_receipt.percentiles_ms()["p50"]
+    assert round_trip_p50 is not None and to_receipt_p50 is not None
+    assert 0 < round_trip_p50 <= to_receipt_p50
 
     cur = await conn.execute(
         "SELECT count(*), count(DISTINCT event_id) FROM raw_market_data WHERE provider = %s",

@@ -424,6 +424,7 @@ class Worker:
             "latency_p50_ms": latency["p50"],
             "latency_p99_ms": latency["p99"],
             "provider_to_receipt_hdr": publisher.provider_latency.encoded(),
+            "pulsar_round_trip_hdr": publisher.round_trip_latency.encoded(),
             "quality_flags": dict(self.pipeline.quality.flag_counts),
             "sinks": {
                 "pulsar": publisher.counters.as_dict() | {"healthy": publisher.healthy},

@@ -76,6 +76,9 @@ class PulsarSink(DurableSink):
         self.latency = LatencyWindow()
         # provider (origin) -> receipt since start, for the benchmark and /metrics
         self.provider_latency = LatencyWindow()
+        # handed to the client -> receipt since start, per event: the part of the above
+        # spent in the client's batching, the network and the broker
+        self.round_trip_latency = LatencyWindow()
         self._client: pulsar.Client | None = None
         self._producer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,6 +156,8 @@ class PulsarSink(DurableSink):
             return
         now_ns = time.time_ns()
         events = receipt.events
+        round_trip_us = int((time.monotonic() - receipt.sent_at) * 1e6)
+        self.round_trip_latency.record_us(round_trip_us, len(events))
         self.latency.record_many_us([(now_ns - e.receive_ns) // 1000 for e in events])
         self.provider_latency.record_many_us([(now_ns - e.origin_ns) // 1000 for e in events])
         self._acked(receipt.events)
