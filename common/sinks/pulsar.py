@@ -76,8 +76,9 @@ class PulsarSink(DurableSink):
         self.latency = LatencyWindow()
         # provider (origin) -> receipt since start, for the benchmark and /metrics
         self.provider_latency = LatencyWindow()
-        # handed to the client -> receipt since start, per event: the part of the above
-        # spent in the client's batching, the network and the broker
+        # the batch's hand-over to the client starting -> its receipt on the event loop,
+        # since start, per event: the part of the above spent in the client's batching,
+        # the network and the broker
         self.round_trip_latency = LatencyWindow()
         self._client: pulsar.Client | None = None
         self._producer: Any = None
