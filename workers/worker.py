@@ -57,6 +57,8 @@ from workers.adapters import adapter_class
 log = structlog.get_logger("feedfleet.worker")
 
 METRICS_INTERVAL_S = 10.0
+# How long stopping waits for the worker's own tasks to end before going on without them.
+TASKS_STOP_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 2.0
 
 
@@ -140,11 +142,14 @@ class Worker:
         cache: LatestCache,
     ) -> None:  # fmt: skip
         log.info("worker_stopping", instance=self.instance_id)
+        # The session is the only intake: once it has ended, no event reaches the sinks
+        # after their last flush.
         session = next(t for t in tasks if t.get_name() == "session")
-        session.cancel()
+        await stop_tasks([session], TASKS_STOP_TIMEOUT_S)
         if self.adapter is not None:
             with contextlib.suppress(Exception):
-                await self.adapter.disconnect()
+                async with asyncio.timeout(5.0):
+                    await self.adapter.disconnect()
         self.status = ConnectionStatus.DISCONNECTED
         # Give in-flight events a bounded chance to be acknowledged; what is left stays in
         # the spools and is replayed by the next start.
@@ -152,9 +157,7 @@ class Worker:
         assert self.pipeline is not None
         drained = await self.pipeline.drained(timeout=10.0)
         await cache.flush()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks, TASKS_STOP_TIMEOUT_S)
         await store.close()
         await publisher.close()
         # Each step on its own: Redis being down must not keep the instance registered.
@@ -456,6 +459,29 @@ class Worker:
                     await db.ensure_partitions(self._conn)
             except (psycopg.Error, OSError) as exc:
                 log.warning("metrics_write_failed", error=str(exc))
+
+
+async def stop_tasks(tasks: list[asyncio.Task[Any]], timeout_s: float) -> list[str]:
+    """Cancel the tasks and wait for them, at most ``timeout_s``; the names of any still
+    running are logged and returned.
+
+    A cancel is repeated until the task ends: on Python 3.11 ``asyncio.wait_for`` drops a
+    cancel that arrives just as the awaited thing completes, and the task then runs on.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: the run loop has logged failures already
+    names = sorted(t.get_name() for t in pending)
+    if names:
+        log.error("tasks_did_not_stop", tasks=names)
+    return names
 
 
 async def run_worker(provider_name: str) -> None:
