@@ -477,7 +477,7 @@ async def stop_tasks(tasks: list[asyncio.Task[Any]], timeout_s: float) -> list[s
         _, pending = await asyncio.wait(pending, timeout=0.5)
     for task in tasks:
         if task.done() and not task.cancelled():
-            task.exception()  # retrieved: the run loop has logged failures already
+            task.exception()  # retrieved, so asyncio does not warn at exit
     names = sorted(t.get_name() for t in pending)
     if names:
         log.error("tasks_did_not_stop", tasks=names)
