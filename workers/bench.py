@@ -192,6 +192,12 @@ def hdr_decode(encoded: str | None) -> HdrHistogram:
     return hist
 
 
+def percentiles_between(earlier: str | None, later: str | None) -> dict[str, float | None]:
+    """Percentiles of what one cumulative histogram recorded between two of its encoded
+    snapshots (a worker's status, read twice)."""
+    return percentiles_ms(hdr_subtract(hdr_decode(later), hdr_decode(earlier)))
+
+
 def hdr_subtract(later: HdrHistogram, earlier: HdrHistogram) -> HdrHistogram:
     """What ``later`` recorded after ``earlier`` (both from one cumulative histogram)."""
     out = new_latency_histogram()
@@ -741,9 +747,7 @@ class Bench:
         head, tail = samples[:3], samples[-3:]
         result.backlog_start = int(statistics.median(s.backlog for s in head))
         result.backlog_end = int(statistics.median(s.backlog for s in tail))
-        result.window_receipt_p99_ms = percentiles_ms(
-            hdr_subtract(hdr_decode(last.hdr), hdr_decode(first.hdr))
-        )["p99"]
+        result.window_receipt_p99_ms = percentiles_between(first.hdr, last.hdr)["p99"]
 
         # 3. Stop the offered load and let everything drain.
         _stop(sim, 5)
@@ -770,11 +774,9 @@ class Bench:
         result.stored_rows = int(row[0]) if row else 0
         result.consumed_unique = len(consumer.ids)
         result.consumer_deliveries = consumer.deliveries
-        result.receipt_ms = percentiles_ms(
-            hdr_subtract(hdr_decode(final.hdr), hdr_decode(first.hdr))
-        )
-        result.pulsar_round_trip_ms = percentiles_ms(
-            hdr_subtract(hdr_decode(final.round_trip_hdr), hdr_decode(first.round_trip_hdr))
+        result.receipt_ms = percentiles_between(first.hdr, final.hdr)
+        result.pulsar_round_trip_ms = percentiles_between(
+            first.round_trip_hdr, final.round_trip_hdr
         )
         result.consumer_ms = percentiles_ms(consumer.histogram)
         self._judge_totals(result)
@@ -784,8 +786,7 @@ class Bench:
         previous = await self._fresh_status(time.time(), worker, lane)
         while time.monotonic() < deadline:
             sample = await self._fresh_status(previous.at, worker, lane)
-            recent = hdr_subtract(hdr_decode(sample.hdr), hdr_decode(previous.hdr))
-            p99 = percentiles_ms(recent)["p99"]
+            p99 = percentiles_between(previous.hdr, sample.hdr)["p99"]
             if p99 is not None and p99 < SETTLED_LAG_MS:
                 return
             previous = sample
