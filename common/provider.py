@@ -10,11 +10,13 @@ from __future__ import annotations
 import abc
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from common.model import ConnectionStatus, DataType, ProviderStatus, RawMarketData, iso_ns
+
+T = TypeVar("T")
 
 
 class ProviderError(Exception):
@@ -71,19 +73,23 @@ class ProviderConfig:
     def number(self, key: str, default: float) -> float:
         """``connection_config[key]`` as a float; a value that is not one is a config error
         (the worker then reports the row as ERROR instead of crashing the session)."""
-        value = self.connection_config.get(key, default)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ProviderConfigError(f"connection_config.{key} must be a number") from None
+        return self._converted(key, default, float, "a number")
+
+    def optional_number(self, key: str, default: float | None = None) -> float | None:
+        """As ``number``, but null (or no key and no default) means "not set": None."""
+        if self.connection_config.get(key, default) is None:
+            return None
+        return self._converted(key, default, float, "a number")
 
     def integer(self, key: str, default: int) -> int:
         """``connection_config[key]`` as an int; see ``number``."""
-        value = self.connection_config.get(key, default)
+        return self._converted(key, default, int, "an integer")
+
+    def _converted(self, key: str, default: Any, kind: Callable[[Any], T], noun: str) -> T:
         try:
-            return int(value)
+            return kind(self.connection_config.get(key, default))
         except (TypeError, ValueError):
-            raise ProviderConfigError(f"connection_config.{key} must be an integer") from None
+            raise ProviderConfigError(f"connection_config.{key} must be {noun}") from None
 
     def secret(self, key: str) -> str:
         """Read the secret whose environment variable the config names under ``key``.

@@ -95,8 +95,7 @@ class BloombergAdapter(ProviderAdapter):
         if isinstance(fields, str):
             fields = [f.strip() for f in fields.split(",") if f.strip()]
         self.fields: list[str] | None = list(fields) if fields else None
-        interval = cc.get("interval_s")
-        self.interval_s = float(interval) if interval else None
+        self.interval_s = config.optional_number("interval_s") or None  # 0 or unset: no conflation
         self.silence_timeout_s = config.number("silence_timeout_s", 60.0)
         self.start_timeout_s = config.number("start_timeout_s", 15.0)
         self.poll_ms = config.integer("poll_ms", 200)

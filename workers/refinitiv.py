@@ -68,8 +68,7 @@ class RefinitivAdapter(ProviderAdapter):
         ):
             raise ProviderConfigError("connection_config.view must be a list of field names")
         self.view: list[str] | None = view
-        timeout = cc.get("heartbeat_timeout_s")
-        self.heartbeat_timeout_s: float | None = float(timeout) if timeout is not None else None
+        self.heartbeat_timeout_s = config.optional_number("heartbeat_timeout_s")
         self.login_timeout_s = config.number("login_timeout_s", 10.0)
         self.consumer = codec.ConsumerProtocol(config.name)
         self.ping_timeout_s = codec.DEFAULT_PING_TIMEOUT_S

@@ -60,6 +60,9 @@ METRICS_INTERVAL_S = 10.0
 # How long stopping waits for the worker's own tasks to end before going on without them.
 TASKS_STOP_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 2.0
+# Records older than this when received are flagged stale, unless the provider row's
+# connection_config sets stale_after_s (null turns the check off).
+DEFAULT_STALE_AFTER_S = 5.0
 
 
 class Worker:
@@ -106,11 +109,14 @@ class Worker:
         )
         store = PostgresSink(self.settings.database_url, Spool(spool_dir / "postgres.spool"))
         cache = LatestCache(self._redis)
-        stale = self.provider.connection_config.get("stale_after_s", 5.0)
-        self.pipeline = Pipeline(
-            QualityChecker(stale_after_s=None if stale is None else float(stale)),
-            publisher, store, cache,
-        )  # fmt: skip
+        try:
+            stale = self.provider.optional_number("stale_after_s", DEFAULT_STALE_AFTER_S)
+        except ProviderConfigError as exc:
+            # Only the stale flag depends on it: stream with the default, say so loudly.
+            log.error("provider_config_invalid", provider=self.provider.name, error=str(exc),
+                      using=DEFAULT_STALE_AFTER_S)  # fmt: skip
+            stale = DEFAULT_STALE_AFTER_S
+        self.pipeline = Pipeline(QualityChecker(stale_after_s=stale), publisher, store, cache)
         await publisher.start()
         await db.register_instance(
             self._conn, self.instance_id, self.provider.id, self.settings.host, os.getpid()
