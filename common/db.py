@@ -62,11 +62,23 @@ def _provider(row: dict[str, Any]) -> ProviderConfig:
 
 
 def _is_uuid(text: str) -> bool:
+    """Whether PostgreSQL's uuid input takes ``text``: 32 hex digits in either case, a hyphen
+    allowed after any group of four but the last, the whole optionally in one pair of braces.
+
+    ``uuid.UUID`` alone is too lenient: it also takes ``urn:uuid:``, repeated braces, stray
+    hyphens, a sign, whitespace and underscores, which PostgreSQL rejects with an error.
+    """
+    body = text[1:-1] if text[:1] == "{" and text[-1:] == "}" else text
+    groups = body.split("-")
+    if any(not g or len(g) % 4 for g in groups):
+        return False
+    digits = "".join(groups)
     try:
-        uuid.UUID(text)
+        parsed = uuid.UUID(digits)
     except ValueError:
         return False
-    return True
+    # int(x, 16) behind uuid.UUID forgives what is not a plain hex digit; PostgreSQL does not
+    return parsed.hex == digits.lower()
 
 
 async def find_provider(conn: Conn, name_or_id: str) -> ProviderConfig | None:

@@ -82,6 +82,7 @@ async def test_subscribe_by_name_and_uuid(
         (b'{"symbols": "AAPL"}', "symbols"),
         (b'{"symbols": [42]}', "symbols"),
         (b'{"symbols": ["bad symbol;drop"]}', "symbols"),
+        (b'{"symbols": ["AAPL\\n"]}', "symbols"),  # "$" alone would let the newline through
         (b'{"symbols": ["AAPL"], "data_types": ["TICK"]}', "data_types"),
         (b'{"symbols": ["AAPL"], "data_types": []}', "data_types"),
         (b'{"symbols": ["AAPL"], "colour": "red"}', "colour"),

@@ -9,10 +9,17 @@ Endpoints (the seed's):
 plus POST .../unsubscribe, GET /api/v1/providers and a status page at ``/``.
 ``provider_id`` is the provider's name or uuid. With ``FEEDFLEET_API_TOKEN`` set, the
 writing endpoints need ``Authorization: Bearer <token>``.
+
+Every error is JSON, ``{"error": text}`` plus ``"field"`` when one input is to blame: the
+API's own, aiohttp's (unknown route, wrong method, body too large) and the HTTP parser's
+(a malformed request line, an oversized header), which ``ApiRunner`` answers.
+A provider whose worker's report cannot be read (Redis down, a corrupt document) has
+status ``UNKNOWN`` and a ``reason``; ``DISCONNECTED`` means no worker is reporting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import re
@@ -26,7 +33,9 @@ import psycopg_pool
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import RedisError
 
 from common import db
 from common.config import Settings
@@ -36,8 +45,11 @@ from common.redis_keys import provider_status_key
 
 log = structlog.get_logger("feedfleet.api")
 
-SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:/_^=\- ]{0,49}$")
+# Used with fullmatch: "$" would also match before a final newline.
+SYMBOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:/_^=\- ]{0,49}")
 MAX_SYMBOLS_PER_REQUEST = 5000
+# Not a ConnectionStatus: the worker's report could not be read, so its state is not known.
+STATUS_UNKNOWN = "UNKNOWN"
 
 POOL = web.AppKey("pool", AsyncConnectionPool)
 REDIS = web.AppKey("redis", aioredis.Redis)
@@ -45,15 +57,36 @@ SETTINGS = web.AppKey("settings", Settings)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, field: str | None = None, *, close: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.close = close  # the connection cannot carry another request
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    """The gist of an aiohttp error message, without the request bytes it may quote."""
+    line = text.strip().split("\n", 1)[0]
+    line = re.split(r": b['\"]", line, maxsplit=1)[0]
+    return line.rstrip(" :.")[:limit]
+
+
+def _http_exception_error(request: web.Request, exc: web.HTTPException) -> str:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"method {exc.method} not allowed on {request.path}; allowed: {allowed}"
+    if isinstance(exc, web.HTTPNotFound):
+        return f"no such endpoint: {request.method} {request.path}"
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return f"body too large: at most {request.client_max_size} bytes"
+    return exc.reason
 
 
 @web.middleware
@@ -65,12 +98,23 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         body: dict[str, Any] = {"error": exc.message}
         if exc.field:
             body["field"] = exc.field
-        return _json(body, exc.status)
+        resp = _json(body, exc.status)
+        if exc.close:
+            resp.force_close()
+        return resp
     except web.HTTPException as exc:
-        return _json({"error": exc.reason}, exc.status)
+        if exc.status < 400:
+            raise
+        resp = _json({"error": _http_exception_error(request, exc)}, exc.status)
+        if "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         log.warning("api_database_unavailable", error=str(exc))
         return _json({"error": "database unavailable"}, 503)
+    except Exception:
+        log.exception("api_internal_error", method=request.method, path=request.path)
+        return _json({"error": "internal error"}, 500)
 
 
 def _require_token(request: web.Request) -> None:
@@ -78,7 +122,8 @@ def _require_token(request: web.Request) -> None:
     if not token:
         return
     given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    # header bytes that are not UTF-8 arrive as surrogate escapes; compare them as sent
+    if not hmac.compare_digest(given.encode(errors="surrogateescape"), f"Bearer {token}".encode()):
         raise ApiError(401, "missing or wrong bearer token")
 
 
@@ -95,7 +140,7 @@ def parse_subscription_request(body: Any) -> SubscriptionRequest:
     if len(symbols) > MAX_SYMBOLS_PER_REQUEST:
         raise ApiError(400, f"at most {MAX_SYMBOLS_PER_REQUEST} symbols per request", "symbols")
     for s in symbols:
-        if not isinstance(s, str) or not SYMBOL_RE.match(s):
+        if not isinstance(s, str) or not SYMBOL_RE.fullmatch(s):
             raise ApiError(400, f"invalid symbol {s!r}", "symbols")
     raw_types = body.get("data_types", [DataType.TRADE.value, DataType.QUOTE.value])
     if not isinstance(raw_types, list) or not raw_types:
@@ -110,13 +155,23 @@ def parse_subscription_request(body: Any) -> SubscriptionRequest:
 
 async def _body(request: web.Request) -> Any:
     try:
-        return orjson.loads(await request.read())
+        raw = await request.read()
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding it does not decode
+        cause = exc.__cause__
+        detail = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        # aiohttp drops the connection after a broken body: say so, or a client reuses it
+        message = f"body could not be read: {_first_line(detail)}"
+        raise ApiError(400, message, "body", close=True) from None
+    try:
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}", "body") from None
 
 
 async def _provider(request: web.Request) -> ProviderConfig:
     key = request.match_info["provider_id"]
+    if "\x00" in key:  # PostgreSQL text cannot hold NUL, so no provider is named so
+        raise ApiError(400, "provider_id must not contain NUL characters", "provider_id")
     async with request.app[POOL].connection() as conn:
         provider = await db.find_provider(conn, key)
     if provider is None:
@@ -124,15 +179,34 @@ async def _provider(request: web.Request) -> ProviderConfig:
     return provider
 
 
-async def _live_status(request: web.Request, provider: ProviderConfig) -> dict[str, Any]:
-    """The worker's last status from Redis; DISCONNECTED once it has expired."""
+async def _status_documents(
+    request: web.Request, providers: list[ProviderConfig]
+) -> list[bytes | str | None] | None:
+    """The workers' raw status documents in one round trip; None when Redis cannot answer."""
+    if not providers:
+        return []
     try:
-        raw = await request.app[REDIS].get(provider_status_key(provider.id))
-    except Exception as exc:  # Redis down: state unknown, say so
+        docs: list[bytes | str | None] = await request.app[REDIS].mget(
+            [provider_status_key(p.id) for p in providers]
+        )
+    except (RedisError, OSError) as exc:
         log.warning("api_redis_unavailable", error=str(exc))
-        raw = None
+        return None
+    return docs
+
+
+def _status_doc(
+    provider: ProviderConfig, raw: bytes | str | None, redis_up: bool
+) -> dict[str, Any]:
+    """One provider's status: the worker's report, DISCONNECTED once it has expired, or
+    UNKNOWN (with a reason) when the report cannot be read."""
+    doc: Any = None
     if raw:
-        doc: dict[str, Any] = orjson.loads(raw)
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("status"), str):
         if not provider.enabled:
             doc["status"] = ConnectionStatus.DISCONNECTED.value
         return doc
@@ -143,7 +217,27 @@ async def _live_status(request: web.Request, provider: ProviderConfig) -> dict[s
         last_update=iso_ns(time.time_ns()),
         last_error=None if provider.enabled else "provider disabled",
     )
-    return asdict(status) | {"metrics": None}
+    synthesized = asdict(status) | {"metrics": None}
+    # a disabled provider is down by intent, whatever Redis holds
+    if provider.enabled and (not redis_up or raw):
+        synthesized["status"] = STATUS_UNKNOWN
+        synthesized["reason"] = "unreadable status document" if redis_up else "redis unavailable"
+    return synthesized
+
+
+async def _live_statuses(
+    request: web.Request, providers: list[ProviderConfig], *, redis_up: bool = True
+) -> tuple[list[dict[str, Any]], bool]:
+    """Each provider's status, and whether Redis answered (skipped when known to be down)."""
+    raws = await _status_documents(request, providers) if redis_up else None
+    if raws is None:
+        return [_status_doc(p, None, False) for p in providers], False
+    return [_status_doc(p, raw, True) for p, raw in zip(providers, raws, strict=True)], True
+
+
+async def _live_status(request: web.Request, provider: ProviderConfig) -> dict[str, Any]:
+    statuses, _ = await _live_statuses(request, [provider])
+    return statuses[0]
 
 
 # ---------------------------------------------------------------- handlers
@@ -197,30 +291,43 @@ async def connect(request: web.Request) -> web.Response:
 async def list_providers(request: web.Request) -> web.Response:
     async with request.app[POOL].connection() as conn:
         providers = await db.list_providers(conn)
+    statuses, _ = await _live_statuses(request, providers)
     return _json(
         [
             {k: v for k, v in asdict(p).items() if k != "connection_config"}
-            | {"status": (await _live_status(request, p))["status"]}
-            for p in providers
+            | {"status": s["status"]}
+            for p, s in zip(providers, statuses, strict=True)
         ]
     )
 
 
-async def _gather_providers(request: web.Request) -> tuple[list[dict[str, Any]], bool]:
+async def _gather_providers(
+    request: web.Request, *, redis_up: bool = True
+) -> tuple[list[dict[str, Any]], bool, bool]:
+    """Every provider's status; whether the database and Redis answered."""
     try:
         async with request.app[POOL].connection(timeout=2.0) as conn:
             providers = await db.list_providers(conn)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
-        return [], False
-    return [await _live_status(request, p) | {"enabled": p.enabled} for p in providers], True
+        return [], False, redis_up
+    statuses, redis_up = await _live_statuses(request, providers, redis_up=redis_up)
+    statuses = [s | {"enabled": p.enabled} for p, s in zip(providers, statuses, strict=True)]
+    return statuses, True, redis_up
+
+
+async def _redis_ping(request: web.Request) -> bool:
+    try:
+        return bool(await request.app[REDIS].ping())
+    except (RedisError, OSError) as exc:
+        log.warning("api_redis_unavailable", error=str(exc))
+        return False
 
 
 async def health(request: web.Request) -> web.Response:
-    statuses, db_up = await _gather_providers(request)
-    try:
-        redis_up = bool(await request.app[REDIS].ping())
-    except Exception:
-        redis_up = False
+    # ping first: with Redis down, reading each status would only wait on it again
+    statuses, db_up, redis_up = await _gather_providers(
+        request, redis_up=await _redis_ping(request)
+    )
     enabled = [s for s in statuses if s["enabled"]]
     connected = [s for s in enabled if s["status"] == ConnectionStatus.CONNECTED.value]
     if not db_up:
@@ -244,6 +351,7 @@ async def health(request: web.Request) -> web.Response:
                 "messages_received": s.get("messages_received", 0),
                 "last_update": s.get("last_update"),
                 "last_error": s.get("last_error"),
+                "reason": s.get("reason"),
             }
             for s in statuses
         },
@@ -252,7 +360,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    statuses, _ = await _gather_providers(request)
+    statuses, _, _ = await _gather_providers(request)
     per_provider = {s["provider_name"]: s.get("metrics") or {} for s in statuses}
     keys = ("received", "published", "stored", "spooled", "spooled_total", "replayed",
             "dropped", "cached", "decode_errors")  # fmt: skip
@@ -266,7 +374,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    statuses, db_up = await _gather_providers(request)
+    statuses, db_up, _ = await _gather_providers(request)
     rows = "".join(
         "<tr><td>{}</td><td class='{}'>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
             html.escape(s["provider_name"]),
@@ -321,14 +429,62 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
-async def run_api() -> None:
-    import asyncio
+def _protocol_error(status: int, exc: BaseException | None, message: str | None) -> str:
+    if status >= 500:
+        return "request timed out" if status == 504 else "internal error"
+    if isinstance(exc, LineTooLong):
+        return f"bad HTTP request: request line or header longer than {exc.args[1]} bytes"
+    return f"bad HTTP request: {_first_line(message or 'malformed')}"
 
+
+class _JsonErrorRequestHandler(web.RequestHandler):
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own answer is discarded; calling it keeps its logging and its refusal
+        # to answer once part of a response has gone out
+        super().handle_error(request, status, exc, message)
+        resp = _json({"error": _protocol_error(status, exc, message)}, status)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """An AppRunner whose connections answer HTTP parser errors in the API's JSON shape.
+
+    aiohttp answers a malformed request line or an oversized header in
+    ``RequestHandler.handle_error``, before any middleware, with plain text, and has no hook
+    for it (aio-libs/aiohttp#3287); this runner serves the app through a subclass that
+    overrides it. The raw-socket tests in tests/test_api_errors.py notice if an aiohttp
+    upgrade moves this.
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _JsonErrorServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
+
+
+async def run_api() -> None:
     from common.log import configure_logging
 
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
-    runner = web.AppRunner(build_app(settings), access_log=None)
+    runner = ApiRunner(build_app(settings), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.api_host, settings.api_port).start()
     log.info("api_listening", host=settings.api_host, port=settings.api_port)
