@@ -160,6 +160,20 @@ CREATE INDEX IF NOT EXISTS idx_raw_data_symbol_time ON raw_market_data (symbol, 
 CREATE INDEX IF NOT EXISTS idx_raw_data_provider_time
     ON raw_market_data (provider, timestamp DESC);
 
+-- Dead-letter for records no sink may store as they are (a value outside a column, a NUL
+-- character, a time out of range) and rows COPY refused: the reason and the record as
+-- received, as bytes (it may hold what text columns refuse). Nothing is dropped silently.
+CREATE TABLE IF NOT EXISTS rejected_records (
+    event_id    UUID        PRIMARY KEY,
+    provider    TEXT        NOT NULL,
+    symbol      TEXT        NOT NULL,
+    reason      TEXT        NOT NULL,
+    payload     BYTEA       NOT NULL,
+    rejected_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS idx_rejected_records_provider_time
+    ON rejected_records (provider, rejected_at DESC);
+
 -- Creates the hourly partitions from `hours_back` before to `hours_ahead` after now.
 -- Workers call it at start and every few minutes. An hour whose rows already sit in the
 -- default partition is skipped (PostgreSQL would refuse it), never an error.

@@ -19,6 +19,20 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    value = _env(name, choices[0]) or choices[0]
+    if value not in choices:
+        raise SystemExit(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _integer(name: str, default: int) -> int:
+    value = _env(name, str(default)) or str(default)
+    if not value.isdigit():
+        raise SystemExit(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
@@ -31,7 +45,10 @@ class Settings:
     api_token: str | None = None
     log_format: str = "json"
     log_level: str = "info"
-    spool_dir: Path = Path("var/spool")
+    # The workers' write-ahead journals, one directory per provider under it.
+    journal_dir: Path = Path("var/journal")
+    journal_fsync: str = "interval"  # always | interval | never (see common/journal.py)
+    journal_max_bytes: int = 2 * 1024**3
     host: str = field(default_factory=socket.gethostname)
 
     @classmethod
@@ -60,6 +77,11 @@ class Settings:
             api_token=_env("FEEDFLEET_API_TOKEN"),
             log_format=_env("FEEDFLEET_LOG_FORMAT", "json") or "json",
             log_level=_env("FEEDFLEET_LOG_LEVEL", "info") or "info",
-            spool_dir=Path(_env("FEEDFLEET_SPOOL_DIR", "var/spool") or "var/spool"),
+            # FEEDFLEET_SPOOL_DIR is the journal's former name, still honoured.
+            journal_dir=Path(
+                _env("FEEDFLEET_JOURNAL_DIR") or _env("FEEDFLEET_SPOOL_DIR") or "var/journal"
+            ),
+            journal_fsync=_choice("FEEDFLEET_JOURNAL_FSYNC", ("interval", "always", "never")),
+            journal_max_bytes=_integer("FEEDFLEET_JOURNAL_MAX_BYTES", 2 * 1024**3),
             host=_env("FEEDFLEET_HOST") or socket.gethostname(),
         )

@@ -196,11 +196,13 @@ async def register_instance(
     await conn.execute("SELECT pg_notify('feedfleet_config', 'worker_instances')")
 
 
-async def heartbeat_instance(conn: Conn, instance_id: str, status: str) -> None:
-    await conn.execute(
+async def heartbeat_instance(conn: Conn, instance_id: str, status: str) -> bool:
+    """Refresh the instance's row; False when there is none (it was dropped as dead)."""
+    cur = await conn.execute(
         "UPDATE worker_instances SET heartbeat_at = now(), status = %s WHERE instance_id = %s",
         (status, instance_id),
     )
+    return cur.rowcount > 0
 
 
 async def remove_instance(conn: Conn, instance_id: str) -> None:

@@ -11,6 +11,12 @@ Shape (the seed's, plus ``raw_data.data_type``)::
 data type, ordinal), and of the values where the provider gives no sequence, so replaying
 the same provider data yields the same ids and consumers can de-duplicate.
 ``timestamp`` is the publish-ready time; ``raw_data.timestamp`` the provider's event time.
+
+A record that a sink would refuse (see ``refusal``: a number beyond its column, a symbol
+too long, a NUL character, a time or integer out of range) does not become an event: it
+becomes a *rejected* one, whose payload holds the reason and the record's values as
+received, bound for the dead-letters (Pulsar ``<topic>-dlq`` and ``rejected_records``).
+One bad value never blocks a sink, and nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ EVENT_TYPE = "raw_market_data_ingested"
 
 @dataclass(slots=True)
 class Event:
-    """One event ready for the sinks: its JSON payload and its COPY row (text format)."""
+    """One event ready for the sinks: its JSON payload and its COPY row (text format).
+
+    A rejected event's payload is the dead-letter document and its ``copy_row`` is empty.
+    """
 
     event_id: str
     symbol: str
@@ -39,6 +48,14 @@ class Event:
     # When the provider produced it: the simulator's send stamp where present, else the
     # provider timestamp. Latency "provider -> Pulsar receipt" is measured from here.
     origin_ns: int
+    # The provider's sequence space and number: the journal keeps them so sequence state
+    # (and so gap detection) survives a restart.
+    stream: str = ""
+    sequence: int | None = None
+    rejected: bool = False
+    # Set by the journal: unique and increasing, the same on every replay (Pulsar's
+    # sequence id, for the broker's de-duplication).
+    position: int = 0
 
 
 def event_id_for(
@@ -56,8 +73,22 @@ def event_id_for(
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
-    """Turn one batch of checked records into events. ``publish_ns`` is read once per batch."""
+# The columns of raw_market_data: NUMERIC(20, 8) prices, NUMERIC(24, 8) volume, BIGINT
+# sequence, VARCHAR(50) symbol. A value outside them would make COPY refuse the batch.
+PRICE_LIMIT = 1e12
+VOLUME_LIMIT = 1e16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SYMBOL_MAX_CHARS = 50
+
+
+def build_events(
+    records: list[RawMarketData], publish_ns: int, rejected: list[Event] | None = None
+) -> list[Event]:
+    """Turn one batch of checked records into events. ``publish_ns`` is read once per batch.
+
+    Records a sink would refuse go to ``rejected`` (when given; else they raise) as
+    dead-letter events with the reason.
+    """
     publish_iso = iso_ns(publish_ns)
     events: list[Event] = []
     append = events.append
@@ -73,51 +104,142 @@ def build_events(records: list[RawMarketData], publish_ns: int) -> list[Event]:
         key = (r.stream, r.provider_sequence)
         ordinal = ordinal + 1 if key == prev_key else 0
         prev_key = key
-        dt = r.data_type  # a StrEnum: formats and serializes as its value
-        seq = r.provider_sequence
-        specific = dumps(r.provider_specific)
-        if seq is None:
-            # No sequence (polled quotes, bars): the values tell one update from the next,
-            # and a replay of the same record still hashes the same.
-            content = f"{r.stream}|{r.price}|{r.volume}|{r.bid}|{r.ask}|{specific.decode()}"
-            event_id = event_id_for(r.provider, content, None, r.timestamp_ns, dt, ordinal)
-        else:
-            event_id = event_id_for(r.provider, r.stream, seq, r.timestamp_ns, dt, ordinal)
-        if r.timestamp_ns != last_ts:
-            last_ts, last_ts_iso = r.timestamp_ns, iso_ns(r.timestamp_ns)
-        if r.receive_ns != last_recv:
-            last_recv, last_recv_iso = r.receive_ns, iso_ns(r.receive_ns)
-        provider_time = last_ts_iso
-        flags = r.quality_flags
-        payload = dumps(
-            {
-                "event_id": event_id,
-                "timestamp": publish_iso,
-                "provider": r.provider,
-                "raw_data": {
-                    "symbol": r.symbol,
-                    "price": r.price,
-                    "volume": r.volume,
-                    "timestamp": provider_time,
-                    "bid": r.bid,
-                    "ask": r.ask,
-                    "provider_specific": orjson.Fragment(specific),
-                    "data_type": dt,
-                },
-                "metadata": {
-                    "ingestion_latency_ms": (publish_ns - r.receive_ns) / 1e6,
-                    "provider_sequence": r.provider_sequence,
-                    "quality_flags": flags,
-                },
-            }
-        )
-        row = copy_row(
-            event_id, r.symbol, r.provider, provider_time, dt, r.price, r.volume, r.bid,
-            r.ask, specific, r.provider_sequence, flags, last_recv_iso,
-        )  # fmt: skip
+        # A try block costs nothing until it catches: one bad record costs only itself.
+        try:
+            dt = r.data_type  # a StrEnum: formats and serializes as its value
+            seq = r.provider_sequence
+            specific = dumps(r.provider_specific)
+            price, volume, bid, ask = r.price, r.volume, r.bid, r.ask
+            if (
+                (price is not None and not -PRICE_LIMIT < price < PRICE_LIMIT)
+                or (bid is not None and not -PRICE_LIMIT < bid < PRICE_LIMIT)
+                or (ask is not None and not -PRICE_LIMIT < ask < PRICE_LIMIT)
+                or (volume is not None and not -VOLUME_LIMIT < volume < VOLUME_LIMIT)
+                or (seq is not None and not INT64_MIN <= seq <= INT64_MAX)
+                or b"\\u0000" in specific
+                or symbol_refusal(r.symbol) is not None
+            ):
+                raise ValueError(refusal(r))
+            if seq is None:
+                # No sequence (polled quotes, bars): the values tell one update from the
+                # next, and a replay of the same record still hashes the same.
+                content = f"{r.stream}|{price}|{volume}|{bid}|{ask}|{specific.decode()}"
+                event_id = event_id_for(r.provider, content, None, r.timestamp_ns, dt, ordinal)
+            else:
+                event_id = event_id_for(r.provider, r.stream, seq, r.timestamp_ns, dt, ordinal)
+            if r.timestamp_ns != last_ts:
+                last_ts_iso = iso_ns(r.timestamp_ns)
+                last_ts = r.timestamp_ns
+            if r.receive_ns != last_recv:
+                last_recv_iso = iso_ns(r.receive_ns)
+                last_recv = r.receive_ns
+            provider_time = last_ts_iso
+            flags = r.quality_flags
+            payload = dumps(
+                {
+                    "event_id": event_id,
+                    "timestamp": publish_iso,
+                    "provider": r.provider,
+                    "raw_data": {
+                        "symbol": r.symbol,
+                        "price": price,
+                        "volume": volume,
+                        "timestamp": provider_time,
+                        "bid": bid,
+                        "ask": ask,
+                        "provider_specific": orjson.Fragment(specific),
+                        "data_type": dt,
+                    },
+                    "metadata": {
+                        "ingestion_latency_ms": (publish_ns - r.receive_ns) / 1e6,
+                        "provider_sequence": seq,
+                        "quality_flags": flags,
+                    },
+                }
+            )
+            row = copy_row(
+                event_id, r.symbol, r.provider, provider_time, dt, price, volume, bid, ask,
+                specific, seq, flags, last_recv_iso,
+            )  # fmt: skip
+        except Exception as exc:
+            if rejected is None:
+                raise
+            rejected.append(rejected_event(r, ordinal, exc))
+            continue
         origin = r.provider_specific.get("ffsend") or r.timestamp_ns
-        append(Event(event_id, r.symbol, payload, row, r.receive_ns, origin))
+        append(Event(event_id, r.symbol, payload, row, r.receive_ns, origin, r.stream, seq))
     return events
+
+
+def refusal(r: RawMarketData) -> str:
+    """Why a sink would refuse this record (the checks of ``build_events``, spelled out)."""
+    for name, value, limit in (
+        ("price", r.price, PRICE_LIMIT), ("bid", r.bid, PRICE_LIMIT),
+        ("ask", r.ask, PRICE_LIMIT), ("volume", r.volume, VOLUME_LIMIT),
+    ):  # fmt: skip
+        if value is not None and not -limit < value < limit:
+            return f"{name} {value!r} is outside the column's range (|x| < {limit:g})"
+    seq = r.provider_sequence
+    if seq is not None and not INT64_MIN <= seq <= INT64_MAX:
+        return f"provider_sequence {seq} does not fit 64 bits"
+    return symbol_refusal(r.symbol) or "provider_specific holds a NUL character"
+
+
+@functools.lru_cache(maxsize=65536)
+def symbol_refusal(symbol: str) -> str | None:
+    """Why ``raw_market_data.symbol`` would refuse this symbol, or None (cached per symbol)."""
+    if not symbol:
+        return "empty symbol"
+    if len(symbol) > SYMBOL_MAX_CHARS:
+        return f"symbol of {len(symbol)} characters (at most {SYMBOL_MAX_CHARS})"
+    if "\x00" in symbol:
+        return "symbol holds a NUL character"
+    return None
+
+
+def rejected_event(r: RawMarketData, ordinal: int, error: Exception) -> Event:
+    """A dead-letter event for a record no sink may store as it is."""
+    reason = str(error) if isinstance(error, ValueError) and str(error) else (
+        f"{type(error).__name__}: {error}"
+    )  # fmt: skip
+    event_id = event_id_for(
+        r.provider, r.stream,
+        None if r.provider_sequence is None else _safe_int(r.provider_sequence),
+        _safe_int(r.timestamp_ns),
+        str(r.data_type), ordinal,
+    )  # fmt: skip
+    values = {name: _as_json_value(getattr(r, name)) for name in RawMarketData.__slots__}
+    payload = orjson.dumps(
+        {
+            "event_id": event_id,
+            "provider": r.provider,
+            "symbol": r.symbol,
+            "reason": reason,
+            "record": values,
+        }
+    )
+    return Event(
+        event_id, r.symbol, payload, b"", r.receive_ns, r.receive_ns, r.stream,
+        None, rejected=True,
+    )  # fmt: skip
+
+
+def _safe_int(value: object) -> int:
+    """An integer for the id's hash: a bad one (out of range, wrong type) by its text."""
+    if isinstance(value, int) and INT64_MIN <= value <= INT64_MAX:
+        return value
+    return int.from_bytes(blake2b(repr(value).encode(), digest_size=7).digest())
+
+
+def _as_json_value(value: object) -> object:
+    """The value itself where JSON can carry it exactly, else its repr (nothing is lost)."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return repr(value)
+    if isinstance(value, float) and not -1e308 < value < 1e308:
+        return repr(value)  # NaN and infinities would become null
+    return value
 
 
 COPY_COLUMNS = (
@@ -162,9 +284,16 @@ def _escape(text: str) -> str:
     return text
 
 
-def event_from_payload(payload: bytes, receive_ns: int) -> Event:
-    """Rebuild an ``Event`` from its JSON (spool replay): same payload, same row."""
+def event_from_journal(
+    payload: bytes, receive_ns: int, stream: str, sequence: int | None, *, rejected: bool
+) -> Event:
+    """Rebuild an ``Event`` from its journal line: same payload, same COPY row."""
     doc = orjson.loads(payload)
+    if rejected:
+        return Event(
+            doc["event_id"], doc["symbol"], payload, b"", receive_ns, receive_ns, stream,
+            None, rejected=True,
+        )  # fmt: skip
     raw = doc["raw_data"]
     meta = doc["metadata"]
     row = copy_row(
@@ -174,7 +303,7 @@ def event_from_payload(payload: bytes, receive_ns: int) -> Event:
         meta["quality_flags"], iso_ns(receive_ns),
     )  # fmt: skip
     origin = raw["provider_specific"].get("ffsend") or _iso_to_ns(raw["timestamp"])
-    return Event(doc["event_id"], raw["symbol"], payload, row, receive_ns, origin)
+    return Event(doc["event_id"], raw["symbol"], payload, row, receive_ns, origin, stream, sequence)
 
 
 def _iso_to_ns(text: str) -> int:

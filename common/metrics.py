@@ -10,19 +10,21 @@ from hdrh.histogram import HdrHistogram
 
 @dataclass(slots=True)
 class SinkCounters:
-    """Per durable sink. ``acked`` counts direct and replayed deliveries."""
+    """Per durable sink. ``acked`` counts live and caught-up deliveries."""
 
     acked: int = 0
-    spooled: int = 0  # events ever written to the spool
-    replayed: int = 0  # events delivered from the spool
+    replayed: int = 0  # events delivered by the catch-up from the journal
     failures: int = 0  # failed delivery attempts (batches)
+    dead_lettered: int = 0  # rejected records delivered to the sink's dead-letter
+    fell_behind: int = 0  # times the sink left live hand-over for catch-up
 
     def as_dict(self) -> dict[str, int]:
         return {
             "acked": self.acked,
-            "spooled": self.spooled,
             "replayed": self.replayed,
             "failures": self.failures,
+            "dead_lettered": self.dead_lettered,
+            "fell_behind": self.fell_behind,
         }
 
 

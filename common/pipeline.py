@@ -1,9 +1,12 @@
-"""The per-record path: quality flags, event building, hand-off to the sinks.
+"""The per-record path: quality flags, event building, the journal, hand-off to the sinks.
 
-``process`` is synchronous and does no I/O: sinks take events without waiting (Pulsar
-sends asynchronously, PostgreSQL buffers for its next COPY, Redis coalesces). The only
-wait is ``wait_for_room``, the backpressure point once both sinks are spooling past
-their limit.
+``process`` is synchronous and does no waiting: the batch is appended to the journal (one
+``write``), then handed to the sinks, which take it without waiting (Pulsar sends
+asynchronously, PostgreSQL buffers for its next COPY, Redis coalesces). The only waits
+are in ``wait_for_room``: the journal at its size cap (a sink far behind), or a journal
+that cannot be written (a full disk). Then the session stops reading, so the provider
+side feels the backpressure, and the events of the read that did not fit are held here
+and journaled first once there is room: nothing received is lost.
 """
 
 from __future__ import annotations
@@ -12,70 +15,117 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from common.events import build_events
+import structlog
+
+from common.events import Event, build_events
+from common.journal import Journal, JournalFull
 from common.model import RawMarketData
 from common.quality import QualityChecker
 from common.sinks.base import DurableSink
 from common.sinks.redis import LatestCache
 
+log = structlog.get_logger("feedfleet.pipeline")
+
 
 @dataclass(slots=True)
 class PipelineCounts:
     received: int
+    journaled: int
     published: int
     stored: int
-    spooled: int  # events waiting in spools now (max over the durable sinks)
-    spooled_total: int
+    spooled: int  # events journaled and not yet acknowledged by a sink (the larger backlog)
     replayed: int
+    dead_lettered: int
     dropped: int
     cached: int
 
 
 class Pipeline:
     def __init__(
-        self, quality: QualityChecker, publisher: DurableSink, store: DurableSink,
-        cache: LatestCache | None, *, max_spool_bytes: int = 2 * 1024**3,
+        self, quality: QualityChecker, journal: Journal, publisher: DurableSink,
+        store: DurableSink, cache: LatestCache | None,
     ) -> None:  # fmt: skip
         self.quality = quality
+        self.journal = journal
         self.publisher = publisher
         self.store = store
         self.cache = cache
-        self.max_spool_bytes = max_spool_bytes
         self.received = 0
-        # Nothing is dropped by quality today; the counter is kept so a loss would show.
+        self.dead_lettered = 0  # records turned into rejected events
+        # Nothing is dropped; the counter is kept so a loss would show.
         self.dropped = 0
+        # A read's events that the journal could not take yet (disk full, at its cap).
+        self._held: tuple[list[Event], list[Event]] | None = None
+        self.journal_error: str | None = None
 
     def process(self, records: list[RawMarketData]) -> None:
+        if not records:
+            return
         self.received += len(records)
         self.quality.check(records)
-        events = build_events(records, time.time_ns())
-        self.publisher.submit(events)
-        self.store.submit(events)
-        if self.cache is not None:
+        rejected: list[Event] = []
+        events = build_events(records, time.time_ns(), rejected)
+        if rejected:
+            self.dead_lettered += len(rejected)
+        if self._held is not None:
+            # Still waiting for room: keep the order, join the held read.
+            self._held[0].extend(events)
+            self._held[1].extend(rejected)
+            return
+        self._journal(events, rejected)
+
+    def _journal(self, events: list[Event], rejected: list[Event]) -> bool:
+        try:
+            batch = self.journal.append(events, rejected)
+        except JournalFull as exc:
+            if self._held is None:
+                log.error("journal_full", error=str(exc), events_held=len(events))
+            self._held = (events, rejected)
+            self.journal_error = str(exc)
+            return False
+        self._held = None
+        if self.journal_error is not None:
+            log.info("journal_writable_again")
+            self.journal_error = None
+        self.publisher.submit(batch)
+        self.store.submit(batch)
+        if self.cache is not None and events:
             self.cache.submit(events)
+        return True
 
     @property
     def backpressure(self) -> bool:
-        limit = self.max_spool_bytes
-        return self.publisher.spool.size_bytes > limit or self.store.spool.size_bytes > limit
+        return self._held is not None or self.journal.size_bytes > self.journal.max_bytes * 0.9
+
+    @property
+    def backpressure_reason(self) -> str | None:
+        if self.journal_error is not None:
+            return f"journal not writable: {self.journal_error}"
+        if self.backpressure:
+            return "backpressure: journal near its size cap (a sink is far behind)"
+        return None
 
     async def wait_for_room(self) -> None:
         while self.backpressure:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
+            self.journal.collect()
+            if self._held is not None:
+                self._journal(*self._held)
 
     def counts(self) -> PipelineCounts:
         pub, store = self.publisher.counters, self.store.counters
         return PipelineCounts(
             received=self.received,
+            journaled=self.journal.appended_events,
             published=pub.acked,
             stored=store.acked,
-            spooled=max(self.publisher.spool.pending, self.store.spool.pending),
-            spooled_total=pub.spooled + store.spooled,
+            spooled=max(self.publisher.backlog, self.store.backlog),
             replayed=pub.replayed + store.replayed,
+            dead_lettered=self.dead_lettered,
             dropped=self.dropped,
             cached=self.cache.written if self.cache else 0,
         )
 
     async def drained(self, timeout: float) -> bool:
         results = await asyncio.gather(self.publisher.drained(timeout), self.store.drained(timeout))
-        return all(results)
+        return all(results) and self._held is None

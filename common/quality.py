@@ -28,7 +28,10 @@ class QualityChecker:
     - stale: provider time more than ``stale_after_s`` before receive time (None: off);
     - duplicate / out_of_order: sequence equal to / below the last one on its stream
       (records without a sequence: their provider timestamp instead);
-    - gap: a jump on a stream whose provider promises contiguous numbers;
+    - gap: a jump on a stream whose provider promises contiguous numbers; the record's
+      ``provider_specific["gap"]`` then holds the missing range ``[first, last]``. The
+      last sequence per stream outlives a restart (the journal keeps it: ``restore``), so
+      what was sent while no worker listened is flagged too;
     - crossed: bid > ask;
     - price_outlier: a trade more than ``outlier_fraction`` away from the symbol's last trade;
     - missing_fields: a trade without price, a quote without bid or ask (codecs add it too);
@@ -43,6 +46,14 @@ class QualityChecker:
         self._last_time: dict[str, int] = {}
         self._last_price: dict[str, float] = {}
         self.flag_counts: dict[str, int] = {f.value: 0 for f in QualityFlag}
+
+    def sequences(self) -> dict[str, int]:
+        """The last sequence per stream (the journal writes it at each new segment)."""
+        return dict(self._last_seq)
+
+    def restore(self, sequences: dict[str, int]) -> None:
+        """Continue from what an earlier run of this worker saw (from the journal)."""
+        self._last_seq.update(sequences)
 
     def forget(self, symbols: Iterable[str]) -> None:
         """Drop state for unsubscribed symbols so a later resubscribe starts clean."""
@@ -70,6 +81,7 @@ class QualityChecker:
                 if prev is None or seq > prev:
                     if prev is not None and r.sequence_contiguous and seq > prev + 1:
                         flags.append(_GAP)
+                        r.provider_specific = {**r.provider_specific, "gap": [prev + 1, seq - 1]}
                     last_seq[r.stream] = seq
                 elif seq == prev:
                     flags.append(_DUPLICATE)

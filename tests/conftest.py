@@ -47,7 +47,7 @@ class Services:
             redis_url=self.redis_url,
             pulsar_url=self.pulsar_url,
             pulsar_topic=f"persistent://public/default/test-{uuid.uuid4().hex[:12]}",
-            spool_dir=self.work_dir / f"spool-{uuid.uuid4().hex[:8]}",
+            journal_dir=self.work_dir / f"journal-{uuid.uuid4().hex[:8]}",
         )
         return replace(base, **overrides)  # type: ignore[arg-type]
 

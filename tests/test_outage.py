@@ -57,20 +57,22 @@ async def test_broker_outage_spools_then_replays_everything(
         pipeline = worker.pipeline
         assert pipeline is not None
         publisher = pipeline.publisher
-        await until(lambda: publisher.spool.pending > 500, 30, "events to spool")
-        assert not publisher.healthy
-        # While the broker is down nothing is lost: all is published, in flight or spooled.
+        await until(
+            lambda: not publisher.healthy and publisher.backlog > 500,
+            30,
+            "the sink to fail and events to wait in the journal",
+        )
+        # While the broker is down nothing is lost: all is journaled and stored.
         c = pipeline.counts()
-        assert c.received <= c.published + publisher.pending + publisher.spool.pending
+        assert c.received == c.journaled
         assert c.stored > c.published  # PostgreSQL is unaffected
         broker.start()
-        await until(lambda: publisher.healthy and publisher.spool.pending == 0, 60, "replay")
+        await until(lambda: publisher.healthy and publisher.live, 60, "the catch-up")
         await sim.stop()
         assert await pipeline.drained(timeout=30)
         c = pipeline.counts()
         assert c.received == c.published == c.stored
         assert publisher.counters.replayed > 500
-        assert publisher.counters.spooled >= publisher.counters.replayed
         collector = PulsarCollector(url, topic)
         assert await collector.wait_for(c.received, timeout=60) == c.received
     finally:
@@ -83,7 +85,7 @@ async def test_broker_outage_spools_then_replays_everything(
 async def test_database_outage_spools_rows_then_stores_them(
     services: Services, conn: db.Conn
 ) -> None:
-    """The COPY connection is killed; the batch spools and is stored once, not twice."""
+    """The COPY connection is killed; the batch is read back and stored once, not twice."""
     sim, running = await _start_fleet(services, conn)
     worker = running.worker
     try:
@@ -96,7 +98,7 @@ async def test_database_outage_spools_rows_then_stores_them(
         backend = store._conn.info.backend_pid  # type: ignore[union-attr]
         await conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
         await until(lambda: store.counters.failures >= 1, 10, "the failed COPY")
-        await until(lambda: store.counters.replayed > 0, 20, "the spooled rows replayed")
+        await until(lambda: store.counters.replayed > 0, 20, "the rows read back and stored")
         await sim.stop()
         assert await pipeline.drained(timeout=30)
         c = pipeline.counts()
@@ -111,49 +113,6 @@ async def test_database_outage_spools_rows_then_stores_them(
     finally:
         await running.stop()
         await sim.stop()
-
-
-def test_spool_survives_a_restart(tmp_path: Path) -> None:
-    n = 3
-    from common.events import build_events
-    from common.model import RawMarketData
-    from common.spool import Spool
-
-    recs = [
-        RawMarketData(
-            "X",
-            "p",
-            10**18 + i,
-            DataType.TRADE,
-            1.0 + i,
-            1,
-            None,
-            None,
-            {},
-            i,
-            "T.X",
-            False,
-            10**18 + i,
-        )
-        for i in range(n)
-    ]
-    events = build_events(recs, 10**18 + 100)
-    spool = Spool(tmp_path / "s.spool")
-    spool.append(events)
-    first, offset = spool.read(1)
-    spool.advance(offset, 1)
-    spool.close()
-    again = Spool(tmp_path / "s.spool")  # a restarted worker
-    assert again.pending == n - 1
-    rest, offset = again.read(100)
-    assert [e.event_id for e in rest] == [e.event_id for e in events[1:]]
-    assert first[0].event_id == events[0].event_id
-    again.advance(offset, len(rest))
-    assert again.pending == 0 and again.size_bytes == 0
-    # A torn last line (crash mid-write) is skipped, not fatal.
-    with open(tmp_path / "s.spool", "ab") as f:
-        f.write(b"123\t{broken")
-    assert Spool(tmp_path / "s.spool").read(10)[0] == []
 
 
 async def test_redis_down_degrades_but_never_blocks(services: Services, conn: db.Conn) -> None:

@@ -362,8 +362,8 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     statuses, _, _ = await _gather_providers(request)
     per_provider = {s["provider_name"]: s.get("metrics") or {} for s in statuses}
-    keys = ("received", "published", "stored", "spooled", "spooled_total", "replayed",
-            "dropped", "cached", "decode_errors")  # fmt: skip
+    keys = ("received", "journaled", "published", "stored", "spooled", "replayed",
+            "dead_lettered", "dropped", "cached", "decode_errors")  # fmt: skip
     totals: dict[str, float] = {
         k: sum(int(m.get(k) or 0) for m in per_provider.values()) for k in keys
     }

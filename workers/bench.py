@@ -582,7 +582,7 @@ class Bench:
                 "FEEDFLEET_REDIS_URL": self.services.redis_url,
                 "FEEDFLEET_PULSAR_URL": self.services.pulsar_url,
                 "FEEDFLEET_PULSAR_TOPIC": topic,
-                "FEEDFLEET_SPOOL_DIR": str(spool_dir),
+                "FEEDFLEET_JOURNAL_DIR": str(spool_dir),
                 "FEEDFLEET_HOST": WORKER_HOST,
                 KEY_ENV: "bench-key",
             }

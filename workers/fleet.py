@@ -154,7 +154,7 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
     pulsar_port = _port(16650) if embed_pulsar else 0
     if embed_pulsar:
         env["FEEDFLEET_PULSAR_URL"] = f"pulsar://127.0.0.1:{pulsar_port}"
-    for name in ("redis", "pulsar", "log", "spool"):
+    for name in ("redis", "pulsar", "log", "journal"):
         (var / name).mkdir(parents=True, exist_ok=True)
     # Its metrics listener would take 0.0.0.0:8080, the API's port.
     (var / "pulsar-lite.toml").write_text("[metrics]\nenabled = false\n")
@@ -169,7 +169,7 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
             "FEEDFLEET_PULSAR_PORT": str(pulsar_port),
             "FEEDFLEET_REDIS_SERVER": redis_server_path(),
             "FEEDFLEET_PULSAR_LITE": pulsar_lite_path(),
-            "FEEDFLEET_SPOOL_DIR": str(var / "spool"),
+            "FEEDFLEET_JOURNAL_DIR": str(var / "journal"),
             "FEEDFLEET_SIM_RATE": env.get("FEEDFLEET_SIM_RATE") or "1000",
         }
     )

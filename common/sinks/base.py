@@ -1,8 +1,22 @@
-"""What both durable sinks share: spool on failure or overload, replay in order.
+"""What both durable sinks share: a cursor in the journal, live hand-over, catch-up.
 
-A record is done only when every durable sink has acknowledged it. While a sink's spool
-holds anything, new events go to the spool too, so the sink sees them in order; the
-replay loop drains it and is also the probe that finds the sink healthy again.
+A sink is a reader of the worker's journal (``common/journal.py``) with its own cursor,
+the position up to which its backend has acknowledged everything. It runs in one of two
+modes:
+
+- **live**: each batch the pipeline journals is handed to the backend at once, from
+  memory. A receipt moves the cursor to the batch's end.
+- **catching up**: the backend failed, was slow (``max_pending`` events unacknowledged)
+  or the worker has just started with a backlog. New batches are not handed over (they
+  are in the journal); the catch-up loop reads from the cursor, delivers a chunk, waits
+  for its acknowledgement, and goes live again once it reaches the journal's head. It is
+  also the probe that finds a failed backend healthy again.
+
+Batches are acknowledged in journal order, so the cursor never passes a batch that was
+not delivered. A failure bumps ``generation``: receipts for batches handed over before it
+are then ignored, and the catch-up resends from the cursor (the backends de-duplicate by
+event id). Records no backend may take as they are (``Batch.rejected``) go to the sink's
+dead-letter, in the same delivery.
 """
 
 from __future__ import annotations
@@ -14,10 +28,9 @@ from typing import ClassVar
 
 import structlog
 
-from common.events import Event
+from common.journal import Batch, Journal
 from common.metrics import SinkCounters
 from common.retry import Backoff
-from common.spool import Spool
 
 log = structlog.get_logger("feedfleet.sink")
 
@@ -25,14 +38,18 @@ log = structlog.get_logger("feedfleet.sink")
 class DurableSink(abc.ABC):
     name: ClassVar[str]
 
-    def __init__(self, spool: Spool, *, max_pending: int, replay_chunk: int = 5000) -> None:
-        self.spool = spool
+    def __init__(self, journal: Journal, *, max_pending: int, replay_chunk: int = 5000) -> None:
+        self.journal = journal
         self.max_pending = max_pending
         self.replay_chunk = replay_chunk
         self.counters = SinkCounters()
-        self.pending = 0  # handed to the backend, not yet acknowledged
+        self.pending = 0  # events handed to the backend, not yet acknowledged
+        self.generation = 0
+        self.live = False  # starts catching up: the journal may hold a backlog
         self.healthy = True
         self.last_error: str | None = None
+        # Events journaled but not yet acknowledged by this sink (recovered ones included).
+        self.backlog = 0
         self._backoff = Backoff(base_s=0.2, max_s=5.0)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -40,37 +57,63 @@ class DurableSink(abc.ABC):
 
     # -- called by the pipeline
 
-    def submit(self, events: list[Event]) -> None:
-        if self.spool.has_data or not self.healthy or self.pending >= self.max_pending:
-            self._to_spool(events)
+    def submit(self, batch: Batch) -> None:
+        self.backlog += len(batch)
+        if not self.live:
+            return  # the catch-up loop reads it from the journal
+        if self.pending >= self.max_pending:
+            self._leave_live(None)
             return
-        self.pending += len(events)
+        batch.generation = self.generation
+        self.pending += len(batch)
         self._idle.clear()
-        self._send(events)
+        self._send(batch)
 
     @abc.abstractmethod
-    def _send(self, events: list[Event]) -> None:
-        """Start delivering; later call ``_acked`` or ``_failed`` with the same list."""
+    def _send(self, batch: Batch) -> None:
+        """Start delivering; later call ``_acked`` or ``_failed`` with the same batch."""
 
     @abc.abstractmethod
-    async def deliver(self, events: list[Event]) -> None:
-        """Deliver and wait for the acknowledgement; raise on failure (used by replay)."""
+    async def deliver(self, batch: Batch) -> None:
+        """Deliver and wait for the acknowledgement; raise on failure (used by catch-up)."""
 
-    # -- called by subclasses when a direct delivery completes
+    def _discard_in_flight(self) -> None:  # noqa: B027 - a hook, most sinks need none
+        """Forget batches handed over but not yet with the backend (a failure happened)."""
 
-    def _acked(self, events: list[Event]) -> None:
-        self.pending -= len(events)
-        self.counters.acked += len(events)
+    # -- called by subclasses when a live delivery completes
+
+    def _acked(self, batch: Batch) -> None:
+        if batch.generation != self.generation:
+            return  # handed over before a failure: the catch-up resends it
+        n = len(batch)
+        self.pending -= n
+        self.backlog -= n
+        self.counters.acked += n
+        self.counters.dead_lettered += len(batch.rejected)
+        self.journal.acknowledge(self.name, batch.end)
         if self.pending == 0:
             self._idle.set()
 
-    def _failed(self, events: list[Event], error: str) -> None:
-        self.pending -= len(events)
+    def _failed(self, batch: Batch, error: str) -> None:
+        if batch.generation != self.generation:
+            return
         self.counters.failures += 1
         self._mark_unhealthy(error)
-        self._to_spool(events)
-        if self.pending == 0:
+        self._leave_live(error)
+
+    def _leave_live(self, error: str | None) -> None:
+        """Stop taking batches from memory; the catch-up loop goes on from the cursor."""
+        if error is not None:
+            # Receipts still to come for earlier batches no longer count: resend from the
+            # cursor rather than guess which of them the backend has.
+            self.generation += 1
+            self.pending = 0
+            self._discard_in_flight()
             self._idle.set()
+        if self.live:
+            self.live = False
+            self.counters.fell_behind += 1
+        self._wake.set()
 
     def _mark_unhealthy(self, error: str) -> None:
         if self.healthy:
@@ -78,49 +121,74 @@ class DurableSink(abc.ABC):
         self.healthy = False
         self.last_error = error
 
-    def _to_spool(self, events: list[Event]) -> None:
-        self.spool.append(events)
-        self.counters.spooled += len(events)
-        self._wake.set()
+    # -- catch-up
 
-    # -- replay
-
-    async def replay_loop(self) -> None:
+    async def catch_up_loop(self) -> None:
         while True:
-            if not self.spool.has_data:
+            if self.live:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                await self._wake.wait()
                 continue
-            events, offset = self.spool.read(self.replay_chunk)
-            if not events:  # only torn lines left
-                self.spool.advance(offset, 0)
+            # Whatever the live path still has with the backend settles first, so the
+            # cursor is where the catch-up starts.
+            await self._idle.wait()
+            start = self.journal.acked(self.name)
+            batch = self.journal.read(start, self.replay_chunk)
+            if len(batch) == 0:
+                self.journal.acknowledge(self.name, batch.end)
+                if batch.end >= self.journal.head:
+                    self._go_live()
                 continue
+            batch.generation = self.generation
             try:
-                await self.deliver(events)
+                await self.deliver(batch)
             except Exception as exc:
                 self.counters.failures += 1
                 self._mark_unhealthy(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(self._backoff.next_delay())
                 continue
             self._backoff.reset()
-            self.spool.advance(offset, len(events))
-            self.counters.acked += len(events)
-            self.counters.replayed += len(events)
-            if not self.spool.has_data and not self.healthy:
-                log.info("sink_recovered", sink=self.name, replayed=self.counters.replayed)
-                self.healthy = True
-                self.last_error = None
+            if batch.generation != self.generation or self.journal.acked(self.name) != start:
+                continue  # a failure or a restart of the catch-up meanwhile: read again
+            n = len(batch)
+            self.backlog = max(0, self.backlog - n)
+            self.counters.acked += n
+            self.counters.replayed += n
+            self.counters.dead_lettered += len(batch.rejected)
+            self.journal.acknowledge(self.name, batch.end)
+
+    def _go_live(self) -> None:
+        # Synchronous with the read that found the head: no append can fall in between.
+        self.live = True
+        self.backlog = 0
+        if not self.healthy:
+            log.info("sink_recovered", sink=self.name, replayed=self.counters.replayed)
+            self.healthy = True
+            self.last_error = None
+
+    @property
+    def caught_up(self) -> bool:
+        return self.pending == 0 and self.journal.acked(self.name) >= self.journal.head
 
     async def drained(self, timeout: float) -> bool:
-        """Wait until nothing is in flight and the spool is empty (shutdown, tests)."""
+        """Wait until everything journaled is acknowledged (shutdown, tests)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if self.pending == 0 and not self.spool.has_data:
+            if self.caught_up:
                 return True
             await asyncio.sleep(0.02)
         return False
+
+    async def run_catch_up(self) -> None:
+        """The catch-up loop, restarted if it ever fails (it must never stop for good)."""
+        while True:
+            try:
+                await self.catch_up_loop()
+            except Exception:
+                log.exception("catch_up_failed", sink=self.name)
+                with contextlib.suppress(Exception):
+                    await asyncio.sleep(1.0)
 
     @abc.abstractmethod
     async def run(self) -> None:

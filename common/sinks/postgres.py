@@ -1,9 +1,18 @@
-"""PostgreSQL sink: batched COPY into ``raw_market_data``.
+"""PostgreSQL sink: batched COPY into ``raw_market_data``, stored exactly once.
 
-Events are buffered and copied every ``flush_interval_s`` or every ``max_batch`` rows,
-one transaction per COPY; the commit is the acknowledgement. Rows already stored (a
-replay after an ambiguous commit) make COPY fail on the primary key; that batch is then
-inserted through a staging table with ``ON CONFLICT DO NOTHING``.
+Live batches are buffered and copied every ``flush_interval_s`` or every ``max_batch``
+rows, one transaction per COPY; the commit is the acknowledgement.
+
+- **Exactly once.** A replayed or retried row (the same ``event_id``) makes the fast COPY
+  fail on the primary key; that batch then goes through a staging table and
+  ``INSERT … ON CONFLICT DO NOTHING``, so it is stored once.
+- **No value blocks the table.** The pipeline already turns what the columns would refuse
+  into rejected records. If COPY still refuses a batch for its data (SQLSTATE classes 22,
+  23 and 54), the batch is bisected: the good rows are stored and each bad row goes to
+  ``rejected_records`` with PostgreSQL's reason. Connection errors are not data errors:
+  they fail the batch, and the catch-up retries it.
+- Rejected records of a batch are inserted into ``rejected_records`` in the same
+  transaction as its rows.
 """
 
 from __future__ import annotations
@@ -11,40 +20,65 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import orjson
 import psycopg
 import structlog
 
 from common.events import COPY_COLUMNS, Event
+from common.journal import Batch, Journal
 from common.sinks.base import DurableSink
-from common.spool import Spool
 
 log = structlog.get_logger("feedfleet.postgres")
 
 _COPY = f"COPY raw_market_data ({COPY_COLUMNS}) FROM STDIN"
+_DATA_ERROR_CLASSES = ("22", "23", "54")
+_INSERT_REJECTED = (
+    "INSERT INTO rejected_records (event_id, provider, symbol, reason, payload) "
+    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
+)
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return sqlstate[:2] in _DATA_ERROR_CLASSES and not isinstance(
+        exc, psycopg.errors.UniqueViolation
+    )
+
+
+def _text(value: object, limit: int = 2000) -> str:
+    """Any value as text PostgreSQL takes: no NUL characters, bounded length."""
+    return str(value).replace("\x00", "\\0")[:limit]
 
 
 class PostgresSink(DurableSink):
     name = "postgres"
 
     def __init__(
-        self, database_url: str, spool: Spool, *, flush_interval_s: float = 0.1,
+        self, database_url: str, journal: Journal, *, flush_interval_s: float = 0.1,
         max_batch: int = 20_000, max_pending: int = 200_000,
     ) -> None:  # fmt: skip
-        super().__init__(spool, max_pending=max_pending)
+        super().__init__(journal, max_pending=max_pending)
         self.database_url = database_url
         self.flush_interval_s = flush_interval_s
         self.max_batch = max_batch
-        self._buffer: list[Event] = []
+        self._buffer: list[Batch] = []
+        self._buffered = 0
         self._conn: psycopg.AsyncConnection | None = None
         self._flush_now = asyncio.Event()
         self.duplicates_skipped = 0
-        # The flusher and the replay loop share one connection: one COPY at a time.
+        self.rows_rejected = 0  # rows COPY refused, found by bisection
+        # The flusher and the catch-up share one connection: one COPY at a time.
         self._copy_lock = asyncio.Lock()
 
-    def _send(self, events: list[Event]) -> None:
-        self._buffer.extend(events)
-        if len(self._buffer) >= self.max_batch:
+    def _send(self, batch: Batch) -> None:
+        self._buffer.append(batch)
+        self._buffered += len(batch.events)
+        if self._buffered >= self.max_batch:
             self._flush_now.set()
+
+    def _discard_in_flight(self) -> None:
+        self._buffer = []
+        self._buffered = 0
 
     async def _connection(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -53,22 +87,67 @@ class PostgresSink(DurableSink):
             )
         return self._conn
 
-    async def deliver(self, events: list[Event]) -> None:
-        data = b"".join(e.copy_row for e in events)
+    async def deliver(self, batch: Batch) -> None:
         async with self._copy_lock:
             conn = await self._connection()
             try:
-                try:
-                    async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY) as copy:
-                        await copy.write(data)
-                except psycopg.errors.UniqueViolation:
-                    await self._insert_skipping_duplicates(conn, data)
+                await self._store(conn, batch.events, batch.rejected)
             except BaseException:
                 # Whatever failed, the connection's state is unknown: never reuse it.
                 await self._drop_connection()
                 raise
 
-    async def _insert_skipping_duplicates(self, conn: psycopg.AsyncConnection, data: bytes) -> None:
+    async def _store(
+        self, conn: psycopg.AsyncConnection, events: list[Event], rejected: list[Event]
+    ) -> None:
+        data = b"".join(e.copy_row for e in events)
+        try:
+            try:
+                async with conn.transaction(), conn.cursor() as cur:
+                    if data:
+                        async with cur.copy(_COPY) as copy:
+                            await copy.write(data)
+                    await self._insert_rejected(cur, rejected)
+            except psycopg.errors.UniqueViolation:
+                await self._insert_skipping_duplicates(conn, data, rejected)
+        except psycopg.Error as exc:
+            if not _is_data_error(exc):
+                raise
+            await self._bisect(conn, events, rejected, exc)
+
+    async def _bisect(
+        self, conn: psycopg.AsyncConnection, events: list[Event], rejected: list[Event],
+        error: psycopg.Error,
+    ) -> None:  # fmt: skip
+        if len(events) <= 1:
+            bad = [_rejected_row(e, error) for e in events]
+            self.rows_rejected += len(bad)
+            log.error("row_rejected_by_postgres", count=len(bad), error=_text(error, 300),
+                      event_ids=[e.event_id for e in events])  # fmt: skip
+            async with conn.transaction(), conn.cursor() as cur:
+                await self._insert_rejected(cur, rejected + bad)
+            return
+        half = len(events) // 2
+        # The batch's own rejected records go with the first half, once.
+        await self._store(conn, events[:half], rejected)
+        await self._store(conn, events[half:], [])
+
+    @staticmethod
+    async def _insert_rejected(cur: psycopg.AsyncCursor, rejected: list[Event]) -> None:
+        if not rejected:
+            return
+        rows = []
+        for e in rejected:
+            doc = orjson.loads(e.payload)
+            rows.append(
+                (e.event_id, _text(doc.get("provider", "")), _text(doc.get("symbol", ""), 200),
+                 _text(doc.get("reason", "")), e.payload)
+            )  # fmt: skip
+        await cur.executemany(_INSERT_REJECTED, rows)
+
+    async def _insert_skipping_duplicates(
+        self, conn: psycopg.AsyncConnection, data: bytes, rejected: list[Event]
+    ) -> None:
         async with conn.transaction(), conn.cursor() as cur:
             await cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS raw_market_data_staging "
@@ -86,6 +165,7 @@ class PostgresSink(DurableSink):
             await cur.execute("SELECT count(*) FROM raw_market_data_staging")
             row = await cur.fetchone()
             skipped = (row[0] if row else 0) - inserted
+            await self._insert_rejected(cur, rejected)
         if skipped:
             # Rows already stored by an earlier attempt (a replay after an ambiguous commit).
             self.duplicates_skipped += skipped
@@ -100,7 +180,7 @@ class PostgresSink(DurableSink):
                 log.debug("postgres_close_failed", error=str(exc))
 
     async def run(self) -> None:
-        replay = asyncio.create_task(self.replay_loop())
+        catch_up = asyncio.create_task(self.run_catch_up())
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -108,19 +188,40 @@ class PostgresSink(DurableSink):
                 self._flush_now.clear()
                 await self.flush()
         finally:
-            replay.cancel()
+            catch_up.cancel()
 
     async def flush(self) -> None:
         if not self._buffer:
             return
-        batch, self._buffer = self._buffer, []
+        batches, self._buffer, self._buffered = self._buffer, [], 0
+        merged = Batch(
+            [e for b in batches for e in b.events], [e for b in batches for e in b.rejected],
+            batches[-1].end, batches[0].generation,
+        )  # fmt: skip
         try:
-            await self.deliver(batch)
+            await self.deliver(merged)
         except Exception as exc:
-            self._failed(batch, f"{type(exc).__name__}: {exc}")
+            self._failed(merged, f"{type(exc).__name__}: {exc}")
         else:
-            self._acked(batch)
+            self._acked(merged)
 
     async def close(self) -> None:
         await self.flush()
         await self._drop_connection()
+
+
+def _rejected_row(event: Event, error: psycopg.Error) -> Event:
+    """A stored event PostgreSQL refused, as a dead-letter event with its reason."""
+    payload = orjson.dumps(
+        {
+            "event_id": event.event_id,
+            "provider": orjson.loads(event.payload).get("provider", ""),
+            "symbol": event.symbol,
+            "reason": f"refused by PostgreSQL: {_text(error, 500)}",
+            "event": orjson.Fragment(event.payload),
+        }
+    )
+    return Event(
+        event.event_id, event.symbol, payload, b"", event.receive_ns, event.origin_ns,
+        event.stream, event.sequence, rejected=True,
+    )  # fmt: skip

@@ -12,13 +12,20 @@ message of each batch carries a callback. That is enough because:
   that remain (producer closed) fail every later message too, the last one included.
 
 A broker that is away or slow shows as batches without a receipt: after
-``stall_timeout_s`` they are copied to the spool, the sink counts as unhealthy (new events
-spool too) and the producer is closed, which fails its stalled messages for good; the
-replay loop makes a new producer and resends from the spool in order. Closing rather than
-letting the client resend on reconnect keeps one copy of each event in the broker's
-pipeline (and the embedded test broker mishandles resends after its restart). Events the
-broker took just before it stalled may still arrive twice; consumers de-duplicate on
-``event_id``.
+``stall_timeout_s`` the sink fails them, counts as unhealthy and closes the producer,
+which fails its stalled messages for good; the catch-up (``sinks/base.py``) makes a new
+producer and resends from the journal in order. Closing rather than letting the client
+resend on reconnect keeps one copy of each event in the broker's pipeline (and the
+embedded test broker mishandles resends after its restart).
+
+Duplicates: the producer has a stable name per (provider, host) and every message a
+sequence id derived from its journal position, the same on every resend, so a broker with
+deduplication enabled (``brokerDeduplicationEnabled`` or the namespace policy) drops
+replays. Without it, events the broker took just before a stall or a kill may arrive
+twice; consumers de-duplicate on ``event_id``.
+
+Rejected records go to ``<topic>-dlq`` through a second producer, acknowledged with the
+batch they came in.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ import pulsar
 import structlog
 
 from common.events import EVENT_TYPE, Event
+from common.journal import Batch, Journal
 from common.metrics import LatencyWindow
 from common.sinks.base import DurableSink
-from common.spool import Spool
 
 log = structlog.get_logger("feedfleet.pulsar")
 
@@ -44,33 +51,40 @@ _MessageBuilder = _pulsar.MessageBuilder
 
 
 class _BatchReceipt:
-    __slots__ = ("abandoned", "error", "events", "on_done", "replay", "sent_at")
+    __slots__ = ("abandoned", "batch", "error", "on_done", "parts", "replay", "sent_at")
 
-    def __init__(self, events: list[Event], on_done: Callable[[_BatchReceipt], None]) -> None:
-        self.events = events
+    def __init__(self, batch: Batch, on_done: Callable[[_BatchReceipt], None]) -> None:
+        self.batch = batch
         self.on_done = on_done
         self.sent_at = time.monotonic()
         self.error: str | None = None
         self.abandoned = False  # given up after a stall; a late receipt is then ignored
-        self.replay = False  # sent by the replay loop: already in the spool
+        self.replay = False  # sent by the catch-up, which waits for it itself
+        # Receipts still to come: one for the events, one for the dead-letter's.
+        self.parts = int(bool(batch.events)) + int(bool(batch.rejected))
 
     def callback(self, result: Any, _msg_id: Any) -> None:
-        # On the pulsar IO thread: hand over to the event loop at once.
+        # On the pulsar IO thread (one of them, so the count needs no lock): hand over to
+        # the event loop once every part is in.
         if result != _OK:
             self.error = str(result)
-        self.on_done(self)
+        self.parts -= 1
+        if self.parts <= 0:
+            self.on_done(self)
 
 
 class PulsarSink(DurableSink):
     name = "pulsar"
 
     def __init__(
-        self, url: str, topic: str, spool: Spool, *, max_pending: int = 100_000,
-        stall_timeout_s: float = 10.0,
+        self, url: str, topic: str, journal: Journal, *, producer_name: str | None = None,
+        max_pending: int = 100_000, stall_timeout_s: float = 10.0,
     ) -> None:  # fmt: skip
-        super().__init__(spool, max_pending=max_pending)
+        super().__init__(journal, max_pending=max_pending)
         self.url = url
         self.topic = topic
+        self.dead_letter_topic = f"{topic}-dlq"
+        self.producer_name = producer_name
         self.stall_timeout_s = stall_timeout_s
         # receive -> receipt, reset every metrics window
         self.latency = LatencyWindow()
@@ -82,6 +96,7 @@ class PulsarSink(DurableSink):
         self.round_trip_latency = LatencyWindow()
         self._client: pulsar.Client | None = None
         self._producer: Any = None
+        self._dead_letter: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Batches sent and not yet acknowledged, oldest first.
         self._outstanding: dict[int, _BatchReceipt] = {}
@@ -91,7 +106,7 @@ class PulsarSink(DurableSink):
         try:
             await self._connect()
         except Exception as exc:
-            # The broker may be down at start: everything spools until it is back.
+            # The broker may be down at start: the journal holds everything until it is back.
             self._mark_unhealthy(f"connect: {exc}")
 
     async def _connect(self) -> None:
@@ -104,10 +119,11 @@ class PulsarSink(DurableSink):
                 io_threads=1, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
             )  # fmt: skip
         client = self._client
-        self._producer = await loop.run_in_executor(
-            None,
-            lambda: client.create_producer(
-                self.topic,
+
+        def create(topic: str, name: str | None) -> Any:
+            return client.create_producer(
+                topic,
+                producer_name=name,
                 # Never reached while our own max_pending holds; if it were, blocking is
                 # better than a send failing with nobody to hear it.
                 block_if_queue_full=True,
@@ -116,32 +132,41 @@ class PulsarSink(DurableSink):
                 batching_max_publish_delay_ms=1,
                 batching_max_messages=1000,
                 send_timeout_millis=0,
-            ),
+            )
+
+        name = self.producer_name
+        self._producer = await loop.run_in_executor(None, create, self.topic, name)
+        self._dead_letter = await loop.run_in_executor(
+            None, create, self.dead_letter_topic, f"{name}-dlq" if name else None
         )
 
-    def _send(self, events: list[Event]) -> None:
+    def _send(self, batch: Batch) -> None:
         producer = self._producer
         if producer is None:
-            self._failed(events, "no producer")
+            self._failed(batch, "no producer")
             return
-        receipt = _BatchReceipt(events, self._receipt_from_thread)
+        receipt = _BatchReceipt(batch, self._receipt_from_thread)
         self._outstanding[id(receipt)] = receipt
-        self._send_all(producer, receipt)
+        self._send_all(producer, self._dead_letter, receipt)
 
     @staticmethod
-    def _send_all(producer: Any, receipt: _BatchReceipt) -> None:
+    def _send_all(producer: Any, dead_letter: Any, receipt: _BatchReceipt) -> None:
         # The messages are built with the client's own MessageBuilder and handed to the
         # underlying producer: pulsar.Producer.send_async type-checks ten arguments in
         # Python before building the same message, a fifth of the cost of a send here.
-        send = producer._producer.send_async
-        events = receipt.events
+        batch = receipt.batch
         try:
-            for e in events[:-1]:
-                send(_message(e), None)
-            send(_message(events[-1]), receipt.callback)
+            for group, target in ((batch.events, producer), (batch.rejected, dead_letter)):
+                if not group:
+                    continue
+                send = target._producer.send_async
+                for e in group[:-1]:
+                    send(_message(e), None)
+                send(_message(group[-1]), receipt.callback)
         except Exception as exc:
-            # The last message was not handed over, so no callback will come.
+            # Not every part was handed over, so not every callback will come.
             receipt.error = f"send_async: {exc}"
+            receipt.parts = 0
             receipt.on_done(receipt)
 
     def _receipt_from_thread(self, receipt: _BatchReceipt) -> None:
@@ -152,16 +177,18 @@ class PulsarSink(DurableSink):
         self._outstanding.pop(id(receipt), None)
         if receipt.abandoned:
             return
+        batch = receipt.batch
         if receipt.error is not None:
-            self._failed(receipt.events, receipt.error)
+            self._failed(batch, receipt.error)
             return
         now_ns = time.time_ns()
-        events = receipt.events
-        round_trip_us = int((time.monotonic() - receipt.sent_at) * 1e6)
-        self.round_trip_latency.record_us(round_trip_us, len(events))
-        self.latency.record_many_us([(now_ns - e.receive_ns) // 1000 for e in events])
-        self.provider_latency.record_many_us([(now_ns - e.origin_ns) // 1000 for e in events])
-        self._acked(receipt.events)
+        events = batch.events
+        if events:
+            round_trip_us = int((time.monotonic() - receipt.sent_at) * 1e6)
+            self.round_trip_latency.record_us(round_trip_us, len(events))
+            self.latency.record_many_us([(now_ns - e.receive_ns) // 1000 for e in events])
+            self.provider_latency.record_many_us([(now_ns - e.origin_ns) // 1000 for e in events])
+        self._acked(batch)
 
     def _check_stalled(self) -> None:
         """Give up on batches without a receipt for too long (see the module docstring)."""
@@ -171,10 +198,14 @@ class PulsarSink(DurableSink):
         if time.monotonic() - oldest.sent_at < self.stall_timeout_s:
             return
         self._abandon_outstanding(f"no receipt within {self.stall_timeout_s:g}s")
-        producer, self._producer = self._producer, None
-        if producer is not None:
+        for producer in self._take_producers():
             # Closing blocks while the broker is away: not on the event loop.
             asyncio.get_running_loop().run_in_executor(None, _close_quietly, producer)
+
+    def _take_producers(self) -> list[Any]:
+        producers = [p for p in (self._producer, self._dead_letter) if p is not None]
+        self._producer = self._dead_letter = None
+        return producers
 
     def _abandon_outstanding(self, reason: str) -> None:
         stalled = list(self._outstanding.values())
@@ -183,12 +214,13 @@ class PulsarSink(DurableSink):
             receipt.abandoned = True
             if receipt.replay:
                 receipt.error = reason
-                receipt.on_done(receipt)  # the replay loop retries from the spool
+                receipt.on_done(receipt)  # the catch-up retries from the journal
             else:
-                self._failed(receipt.events, reason)
+                self._failed(receipt.batch, reason)
 
-    async def deliver(self, events: list[Event]) -> None:
-        if self._producer is None:
+    async def deliver(self, batch: Batch) -> None:
+        if self._producer is None or self._dead_letter is None:
+            self._take_producers()  # a half-made pair: make both again
             await self._connect()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[_BatchReceipt] = loop.create_future()
@@ -201,32 +233,33 @@ class PulsarSink(DurableSink):
         def finish(receipt: _BatchReceipt) -> None:
             loop.call_soon_threadsafe(settle, receipt)
 
-        receipt = _BatchReceipt(events, finish)
+        receipt = _BatchReceipt(batch, finish)
         receipt.replay = True
+        if receipt.parts == 0:
+            return
         self._outstanding[id(receipt)] = receipt
-        self._send_all(self._producer, receipt)
+        self._send_all(self._producer, self._dead_letter, receipt)
         result = await done
         if result.error is not None:
             if "Closed" in result.error:
-                self._producer = None  # make a new one on the next attempt
+                self._take_producers()  # make new ones on the next attempt
             raise ConnectionError(f"pulsar send failed: {result.error}")
 
     async def run(self) -> None:
-        replay = asyncio.create_task(self.replay_loop())
+        catch_up = asyncio.create_task(self.run_catch_up())
         try:
             while True:
                 await asyncio.sleep(0.25)
                 self._check_stalled()
         finally:
-            replay.cancel()
+            catch_up.cancel()
 
     async def close(self) -> None:
         # What is still unacknowledged now is replayed by the next start, not lost.
         self._abandon_outstanding("worker stopping")
         loop = asyncio.get_running_loop()
-        producer, client = self._producer, self._client
-        self._producer = self._client = None
-        if producer is not None:
+        client, self._client = self._client, None
+        for producer in self._take_producers():
             try:
                 await asyncio.wait_for(loop.run_in_executor(None, producer.flush), 10)
                 await loop.run_in_executor(None, producer.close)
@@ -243,6 +276,7 @@ def _message(event: Event) -> Any:
         .content(event.payload)
         .property("event_type", EVENT_TYPE)
         .partition_key(event.symbol)
+        .sequence_id(event.position)
         .build()
     )
 

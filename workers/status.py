@@ -1,0 +1,262 @@
+"""``StatusReporter``: what a worker tells the rest of the fleet, and how often.
+
+- every second: ``provider:{id}:status`` and ``circuit:{provider}`` in Redis, and the
+  request count mirrored to ``ratelimit:{provider}:{minute}``;
+- on each status change: a ``provider_connections`` row;
+- every two seconds: the heartbeat in ``worker_instances``, registering again if the row
+  is gone (the database was away long enough for the coordinator to drop it);
+- every ten seconds: an ``ingestion_metrics`` row; every ten minutes, partitions ahead.
+
+Neither store is needed to keep ingesting: Redis is a cache and PostgreSQL may be away;
+each step fails on its own, is logged once per outage, and is tried again next time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+import psycopg
+import redis.asyncio as aioredis
+import structlog
+
+from common import db
+from common.circuit import CircuitBreaker
+from common.model import ConnectionStatus, ProviderStatus, iso_ns
+from common.pipeline import Pipeline
+from common.redis_keys import (
+    CIRCUIT_TTL_S,
+    RATELIMIT_TTL_S,
+    STATUS_TTL_S,
+    circuit_key,
+    provider_status_key,
+    ratelimit_key,
+)
+from common.sinks.pulsar import PulsarSink
+from workers.session import ProviderSession
+
+log = structlog.get_logger("feedfleet.status")
+
+HEARTBEAT_INTERVAL_S = 2.0
+METRICS_INTERVAL_S = 10.0
+PARTITIONS_INTERVAL_S = 600.0
+
+
+class StatusReporter:
+    def __init__(
+        self, database_url: str, redis: aioredis.Redis, instance_id: str, host: str,
+        session: ProviderSession, pipeline: Pipeline, publisher: PulsarSink,
+        circuit: CircuitBreaker,
+    ) -> None:  # fmt: skip
+        self.database_url = database_url
+        self.redis = redis
+        self.instance_id = instance_id
+        self.host = host
+        self.session = session
+        self.pipeline = pipeline
+        self.publisher = publisher
+        self.circuit = circuit
+        self.throughput = 0.0
+        self.registered = False
+        self._conn: db.Conn | None = None
+        self._last_rate = (time.monotonic(), 0)
+        self._recorded: tuple[ConnectionStatus, str | None] | None = None
+        self._requests_reported = 0
+        self._adapter_seen: object = None
+        self._failing: set[str] = set()  # steps failing now: logged once per outage
+
+    # ------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_heartbeat = last_metrics = last_partitions = loop.time()
+        while True:
+            self._update_throughput()
+            await self._step("redis_status", self.publish)
+            await self._step("connection_status", self.record_status)
+            now = loop.time()
+            due = not self.registered or now - last_heartbeat >= HEARTBEAT_INTERVAL_S
+            if due and await self._step("heartbeat", self.heartbeat):
+                last_heartbeat = now
+            if now - last_metrics >= METRICS_INTERVAL_S:
+                last_metrics = now
+                if await self._step("metrics", self.write_metrics):
+                    self.publisher.latency.reset()
+            if now - last_partitions >= PARTITIONS_INTERVAL_S:
+                last_partitions = now
+                await self._step("partitions", self.ensure_partitions)
+            await asyncio.sleep(1.0)
+
+    async def _step(self, name: str, step: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            await step()
+        except (psycopg.Error, OSError, aioredis.RedisError) as exc:
+            if name not in self._failing:
+                log.warning("status_step_failed", step=name, error=str(exc))
+                self._failing.add(name)
+            if isinstance(exc, psycopg.Error):
+                await self._drop_db()
+            return False
+        if name in self._failing:
+            log.info("status_step_recovered", step=name)
+            self._failing.discard(name)
+        return True
+
+    async def _db(self) -> db.Conn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await db.connect(self.database_url)
+        return self._conn
+
+    async def _drop_db(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    # ------------------------------------------------------------ the steps
+
+    async def register(self) -> None:
+        conn = await self._db()
+        provider = self.session.provider
+        superseded = await db.register_instance(
+            conn, self.instance_id, provider.id, self.host, os.getpid()
+        )
+        if superseded:
+            log.info("instances_superseded", instances=superseded)
+        self.registered = True
+
+    async def heartbeat(self) -> None:
+        if not self.registered:
+            await self.register()
+            return
+        conn = await self._db()
+        if not await db.heartbeat_instance(conn, self.instance_id, self.session.status.value):
+            # Dropped as dead while the database was away: come back.
+            self.registered = False
+            await self.register()
+
+    async def publish(self) -> None:
+        provider = self.session.provider
+        payload = orjson.dumps(asdict(self.provider_status()) | {"metrics": self.metrics()})
+        adapter = self.session.adapter
+        if adapter is not self._adapter_seen:
+            self._adapter_seen = adapter
+            self._requests_reported = 0  # a fresh adapter counts from zero
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(provider_status_key(provider.id), payload, ex=STATUS_TTL_S)
+            pipe.set(circuit_key(provider.name), self.circuit.state.value, ex=CIRCUIT_TTL_S)
+            sent = adapter.requests_sent() if adapter is not None else 0
+            if sent > self._requests_reported:
+                key = ratelimit_key(provider.name, int(time.time() // 60))
+                pipe.incrby(key, sent - self._requests_reported)
+                pipe.expire(key, RATELIMIT_TTL_S)
+            await pipe.execute()
+            self._requests_reported = max(sent, self._requests_reported)
+
+    async def record_status(self) -> None:
+        """A ``provider_connections`` row whenever the status (or its error) changes."""
+        current = (self.session.status, self.session.last_error)
+        if current == self._recorded:
+            return
+        conn = await self._db()
+        await db.record_connection(
+            conn, self.session.provider.id, self.instance_id, current[0].value, current[1]
+        )
+        self._recorded = current
+
+    async def write_metrics(self) -> None:
+        conn = await self._db()
+        await db.insert_metrics(conn, self.session.provider.id, self.instance_id, self.metrics())
+
+    async def ensure_partitions(self) -> None:
+        await db.ensure_partitions(await self._db())
+
+    async def final_report(self) -> None:
+        """At stop: the last status, row and metrics, then deregister; each on its own."""
+        self._update_throughput()
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("redis_status", self.publish),
+            ("connection_status", self.record_status),
+            ("metrics", self.write_metrics),
+            ("deregister", self._deregister),
+        ]
+        for name, step in steps:
+            try:
+                async with asyncio.timeout(5.0):
+                    await step()
+            except Exception as exc:
+                log.warning("shutdown_step_failed", step=name, error=str(exc))
+        await self._drop_db()
+
+    async def _deregister(self) -> None:
+        await db.remove_instance(await self._db(), self.instance_id)
+
+    # ------------------------------------------------------------ what is reported
+
+    def _update_throughput(self) -> None:
+        now = time.monotonic()
+        then, count = self._last_rate
+        received = self.pipeline.received
+        if now - then >= 1.0:
+            self.throughput = (received - count) / (now - then)
+            self._last_rate = (now, received)
+
+    def provider_status(self) -> ProviderStatus:
+        counts = self.pipeline.counts()
+        provider = self.session.provider
+        return ProviderStatus(
+            provider_id=provider.id,
+            provider_name=provider.name,
+            status=self.session.status,
+            last_update=iso_ns(time.time_ns()),
+            messages_received=counts.received,
+            messages_published=counts.published,
+            messages_stored=counts.stored,
+            messages_spooled=counts.spooled,
+            throughput_per_sec=round(self.throughput, 1),
+            subscribed_symbols=self.session.subscribed,
+            error_count=self.session.error_count,
+            last_error=self.session.last_error,
+            backpressure=self.pipeline.backpressure,
+            instance_id=self.instance_id,
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        pipeline = self.pipeline
+        counts = pipeline.counts()
+        publisher = self.publisher
+        store = pipeline.store
+        journal = pipeline.journal
+        latency = publisher.latency.percentiles_ms()
+        adapter = self.session.adapter
+        return {
+            **asdict(counts),
+            "decode_errors": adapter.decode_errors if adapter else 0,
+            "error_count": self.session.error_count,
+            "throughput_per_sec": round(self.throughput, 1),
+            "latency_p50_ms": latency["p50"],
+            "latency_p99_ms": latency["p99"],
+            "provider_to_receipt_hdr": publisher.provider_latency.encoded(),
+            "pulsar_round_trip_hdr": publisher.round_trip_latency.encoded(),
+            "quality_flags": dict(pipeline.quality.flag_counts),
+            "journal": {
+                "bytes": journal.size_bytes,
+                "max_bytes": journal.max_bytes,
+                "skipped_bytes": journal.skipped_bytes,
+                "error": pipeline.journal_error,
+            },
+            "database_registered": self.registered,
+            "sinks": {
+                "pulsar": publisher.counters.as_dict()
+                | {"healthy": publisher.healthy, "backlog": publisher.backlog},
+                "postgres": store.counters.as_dict()
+                | {"healthy": store.healthy, "backlog": store.backlog},
+                "redis": {"written": pipeline.cache.written if pipeline.cache else 0},
+            },
+        }
