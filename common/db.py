@@ -182,18 +182,47 @@ async def active_subscriptions(conn: Conn) -> list[Subscription]:
 # ---------------------------------------------------------------- worker instances
 
 
+# Two-key advisory lock space (apart from the single-key locks above): serialises
+# registrations of one provider on one host.
+_INSTANCE_LOCK = 0x696E7374  # "inst"
+# The payload tells the coordinator that only instances changed (see workers/coordinator.py).
+_NOTIFY_INSTANCES = "SELECT pg_notify('feedfleet_config', 'worker_instances')"
+
+
 async def register_instance(
     conn: Conn, instance_id: str, provider_id: str, host: str, pid: int
-) -> None:
-    await conn.execute(
-        """
-        INSERT INTO worker_instances (instance_id, provider_id, host, pid)
-        VALUES (%s, %s, %s, %s)
-        ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), pid = EXCLUDED.pid
-        """,
-        (instance_id, provider_id, host, pid),
-    )
-    await conn.execute("SELECT pg_notify('feedfleet_config', 'worker_instances')")
+) -> list[str]:
+    """Register a worker; returns the ids of the instances it superseded.
+
+    One worker per provider per host is the deployment rule (its journal directory is per
+    provider per host), so another row for the same provider and host with another pid
+    is a predecessor that died without deregistering (kill -9, OOM) and was restarted:
+    it is removed now instead of staying "live" until its heartbeat times out, which
+    left its share of the symbols unserved. The notify goes out at commit, so the
+    coordinator moves the symbols at once and reads the new rows when it does.
+    """
+    async with conn.transaction():
+        # Without it, two registering at once each miss the other's uncommitted row.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+            (_INSTANCE_LOCK, f"{provider_id}@{host}"),
+        )
+        cur = await conn.execute(
+            "DELETE FROM worker_instances WHERE provider_id = %s AND host = %s "
+            "AND pid <> %s AND instance_id <> %s RETURNING instance_id",
+            (provider_id, host, pid, instance_id),
+        )
+        superseded = sorted(r[0] for r in await cur.fetchall())
+        await conn.execute(
+            """
+            INSERT INTO worker_instances (instance_id, provider_id, host, pid)
+            VALUES (%s, %s, %s, %s)
+            ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), pid = EXCLUDED.pid
+            """,
+            (instance_id, provider_id, host, pid),
+        )
+        await conn.execute(_NOTIFY_INSTANCES)
+    return superseded
 
 
 async def heartbeat_instance(conn: Conn, instance_id: str, status: str) -> bool:
@@ -206,8 +235,10 @@ async def heartbeat_instance(conn: Conn, instance_id: str, status: str) -> bool:
 
 
 async def remove_instance(conn: Conn, instance_id: str) -> None:
-    await conn.execute("DELETE FROM worker_instances WHERE instance_id = %s", (instance_id,))
-    await conn.execute("SELECT pg_notify('feedfleet_config', 'worker_instances')")
+    """Deregister; the coordinator is notified at commit and moves the symbols at once."""
+    async with conn.transaction():
+        await conn.execute("DELETE FROM worker_instances WHERE instance_id = %s", (instance_id,))
+        await conn.execute(_NOTIFY_INSTANCES)
 
 
 @dataclass(frozen=True, slots=True)

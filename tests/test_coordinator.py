@@ -3,13 +3,63 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from common import db
 from common.model import DataType
 from common.provider import ProviderConfig
 from tests.conftest import Services
-from workers.coordinator import Coordinator, assign_symbols, diff_assignments
+from workers.coordinator import (
+    COORDINATOR_LOCK,
+    Coordinator,
+    State,
+    assign_symbols,
+    changed_providers,
+    diff_assignments,
+)
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], what: str, timeout: float = 15.0
+) -> T:
+    """Poll ``probe`` until ``ok`` holds; on timeout fail with what was last seen."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        seen = await probe()
+        if ok(seen):
+            return seen
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; "
+                                 f"last seen: {seen!r}")  # fmt: skip
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(coordinator: Coordinator) -> AsyncIterator[Coordinator]:
+    """Run it in this event loop; always stopped, so no later test finds the lock held."""
+    task = asyncio.create_task(coordinator.run(handle_signals=False))
+    try:
+        yield coordinator
+    finally:
+        coordinator.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def lock_queue(conn: db.Conn) -> dict[int, bool]:
+    """The coordinator lock as the server sees it: backend pid -> granted."""
+    cur = await conn.execute(
+        "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 "
+        "AND objid = %s::oid AND objsubid = 1 "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (COORDINATOR_LOCK,),
+    )
+    return dict(await cur.fetchall())
 
 
 def _subs(pid: str, n: int) -> list[db.Subscription]:
@@ -55,6 +105,46 @@ def test_diff_assignments() -> None:
     assert remove == [a] and upsert == [b2, c]
 
 
+def test_changed_providers() -> None:
+    a, b = db.LiveInstance("a", "p1", "h1"), db.LiveInstance("b", "p1", "h2")
+    c = db.LiveInstance("c", "p2", "h1")
+    on = frozenset({"p1", "p2"})
+    assert changed_providers(on, [a, b, c], on, [b, a, c]) == set()  # order is no change
+    assert changed_providers(on, [a, b, c], on, [b, c]) == {"p1"}
+    assert changed_providers(on, [a], on, [a, c]) == {"p2"}
+    assert changed_providers(on, [a, c], frozenset({"p1"}), [a, c]) == {"p2"}
+    moved = db.LiveInstance("a", "p1", "h9")
+    assert changed_providers(on, [a, c], on, [moved, c]) == {"p1"}
+
+
+async def test_short_pass_ends_where_a_full_pass_would(services: Services, conn: db.Conn) -> None:
+    tag = uuid.uuid4().hex[:6]
+    pid = await db.upsert_provider(conn, f"short-{tag}", "polygon", {})
+    await db.subscribe(conn, pid, [f"S{i:02d}" for i in range(30)], [DataType.TRADE])
+    coordinator = Coordinator(services.settings())
+
+    async def mine() -> dict[str, str]:
+        return {a.symbol: a.instance_id for a in await db.current_assignments(conn)
+                if a.provider_id == pid}  # fmt: skip
+
+    await db.register_instance(conn, f"a-{tag}", pid, "h1", 1)
+    await coordinator.reconcile(conn)
+    for step in (
+        lambda: db.register_instance(conn, f"b-{tag}", pid, "h2", 2),
+        lambda: db.register_instance(conn, f"c-{tag}", pid, "h3", 3),
+        lambda: db.remove_instance(conn, f"a-{tag}"),
+        lambda: db.set_provider_enabled(conn, pid, False),
+        lambda: db.set_provider_enabled(conn, pid, True),
+    ):
+        await step()
+        assert await coordinator.reconcile(conn, full=False) > 0
+    after_short = await mine()
+    assert set(after_short) == {f"S{i:02d}" for i in range(30)}
+    assert set(after_short.values()) == {f"b-{tag}", f"c-{tag}"}
+    await coordinator.reconcile(conn, full=True)
+    assert await mine() == after_short
+
+
 async def test_reconcile_writes_assignments_for_live_instances(
     services: Services, conn: db.Conn
 ) -> None:
@@ -87,22 +177,54 @@ async def test_reconcile_writes_assignments_for_live_instances(
     assert await db.assigned_instruments(conn, f"w2-{tag}") == {}
 
 
-async def test_only_one_coordinator_is_active(services: Services) -> None:
+async def test_only_one_coordinator_is_active(services: Services, conn: db.Conn) -> None:
     first, second = Coordinator(services.settings()), Coordinator(services.settings())
-    t1 = asyncio.create_task(first.run(handle_signals=False))
-    for _ in range(100):
-        if first.active:
-            break
-        await asyncio.sleep(0.05)
-    t2 = asyncio.create_task(second.run(handle_signals=False))
-    await asyncio.sleep(1.0)
-    assert first.active and not second.active
-    first.stop()
-    await asyncio.wait_for(t1, 10)
-    for _ in range(100):  # the standby takes over once the lock is free
-        if second.active:
-            break
-        await asyncio.sleep(0.1)
-    assert second.active
-    second.stop()
-    await asyncio.wait_for(t2, 10)
+    async with running(first):
+
+        async def first_state() -> State:
+            return first.state
+
+        await eventually(first_state, lambda s: s is State.ACTIVE, "the first to take the lock")
+        async with running(second):
+
+            async def second_state() -> State:
+                return second.state
+
+            # STANDBY is set only once the server has refused it the lock.
+            await eventually(second_state, lambda s: s is State.STANDBY,
+                             "the second to find the lock taken")  # fmt: skip
+            await eventually(lambda: lock_queue(conn),
+                             lambda q: q == {first.backend_pid: True, second.backend_pid: False},
+                             "the first holding the lock and the second queued for it")  # fmt: skip
+            assert first.active and not second.active
+            first.stop()
+            await eventually(second_state, lambda s: s is State.ACTIVE,
+                             "the standby to take over once the lock is free")  # fmt: skip
+            assert await lock_queue(conn) == {second.backend_pid: True}
+
+
+async def test_standby_takes_over_when_the_active_ones_connection_is_killed(
+    services: Services, conn: db.Conn
+) -> None:
+    first, second = Coordinator(services.settings()), Coordinator(services.settings())
+
+    async def states() -> tuple[State, State]:
+        return first.state, second.state
+
+    async with running(first):
+        await eventually(states, lambda s: s[0] is State.ACTIVE, "the first to take the lock")
+        async with running(second):
+            await eventually(states, lambda s: s == (State.ACTIVE, State.STANDBY),
+                             "one active, one standing by")  # fmt: skip
+            killed = first.backend_pid
+            await eventually(lambda: lock_queue(conn),
+                             lambda q: q == {killed: True, second.backend_pid: False},
+                             "the standby queued for the lock")  # fmt: skip
+            await conn.execute("SELECT pg_terminate_backend(%s)", (killed,))
+            # The lock went with the killed connection; the first reconnects and queues behind.
+            await eventually(states, lambda s: s == (State.STANDBY, State.ACTIVE),
+                             "the standby active and the first standing by")  # fmt: skip
+            assert first.backend_pid != killed
+            await eventually(lambda: lock_queue(conn),
+                             lambda q: q == {second.backend_pid: True, first.backend_pid: False},
+                             "the first queued behind the new active one")  # fmt: skip
