@@ -73,6 +73,10 @@ def event_id_for(
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+class Refused(ValueError):
+    """A record a sink would refuse; the message is the reason as a person reads it."""
+
+
 # The columns of raw_market_data: NUMERIC(20, 8) prices, NUMERIC(24, 8) volume, BIGINT
 # sequence, VARCHAR(50) symbol. A value outside them would make COPY refuse the batch.
 PRICE_LIMIT = 1e12
@@ -119,7 +123,7 @@ def build_events(
                 or b"\\u0000" in specific
                 or symbol_refusal(r.symbol) is not None
             ):
-                raise ValueError(refusal(r))
+                raise Refused(refusal(r))
             if seq is None:
                 # No sequence (polled quotes, bars): the values tell one update from the
                 # next, and a replay of the same record still hashes the same.
@@ -199,9 +203,7 @@ def symbol_refusal(symbol: str) -> str | None:
 
 def rejected_event(r: RawMarketData, ordinal: int, error: Exception) -> Event:
     """A dead-letter event for a record no sink may store as it is."""
-    reason = str(error) if isinstance(error, ValueError) and str(error) else (
-        f"{type(error).__name__}: {error}"
-    )  # fmt: skip
+    reason = str(error) if isinstance(error, Refused) else f"{type(error).__name__}: {error}"
     event_id = event_id_for(
         r.provider, r.stream,
         None if r.provider_sequence is None else _safe_int(r.provider_sequence),

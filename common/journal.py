@@ -294,6 +294,17 @@ class Journal:
             removed += 1
         return removed
 
+    def make_room(self) -> bool:
+        """On a full disk: if every sink has everything, start a new segment so the full
+        one can be deleted. True if space was freed."""
+        if self.head == self._segments[-1] or min(self._acks.values(), default=0) < self.head:
+            return False
+        try:
+            self._roll()
+        except OSError:
+            return False
+        return self.collect() > 0
+
     @property
     def size_bytes(self) -> int:
         return self.head - self._segments[0]

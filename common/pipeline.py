@@ -33,7 +33,9 @@ class PipelineCounts:
     journaled: int
     published: int
     stored: int
-    spooled: int  # events journaled and not yet acknowledged by a sink (the larger backlog)
+    # Events waiting in the journal for a sink that is catching up (the larger backlog);
+    # 0 while both take batches live, whatever is in flight.
+    spooled: int
     replayed: int
     dead_lettered: int
     dropped: int
@@ -110,6 +112,9 @@ class Pipeline:
             await asyncio.sleep(0.2)
             self.journal.collect()
             if self._held is not None:
+                # The segment being written may be all that fills the disk: once every
+                # sink has it, a fresh segment lets it go.
+                self.journal.make_room()
                 self._journal(*self._held)
 
     def counts(self) -> PipelineCounts:
@@ -119,7 +124,7 @@ class Pipeline:
             journaled=self.journal.appended_events,
             published=pub.acked,
             stored=store.acked,
-            spooled=max(self.publisher.backlog, self.store.backlog),
+            spooled=max(self.publisher.waiting, self.store.waiting),
             replayed=pub.replayed + store.replayed,
             dead_lettered=self.dead_lettered,
             dropped=self.dropped,

@@ -5,12 +5,13 @@ Each test runs its own services where it must stop one, so the shared ones stay 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
 
 from common import db
-from common.embedded import EmbeddedProcess, free_port, pulsar_command
+from common.embedded import EmbeddedPostgres, EmbeddedProcess, free_port, pulsar_command
 from common.model import DataType
 from common.sinks.postgres import PostgresSink
 from simulators.polygon import PolygonSimConfig, PolygonSimulator
@@ -18,6 +19,7 @@ from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
 from tests.running import RunningWorker, until
 from tests.test_pipeline_integration import KEY_ENV
+from workers.worker import Worker
 
 
 async def _start_fleet(
@@ -65,7 +67,7 @@ async def test_broker_outage_spools_then_replays_everything(
         # While the broker is down nothing is lost: all is journaled and stored.
         c = pipeline.counts()
         assert c.received == c.journaled
-        assert c.stored > c.published  # PostgreSQL is unaffected
+        assert pipeline.store.healthy  # PostgreSQL is unaffected
         broker.start()
         await until(lambda: publisher.healthy and publisher.live, 60, "the catch-up")
         await sim.stop()
@@ -136,6 +138,97 @@ async def test_redis_down_degrades_but_never_blocks(services: Services, conn: db
             "SELECT count(*) FROM worker_instances WHERE instance_id = %s", (worker.instance_id,)
         )
         assert await cur.fetchone() == (0,)
+    finally:
+        await running.stop()
+        await sim.stop()
+
+
+async def test_the_worker_outlives_its_database(services: Services, tmp_path: Path) -> None:
+    """PostgreSQL stops mid-stream and the worker is restarted while it is down: it keeps
+    ingesting (into the journal and Pulsar) from the assignment it saved, and once the
+    database is back every event is stored exactly once."""
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    pg.start()
+    try:
+        database_url = pg.create_database("outlives")
+        setup = await db.connect(database_url)
+        await db.apply_schema(setup)
+        sim, running = await _start_fleet(services, setup, **{"database_url": database_url})
+        await setup.close()
+        try:
+            await until(lambda: running.received > 1000, 30, "data before the outage")
+            pg.stop()
+            mark = running.received
+            await until(lambda: running.received > mark + 1000, 30, "ingesting without PostgreSQL")
+            # A restart during the outage (as supervisord would after a crash).
+            first = running.worker
+            await running.stop()
+            assert first.pipeline is not None
+            received_first = first.pipeline.received
+            second = Worker(first.settings, first.provider_name)  # the same journal
+            task = asyncio.create_task(second.run(handle_signals=False))
+            try:
+                await until(
+                    lambda: second.pipeline is not None and second.pipeline.received > 500,
+                    60,
+                    "the restarted worker ingesting from its saved assignment",
+                )
+                assert second.pipeline is not None
+                assert second.pipeline.store.backlog > 0  # waiting for the database
+                pg.start()
+                await sim.stop()
+                assert await second.pipeline.drained(timeout=60)
+                published = second.pipeline.publisher.counters.acked
+                assert published >= second.pipeline.received
+            finally:
+                second.stop()
+                await asyncio.wait_for(task, 60)
+            total = received_first + second.pipeline.received
+            check = await db.connect(database_url)
+            cur = await check.execute(
+                "SELECT count(*), count(DISTINCT event_id) FROM raw_market_data"
+            )
+            assert await cur.fetchone() == (total, total)
+            await check.close()
+        finally:
+            await running.stop()
+            await sim.stop()
+    finally:
+        pg.stop()
+
+
+async def test_a_full_disk_is_an_error_status_and_loses_nothing(
+    services: Services, conn: db.Conn, tiny_disk: Path
+) -> None:
+    """The journal's disk fills up: ERROR with the reason, reading stops (TCP holds the
+    rest), the sinks keep working, and once they have everything the full segment is let
+    go and ingestion resumes by itself. Nothing received is lost or torn."""
+    (tiny_disk / "filler").write_bytes(b"x" * 3_300_000)
+    sim, running = await _start_fleet(services, conn, journal_dir=tiny_disk / "journal")
+    worker = running.worker
+    try:
+        await until(lambda: running.received > 200, 30, "data")
+        pipeline = worker.pipeline
+        assert pipeline is not None
+        await until(lambda: pipeline.journal_error is not None, 60, "the disk to fill")
+        assert worker.status.value == "ERROR"
+        assert "journal not writable" in (worker.last_error or "")
+        assert "[Errno 28]" in (worker.last_error or "")
+        await until(lambda: pipeline.journal_error is None, 60, "ingestion to resume")
+        mark = running.received
+        await until(lambda: running.received > mark + 500, 30, "data after the disk freed up")
+        await sim.stop()
+        assert await pipeline.drained(timeout=30)
+        c = pipeline.counts()
+        assert c.received == c.journaled == c.published == c.stored
+        assert pipeline.journal.skipped_bytes == 0
+        provider = worker.provider
+        assert provider is not None
+        cur = await conn.execute(
+            "SELECT count(*), count(DISTINCT event_id) FROM raw_market_data WHERE provider = %s",
+            (provider.name,),
+        )
+        assert await cur.fetchone() == (c.received, c.received)
     finally:
         await running.stop()
         await sim.stop()

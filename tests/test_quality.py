@@ -39,6 +39,34 @@ def test_gap_only_on_contiguous_streams() -> None:
     assert flags(QualityChecker(), rec(1), rec(4)) == [[], []]
 
 
+def test_a_gap_carries_its_missing_range() -> None:
+    qc = QualityChecker()
+    first, after_gap, next_one = (
+        rec(1, contiguous=True),
+        rec(4, contiguous=True),
+        rec(5, contiguous=True),
+    )
+    qc.check([first, after_gap, next_one])
+    assert after_gap.provider_specific == {"gap": [2, 3]}
+    assert first.provider_specific == {} and next_one.provider_specific == {}
+
+
+def test_sequence_state_restored_after_a_restart_flags_the_gap_across_it() -> None:
+    before = QualityChecker()
+    before.check([rec(1, contiguous=True), rec(2, contiguous=True)])
+    saved = before.sequences()
+    assert saved == {"S.AAPL": 2}
+    after = QualityChecker()  # the restarted worker
+    after.restore(saved)
+    resumed = rec(9, contiguous=True)
+    assert flags(after, resumed, rec(10, contiguous=True)) == [[QualityFlag.GAP], []]
+    assert resumed.provider_specific["gap"] == [3, 8]
+    # Exactly the next number after a restart is no gap.
+    again = QualityChecker()
+    again.restore(saved)
+    assert flags(again, rec(3, contiguous=True)) == [[]]
+
+
 def test_stale() -> None:
     qc = QualityChecker(stale_after_s=2.0)
     old = rec(1, recv=T0 + 3_000_000_000)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,13 @@ POLL_S = 1.0
 
 class AssignmentFollower:
     def __init__(
-        self, database_url: str, instance_id: str, session: ProviderSession, cache_path: Path
-    ) -> None:
+        self, database_url: str, instance_id: str, session: ProviderSession, cache_path: Path,
+        registered: Callable[[], bool],
+    ) -> None:  # fmt: skip
         self.database_url = database_url
+        # Until this instance is registered the coordinator cannot have assigned it
+        # anything; an empty answer then would only drop what it holds from before.
+        self._registered = registered
         self.instance_id = instance_id
         self.session = session
         self.cache_path = cache_path
@@ -83,6 +88,8 @@ class AssignmentFollower:
         wanted = await db.assigned_instruments(conn, self.instance_id)
         if fresh is not None and fresh != self.session.provider:
             await self.session.reconfigure(fresh)
+        if not self._registered():
+            return
         await self.session.follow(wanted)
         self._save(self.session.provider, wanted)
 

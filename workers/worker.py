@@ -111,12 +111,13 @@ def build_parts(
         provider, pipeline, circuit, lambda p: adapter_class(p.provider_type)(p)
     )
     session.wanted = dict(wanted)
-    follower = AssignmentFollower(
-        settings.database_url, instance_id, session, directory / "last_assignment.json"
-    )
     status = StatusReporter(
         settings.database_url, redis, instance_id, settings.host, session, pipeline,
         publisher, circuit,
+    )  # fmt: skip
+    follower = AssignmentFollower(
+        settings.database_url, instance_id, session, directory / "last_assignment.json",
+        lambda: status.registered,
     )  # fmt: skip
     return WorkerParts(journal, pipeline, publisher, store, cache, redis, session, follower,
                        status)  # fmt: skip

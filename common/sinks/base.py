@@ -167,6 +167,11 @@ class DurableSink(abc.ABC):
             self.last_error = None
 
     @property
+    def waiting(self) -> int:
+        """Events waiting in the journal for this sink (0 while it takes batches live)."""
+        return 0 if self.live else self.backlog
+
+    @property
     def caught_up(self) -> bool:
         return self.pending == 0 and self.journal.acked(self.name) >= self.journal.head
 
