@@ -29,7 +29,7 @@ def _events(start: int, n: int, stream: str = "T.JRN") -> list[Event]:
             provider_sequence=i,
             stream=stream,
             receive_ns=T0 + i,
-        )  # fmt: skip
+        )
         for i in range(start, start + n)
     ]
     return build_events(records, T0)

@@ -32,7 +32,7 @@ def _records(provider: str, start: int, n: int, symbol: str = "PGS") -> list[Raw
             provider_sequence=i,
             stream=f"T.{symbol}",
             receive_ns=T0 + i,
-        )  # fmt: skip
+        )
         for i in range(start, start + n)
     ]
 
