@@ -37,7 +37,15 @@ from zoneinfo import ZoneInfo
 import orjson
 import polars as pl
 
-from common.codecs.base import CaptureError, CodecError, DecodeError, clip
+from common.codecs.base import (
+    CaptureError,
+    CodecError,
+    DecodeError,
+    as_text,
+    brief,
+    clip,
+    unexpected,
+)
 from common.model import DataType, QualityFlag, RawMarketData
 
 PROVIDER = "alphavantage"
@@ -177,7 +185,7 @@ def classify_message(obj: Mapping[str, Any]) -> ApiMessage | None:
     for key in ERROR_KEYS:
         if key not in obj:
             continue
-        text = str(obj[key])
+        text = as_text(obj[key], "None")
         low = text.lower()
         window: str | None = None
         # The key text turns up under "Information" too, so match on the text first.
@@ -251,6 +259,8 @@ def _decode_json(
             out.records.append(_quote_record(fields, query, receive_ns, provider))
         except CodecError as exc:
             out.errors.append(DecodeError(str(exc), clip(quote)))
+        except Exception as exc:  # untrusted JSON: the quote loses only itself
+            out.errors.append(unexpected(exc, quote))
         return
     series_key, series = _find_series(obj, query.interval)
     if not isinstance(series, dict):
@@ -261,7 +271,11 @@ def _decode_json(
     symbol = query.symbol
     if not symbol:
         meta = obj.get("Meta Data")
-        symbol = str(meta.get("2. Symbol", "")) if isinstance(meta, dict) else ""
+        symbol = as_text(meta.get("2. Symbol")) if isinstance(meta, dict) else ""
+    if not symbol:
+        out.errors.append(DecodeError("bars without a symbol (none asked, none in Meta Data)",
+                                      clip(obj)))  # fmt: skip
+        return
     frame = _series_frame(series, out.errors)
     out.records.extend(_bar_records(frame, symbol, interval, receive_ns, provider, out.errors))
 
@@ -300,7 +314,9 @@ def _read_csv(text: bytes, out: DecodedResponse) -> pl.DataFrame | None:
     try:
         return pl.read_csv(text, infer_schema=False, truncate_ragged_lines=True)
     except Exception as exc:  # polars raises several kinds; all mean "not this CSV"
-        out.errors.append(DecodeError(f"invalid CSV: {exc}", clip(text)))
+        # Its messages run to several paragraphs of advice: the first line says what.
+        first = str(exc).strip().partition("\n")[0]
+        out.errors.append(DecodeError(f"invalid CSV: {clip(first, 200)}", clip(text)))
         return None
 
 
@@ -321,6 +337,8 @@ def _decode_quote_csv(
             out.records.append(_quote_record(row, query, receive_ns, provider))
         except CodecError as exc:
             out.errors.append(DecodeError(str(exc), clip(row)))
+        except Exception as exc:  # a row loses only itself
+            out.errors.append(unexpected(exc, row))
 
 
 def _quote_record(
@@ -331,9 +349,11 @@ def _quote_record(
         raise CodecError("quote without a symbol")
     day_text = fields.get("latestDay")
     try:
-        day = date.fromisoformat(str(day_text))
+        day = date.fromisoformat(day_text) if type(day_text) is str else None
     except ValueError:
-        raise CodecError(f"bad latest trading day {day_text!r}") from None
+        day = None
+    if day is None:
+        raise CodecError(f"bad latest trading day {brief(day_text)}")
     close_ns = eastern_to_ns(datetime.combine(day, MARKET_CLOSE))
     # No quote time from AV: while the day's session is open, the receive time is closer.
     if 0 < receive_ns < close_ns:
@@ -375,7 +395,7 @@ def _series_frame(series: dict[str, Any], errors: list[DecodeError]) -> pl.DataF
     stamps = columns["timestamp"]
     for stamp, bar in series.items():
         if not isinstance(bar, dict):
-            errors.append(DecodeError(f"bar {stamp!r} is not an object", clip(bar)))
+            errors.append(DecodeError(f"bar {brief(stamp)} is not an object", clip(bar)))
             continue
         stamps.append(stamp)
         for key, name in JSON_BAR_KEYS.items():
@@ -397,6 +417,9 @@ def _decode_bars_csv(
     if missing:
         out.errors.append(DecodeError(f"CSV bars lack columns {missing}", clip(text)))
         return
+    if not query.symbol:
+        out.errors.append(DecodeError("CSV bars without a symbol: none was asked", clip(text)))
+        return
     interval = query.interval or ""
     out.records.extend(
         _bar_records(frame, query.symbol, interval, receive_ns, provider, out.errors)
@@ -417,16 +440,17 @@ def _bar_records(
     numbers = [pl.col(c).cast(pl.Float64, strict=False) for c in BAR_COLUMNS[1:]]
     frame = frame.select(
         pl.col("timestamp"),
-        local_to_ns_expr(pl.col("timestamp")).alias("ns"),
+        local_to_us_expr(pl.col("timestamp")).alias("us"),
         *numbers,
     )
-    bad = frame.filter(pl.col("ns").is_null())
+    bad = frame.filter(pl.col("us").is_null())
     for stamp in bad["timestamp"].to_list():
-        errors.append(DecodeError(f"bad bar time {stamp!r}", clip(stamp)))
-    frame = frame.filter(pl.col("ns").is_not_null()).sort("ns")
+        errors.append(DecodeError(f"bad bar time {brief(stamp)}", clip(stamp)))
+    frame = frame.filter(pl.col("us").is_not_null()).sort("us")
     stream = stream_name(TIME_SERIES_INTRADAY, symbol, interval)
     records: list[RawMarketData] = []
-    for stamp, ns, o, h, lo, c, v in frame.iter_rows():
+    for stamp, us, o, h, lo, c, v in frame.iter_rows():
+        ns = us * 1000  # a Python int: no int64 overflow past 2262
         flags: list[str] = []
         if o is None or h is None or lo is None or c is None or v is None:
             flags.append(QualityFlag.MISSING_FIELDS)
@@ -453,16 +477,17 @@ def _bar_records(
     return records
 
 
-def local_to_ns_expr(column: pl.Expr) -> pl.Expr:
-    """``"YYYY-MM-DD HH:MM:SS"`` in US/Eastern -> UTC epoch ns (null when it does not parse).
+def local_to_us_expr(column: pl.Expr) -> pl.Expr:
+    """``"YYYY-MM-DD HH:MM:SS"`` in US/Eastern -> UTC epoch µs (null when it does not parse).
 
     The repeated hour when DST ends takes its first occurrence; a time that does not exist
-    (the skipped hour) is null.
+    (the skipped hour) is null. Microseconds, not ns: polars' ns datetimes span only
+    1677-2262 and wrap silently outside it (year 1600 came out as 2184).
     """
     return (
-        column.str.strptime(pl.Datetime("ns"), LOCAL_TIME_FORMAT, strict=False)
+        column.str.strptime(pl.Datetime("us"), LOCAL_TIME_FORMAT, strict=False)
         .dt.replace_time_zone("America/New_York", ambiguous="earliest", non_existent="null")
-        .dt.epoch("ns")
+        .dt.epoch("us")
     )
 
 
@@ -560,7 +585,7 @@ def _capture_object(
         return
     message = classify_message(obj)
     if message is not None:
-        yield CaptureError(where, f"{message.kind.value}: {message.key}: {message.text}")
+        yield CaptureError(where, f"{message.kind.value}: {message.key}: {clip(message.text)}")
         return
     if "Global Quote" in obj:
         query = Query(GLOBAL_QUOTE, symbol or "")
@@ -581,14 +606,14 @@ def _interval_from_csv(text: bytes) -> str | None:
     try:
         frame = pl.read_csv(text, infer_schema=False, n_rows=50, truncate_ragged_lines=True)
         column = "timestamp" if "timestamp" in frame.columns else "time"
-        ns = frame.select(local_to_ns_expr(pl.col(column)).alias("ns"))["ns"].drop_nulls()
-        steps = ns.sort().diff().drop_nulls()
+        us = frame.select(local_to_us_expr(pl.col(column)).alias("us"))["us"].drop_nulls()
+        steps = us.sort().diff().drop_nulls()
         smallest = steps.filter(steps > 0).min()
     except Exception:  # a capture we cannot read still decodes, without an interval
         return None
     if not isinstance(smallest, int):
         return None
-    seconds = smallest // 1_000_000_000
+    seconds = smallest // 1_000_000
     return next((name for name, step in INTERVALS.items() if step == seconds), None)
 
 

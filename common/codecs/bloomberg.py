@@ -28,7 +28,15 @@ from urllib.parse import unquote
 
 import orjson
 
-from common.codecs.base import CaptureError, CodecError, DecodeError, clip
+from common.codecs.base import (
+    CaptureError,
+    CodecError,
+    DecodeError,
+    as_text,
+    brief,
+    clip,
+    unexpected,
+)
 from common.model import DataType, QualityFlag, RawMarketData
 
 PROVIDER = "bloomberg"
@@ -71,6 +79,9 @@ RECAPTYPE_NONE = 0
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _DAY_NS = 86_400 * 1_000_000_000
+# Content nested deeper than this is kept as it is (or as text) rather than walked: a
+# walk over a value nested past the recursion limit would raise RecursionError.
+_MAX_DEPTH = 32
 
 
 @dataclass(slots=True)
@@ -213,7 +224,7 @@ def snapshot_event(event: Any, event_type: str) -> tuple[list[MessageSnapshot], 
     try:
         messages = list(event)
     except Exception as exc:  # a broken event object must not stop the reader thread
-        return snaps, [DecodeError(f"cannot iterate event: {exc!r}", event_type)]
+        return snaps, [DecodeError(f"cannot iterate event: {brief(exc, 100)}", clip(event_type))]
     for msg in messages:
         try:
             snaps.append(snapshot_message(msg, event_type))
@@ -230,7 +241,7 @@ def snapshot_message(msg: Any, event_type: str) -> MessageSnapshot:
         recap = int(msg.recapType()) if hasattr(msg, "recapType") else RECAPTYPE_NONE
         content = _message_content(msg)
     except Exception as exc:
-        raise CodecError(f"cannot read message: {exc!r}") from exc
+        raise CodecError(f"cannot read message: {brief(exc, 100)}") from exc
     if not isinstance(content, dict):
         raise CodecError(f"message content is {type(content).__name__}, not a sequence")
     return MessageSnapshot(event_type, message_type, cids, content, recap)
@@ -294,7 +305,10 @@ def decode_messages(
             try:
                 records = _decode_market_data(snap, receive_ns, symbols_by_cid, provider, quotes)
             except CodecError as exc:
-                out.errors.append(DecodeError(str(exc), clip(_snapshot_dict(snap))))
+                out.errors.append(DecodeError(str(exc), _snapshot_text(snap)))
+                continue
+            except Exception as exc:  # content from a library: a message loses only itself
+                out.errors.append(unexpected(exc, _snapshot_text(snap)))
                 continue
             if records:
                 out.records.extend(records)
@@ -303,8 +317,17 @@ def decode_messages(
         elif snap.event_type == "TIMEOUT":
             out.skipped += 1
         else:
-            out.statuses.append(_decode_status(snap, symbols_by_cid))
+            try:
+                out.statuses.append(_decode_status(snap, symbols_by_cid))
+            except Exception as exc:  # as above
+                out.errors.append(unexpected(exc, _snapshot_text(snap)))
     return out
+
+
+def _snapshot_text(snap: MessageSnapshot) -> str:
+    """A snapshot for an error report (clip writes datetimes and bounds deep content)."""
+    return clip({"messageType": snap.message_type, "correlationIds": snap.correlation_ids,
+                 "data": snap.elements})  # fmt: skip
 
 
 def _symbol(snap: MessageSnapshot, symbols_by_cid: Mapping[Any, str]) -> str:
@@ -319,7 +342,7 @@ def _symbol(snap: MessageSnapshot, symbols_by_cid: Mapping[Any, str]) -> str:
         return symbol_for_topic(snap.topic)
     if not snap.correlation_ids:
         raise CodecError("market data message without a correlation id")
-    raise CodecError(f"unknown correlation id {snap.correlation_ids[0]!r}")
+    raise CodecError(f"unknown correlation id {brief(snap.correlation_ids[0])}")
 
 
 def _number(elements: dict[str, Any], key: str, flags: list[str]) -> float | None:
@@ -416,13 +439,17 @@ def _provider_specific(snap: MessageSnapshot, mapped: frozenset[str]) -> dict[st
     return specific
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        if depth >= _MAX_DEPTH:
+            return clip(value)
+        return {as_text(k, "None"): _jsonable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        if depth >= _MAX_DEPTH:
+            return clip(value)
+        return [_jsonable(v, depth + 1) for v in value]
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
@@ -489,10 +516,10 @@ def _reason(value: Any) -> Reason | None:
     if isinstance(value, dict):
         code = value.get("errorCode")
         return Reason(
-            str(value.get("source", "")),
-            str(value.get("category", "")),
-            str(value.get("subcategory", "")),
-            str(value.get("description", "")),
+            as_text(value.get("source")),
+            as_text(value.get("category")),
+            as_text(value.get("subcategory")),
+            as_text(value.get("description")),
             code if type(code) is int else None,
         )
     if isinstance(value, str) and value:
@@ -556,7 +583,9 @@ def _tag(value: Any) -> Any:
     return value
 
 
-def _untag(value: Any) -> Any:
+def _untag(value: Any, depth: int = 0) -> Any:
+    if depth >= _MAX_DEPTH:
+        return value
     if isinstance(value, dict):
         if len(value) == 1:
             ((key, inner),) = value.items()
@@ -570,9 +599,9 @@ def _untag(value: Any) -> Any:
                         return dt.time.fromisoformat(inner)
                 except ValueError:
                     return inner
-        return {k: _untag(v) for k, v in value.items()}
+        return {k: _untag(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_untag(v) for v in value]
+        return [_untag(v, depth + 1) for v in value]
     return value
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import simplefix
 from simplefix import errors as simplefix_errors
 
-from common.codecs.base import CaptureError, DecodeError, clip
+from common.codecs.base import CaptureError, DecodeError, brief, clip
 from common.model import DataType, QualityFlag, RawMarketData
 
 PROVIDER = "fix"
@@ -121,6 +121,13 @@ STORE_SIZE = 20000
 
 TEST_REQUEST_FACTOR = 1.2
 TIMEOUT_FACTOR = 2.4
+# HeartBtInt is a FIX int (int32 in QuickFIX); beyond it the timers' float arithmetic
+# overflows, so a Logon asking for more is refused.
+MAX_HEARTBEAT_INTERVAL = 2**31 - 1
+# SessionRejectReason (373) for what simplefix refuses; anything else is 99 (Other).
+_REJECT_REASONS = {"EmptyValueError": "4", "TagNotNumberError": "0"}
+# More digits than any FIX int field needs, and fewer than int()'s str-conversion limit.
+_MAX_INT_DIGITS = 100
 
 _NS = 1_000_000_000
 _HALF_DAY = 43200 * _NS
@@ -153,19 +160,28 @@ def _civil_from_days(z: int) -> tuple[int, int, int]:
     return (y + 1 if m <= 2 else y), m, d
 
 
+def _uint(text: str | None) -> int | None:
+    """A non-negative FIX int field, or None. ``str.isdigit`` alone also passes "²", which
+    ``int`` refuses, as it refuses more digits than its conversion limit."""
+    if text is None or not text.isdigit() or not text.isascii() or len(text) > _MAX_INT_DIGITS:
+        return None
+    return int(text)
+
+
 def parse_utc_date(value: str) -> int | None:
     """``YYYYMMDD`` -> ns at midnight UTC, or None."""
-    if len(value) != 8 or not value.isdigit():
+    if len(value) != 8 or not value.isdigit() or not value.isascii():
         return None
     y, m, d = int(value[:4]), int(value[4:6]), int(value[6:8])
-    if not (1 <= m <= 12 and 1 <= d <= 31):
+    # Year 0 is not a date calendar.timegm can take.
+    if not (y >= 1 and 1 <= m <= 12 and 1 <= d <= 31):
         return None
     return calendar.timegm((y, m, d, 0, 0, 0)) * _NS
 
 
 def parse_utc_time_only(value: str) -> int | None:
     """``HH:MM:SS[.fff...]`` -> ns since midnight, or None."""
-    if len(value) < 8 or value[2] != ":" or value[5] != ":":
+    if len(value) < 8 or value[2] != ":" or value[5] != ":" or not value.isascii():
         return None
     hh, mm, ss = value[:2], value[3:5], value[6:8]
     if not (hh.isdigit() and mm.isdigit() and ss.isdigit()):
@@ -258,7 +274,7 @@ class FixFramer:
                     continue
                 break
             if buf[start + 2 : end_bs] != b"FIX.4.4":
-                version = buf[start + 2 : end_bs].decode("latin-1")
+                version = clip(bytes(buf[start + 2 : end_bs]), 20)
                 error("unsupported BeginString " + version, bytes(buf[start:end_bs]), start)
                 pos = start + 1
                 continue
@@ -275,7 +291,14 @@ class FixFramer:
                 error("second field is not BodyLength (9)", bytes(field9), start)
                 pos = start + 1
                 continue
-            body_length = int(field9[2:])
+            # Zero padding is allowed, so count the digits after it: more than int()
+            # converts would raise, and anything past 8 digits is over the limit anyway.
+            digits = field9[2:].lstrip(b"0")
+            if len(digits) > 8:
+                error("BodyLength too large", bytes(field9[:40]), start)
+                pos = start + 1
+                continue
+            body_length = int(digits or b"0")
             body_start = end_len + 1
             body_end = body_start + body_length
             if body_length > MAX_BODY_LENGTH:
@@ -322,8 +345,8 @@ def parse_frame(raw: bytes) -> Any:
     parser.append_buffer(raw)
     try:
         msg = parser.get_message()
-    except (simplefix_errors.ParserError, ValueError) as exc:
-        raise ValueError(f"bad field: {type(exc).__name__} {exc}") from exc
+    except (simplefix_errors.ParsingError, ValueError) as exc:
+        raise ValueError(f"bad field: {type(exc).__name__} {clip(str(exc), 60)}") from exc
     if msg is None:
         raise ValueError("incomplete message")
     return msg
@@ -590,7 +613,7 @@ class MarketDataDecoder:
                     flags.append(QualityFlag.MISSING_FIELDS)
                 elif action not in (NEW, CHANGE):
                     out.errors.append(
-                        DecodeError(f"unknown MDUpdateAction {action!r}", _entry_text(entry))
+                        DecodeError(f"unknown MDUpdateAction {brief(action)}", _entry_text(entry))
                     )
                     continue
                 if entry_type == BID:
@@ -910,10 +933,33 @@ class FixSession:
                 pairs = _pairs(parse_frame(item.raw))
             except ValueError as exc:
                 out.errors.append(DecodeError(str(exc), clip(to_pipes(item.raw))))
+                self._on_garbled(item.raw, exc, now_ns, out, parts)
                 continue
             self._on_message(pairs, item.raw, now_ns, out, parts)
         out.outgoing = b"".join(parts)
         return out
+
+    def _on_garbled(
+        self, raw: bytes, exc: ValueError, now_ns: int, out: FixReceived, parts: list[bytes]
+    ) -> None:
+        """A framed message whose fields do not parse (an empty value, a tag that is not a
+        number). At the expected MsgSeqNum its number is consumed and a session Reject sent,
+        as a FIX engine does; left unconsumed it would be a gap that every resend of the
+        same bytes fails to fill, holding back all that follows."""
+        if not self.logged_on or self.closed:
+            return
+        start = raw.find(b"\x0134=")
+        seq = None
+        if start >= 0:
+            seq = _uint(raw[start + 4 : raw.find(SOH, start + 1)].decode("latin-1"))
+        if seq is None or seq != self.next_in_seq:
+            return
+        self.next_in_seq = seq + 1
+        self._numbers_lost = True  # whatever it carried is gone: the next record is a gap
+        reason = _REJECT_REASONS.get(type(exc.__cause__).__name__, "99")
+        body = [(45, seq), (373, reason), (58, clip(str(exc), 100))]
+        parts.append(self._send(now_ns, REJECT, body))
+        self._drain(now_ns, out, parts)
 
     def _on_message(
         self, pairs: list[tuple[int, str]], raw: bytes, now_ns: int, out: FixReceived,
@@ -923,19 +969,18 @@ class FixSession:
         for tag, value in pairs:
             fields.setdefault(tag, value)
         msg_type = fields.get(35, "")
-        seq_text = fields.get(34)
-        if seq_text is None or not seq_text.isdigit():
+        seq = _uint(fields.get(34))
+        if seq is None:
             out.errors.append(DecodeError("missing or invalid MsgSeqNum (34)",
                                           clip(to_pipes(raw))))  # fmt: skip
             return
-        seq = int(seq_text)
         if (
             not self.logged_on
             and msg_type != LOGON
             and not (msg_type == LOGOUT and self._logon_sent)
         ):
             self.closed = True
-            out.events.append(SessionClosed(f"first message was {msg_type!r}, not a Logon"))
+            out.events.append(SessionClosed(f"first message was {brief(msg_type)}, not a Logon"))
             return
         if self.target_comp_id is None and self.acceptor:
             self.target_comp_id = fields.get(49)
@@ -975,9 +1020,9 @@ class FixSession:
             interval = int(fields.get(108, ""))
         except ValueError:
             interval = 0
-        if fields.get(98, "0") != "0" or interval <= 0:
-            self._close(out, parts, now_ns, "Logon needs EncryptMethod 0 and HeartBtInt > 0",
-                        reply=True)  # fmt: skip
+        if fields.get(98, "0") != "0" or not 0 < interval <= MAX_HEARTBEAT_INTERVAL:
+            text = f"Logon needs EncryptMethod 0 and HeartBtInt 1..{MAX_HEARTBEAT_INTERVAL}"
+            self._close(out, parts, now_ns, text, reply=True)
             return
         if reset:
             self.next_in_seq = 1
@@ -1018,11 +1063,10 @@ class FixSession:
     def _on_sequence_reset_mode(
         self, fields: dict[int, str], now_ns: int, out: FixReceived, parts: list[bytes]
     ) -> None:
-        new_text = fields.get(36, "")
-        if not new_text.isdigit():
+        new = _uint(fields.get(36))
+        if new is None:
             out.errors.append(DecodeError("SequenceReset without a valid NewSeqNo (36)", ""))
             return
-        new = int(new_text)
         out.events.append(SequenceResetReceived(new, False))
         if new < self.next_in_seq:
             out.errors.append(DecodeError(
@@ -1083,13 +1127,13 @@ class FixSession:
         """A message at the expected MsgSeqNum."""
         self.next_in_seq = seq + 1
         if msg_type == SEQUENCE_RESET:  # GapFill mode here
-            new_text = fields.get(36, "")
-            if new_text.isdigit() and int(new_text) > seq:
-                out.events.append(SequenceResetReceived(int(new_text), True))
-                self._fill_gap(int(new_text), now_ns, out, parts)
+            new = _uint(fields.get(36))
+            if new is not None and new > seq:
+                out.events.append(SequenceResetReceived(new, True))
+                self._fill_gap(new, now_ns, out, parts)
             else:
                 out.errors.append(DecodeError("GapFill with NewSeqNo not above MsgSeqNum",
-                                              new_text))  # fmt: skip
+                                              clip(fields.get(36, ""))))  # fmt: skip
         elif msg_type in (SNAPSHOT_FULL_REFRESH, INCREMENTAL_REFRESH):
             records = self.market_data.decode(msg_type, pairs, now_ns, out)
             self._sequence(records, seq)
@@ -1117,9 +1161,8 @@ class FixSession:
         elif msg_type == MARKET_DATA_REQUEST:
             out.events.append(_market_data_request(pairs, fields))
         elif msg_type == REJECT:
-            ref = fields.get(45, "")
             out.events.append(SessionRejectReceived(
-                int(ref) if ref.isdigit() else None, fields.get(373), fields.get(58, "")
+                _uint(fields.get(45)), fields.get(373), fields.get(58, "")
             ))  # fmt: skip
         elif msg_type == LOGON:
             out.errors.append(DecodeError("Logon while already logged on", ""))
@@ -1166,11 +1209,10 @@ class FixSession:
     def _on_resend_request(
         self, fields: dict[int, str], now_ns: int, out: FixReceived, parts: list[bytes]
     ) -> None:
-        begin_text, end_text = fields.get(7, ""), fields.get(16, "")
-        if not (begin_text.isdigit() and end_text.isdigit()):
+        begin, end = _uint(fields.get(7)), _uint(fields.get(16))
+        if begin is None or end is None:
             out.errors.append(DecodeError("ResendRequest without BeginSeqNo/EndSeqNo", ""))
             return
-        begin, end = int(begin_text), int(end_text)
         last = self.next_out_seq - 1
         if end == 0 or end > last:
             end = last
@@ -1220,11 +1262,10 @@ def _price_text(value: float | None) -> str | None:
 def _market_data_request(
     pairs: list[tuple[int, str]], fields: dict[int, str]
 ) -> MarketDataRequested:
-    depth = fields.get(264, "0")
     return MarketDataRequested(
         md_req_id=fields.get(262, ""),
         subscription_type=fields.get(263, ""),
-        market_depth=int(depth) if depth.isdigit() else 0,
+        market_depth=_uint(fields.get(264)) or 0,
         update_type=fields.get(265),
         entry_types=[v for t, v in pairs if t == 269],
         symbols=[v for t, v in pairs if t == 55],
@@ -1289,12 +1330,12 @@ def _capture_records(
     records = decoder.decode(msg_type, pairs, 0, out)
     for err in out.errors:
         yield CaptureError(where, err.reason)
-    seq_text = next((v for t, v in pairs if t == 34), "")
+    seq = _uint(next((v for t, v in pairs if t == 34), None))
     sender = next((v for t, v in pairs if t == 49), "")
     target = next((v for t, v in pairs if t == 56), "")
     for i, record in enumerate(records):
-        if seq_text.isdigit():
-            record.provider_sequence = int(seq_text)
+        if seq is not None:
+            record.provider_sequence = seq
         record.stream = f"{sender}->{target}" + (f"#{i + 1}" if i else "")
         if symbol is None or record.symbol == symbol:
             yield record

@@ -17,7 +17,15 @@ from typing import Any
 
 import orjson
 
-from common.codecs.base import CaptureError, CodecError, DecodeError, clip
+from common.codecs.base import (
+    CaptureError,
+    CodecError,
+    DecodeError,
+    as_text,
+    brief,
+    clip,
+    unexpected,
+)
 from common.model import DataType, QualityFlag, RawMarketData
 
 PROVIDER = "polygon"
@@ -103,20 +111,26 @@ def decode_frame(data: bytes | str, receive_ns: int, provider: str = PROVIDER) -
             out.errors.append(DecodeError("array element is not an object", clip(item)))
             continue
         ev = item.get("ev")
-        decoder = _DECODERS.get(ev) if type(ev) is str else None
+        if type(ev) is not str:
+            # Checked first: an object or array here is unhashable for the lookups below.
+            out.errors.append(DecodeError(f"unknown event type {brief(ev)}", clip(item)))
+            continue
+        decoder = _DECODERS.get(ev)
         if decoder is not None:
             try:
                 records.append(decoder(item, provider, receive_ns))
             except CodecError as exc:
                 out.errors.append(DecodeError(str(exc), clip(item)))
+            except Exception as exc:  # untrusted JSON: an element loses only itself
+                out.errors.append(unexpected(exc, item))
         elif ev == "status":
             out.statuses.append(
-                StatusMessage(str(item.get("status", "")), str(item.get("message", "")))
+                StatusMessage(as_text(item.get("status")), as_text(item.get("message")))
             )
         elif ev in SKIPPED_EVENTS:
             out.skipped += 1
         else:
-            out.errors.append(DecodeError(f"unknown event type {ev!r}", clip(item)))
+            out.errors.append(DecodeError(f"unknown event type {brief(ev)}", clip(item)))
     return out
 
 

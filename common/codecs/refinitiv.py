@@ -46,7 +46,15 @@ from typing import Any
 
 import orjson
 
-from common.codecs.base import CaptureError, CodecError, DecodeError, clip
+from common.codecs.base import (
+    CaptureError,
+    CodecError,
+    DecodeError,
+    as_text,
+    brief,
+    clip,
+    unexpected,
+)
 from common.model import DataType, QualityFlag, RawMarketData
 
 PROVIDER = "refinitiv"
@@ -311,6 +319,8 @@ class ConsumerProtocol:
                 self._decode_message(msg, receive_ns, out)
             except CodecError as exc:
                 out.errors.append(DecodeError(str(exc), clip(msg)))
+            except Exception as exc:  # untrusted JSON: a message loses only itself
+                out.errors.append(unexpected(exc, msg))
         return out
 
     def _decode_message(self, msg: dict[str, Any], receive_ns: int, out: DecodedFrame) -> None:
@@ -324,11 +334,11 @@ class ConsumerProtocol:
         if kind == "Error":
             raw_id = msg.get("ID")
             out.server_errors.append(
-                ServerError(raw_id if type(raw_id) is int else None, str(msg.get("Text", "")))
+                ServerError(raw_id if type(raw_id) is int else None, as_text(msg.get("Text")))
             )
             return
         if kind not in ("Refresh", "Update", "Status"):
-            raise CodecError(f"unknown message Type {kind!r}")
+            raise CodecError(f"unknown message Type {brief(kind)}")
         domain = msg.get("Domain", "MarketPrice")
         if domain == "Login":
             out.logins.append(_login_event(kind, msg))
@@ -468,10 +478,10 @@ def _state(msg: dict[str, Any]) -> State:
         # A Refresh without State is an open, ok stream (the spec's defaults).
         return State("Open", "Ok") if msg.get("Type") == "Refresh" else State()
     return State(
-        str(raw.get("Stream", "")),
-        str(raw.get("Data", "")),
-        str(raw.get("Code", "")),
-        str(raw.get("Text", "")),
+        as_text(raw.get("Stream")),
+        as_text(raw.get("Data")),
+        as_text(raw.get("Code")),
+        as_text(raw.get("Text")),
     )
 
 
@@ -487,11 +497,13 @@ def time_of_day_ns(value: Any) -> int | None:
     """``68520061`` (ms since midnight) or ``"19:02:00"`` / ``"19:01:52.565"`` -> ns."""
     if type(value) is int:
         return value * _NS_PER_MS if 0 <= value < 86_400_000 else None
-    if type(value) is not str:
+    # ASCII only: str.isdigit also passes "²", which int() refuses.
+    if type(value) is not str or not value.isascii():
         return None
     hms, _, frac = value.strip().partition(".")
     parts = hms.split(":")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+    # "HH:MM:SS" is 8 characters; a longer digit run is no time (and int() raises past 4300).
+    if len(hms) > 8 or len(parts) != 3 or not all(p.isdigit() for p in parts):
         return None
     if frac and not frac.isdigit():
         return None
@@ -588,7 +600,7 @@ def _client_request(msg: Any) -> ClientRequest:
     if kind == "Close":
         return ClientRequest(kind, ids, domain)
     if kind != "Request":
-        raise CodecError(f"unsupported request Type {kind!r}")
+        raise CodecError(f"unsupported request Type {brief(kind)}")
     if len(ids) != 1:
         raise CodecError("a request has one integer 'ID'")
     key = msg.get("Key", {})
