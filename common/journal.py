@@ -13,9 +13,9 @@ log segments and committed offsets, Vector's disk buffers, QuickFIX's FileStore.
 Files in the journal directory:
 
 - ``<20-digit position>.wal``: segments. A record is ``<length u32><crc32 u32><kind u8>``
-  and ``length`` bytes of body. ``EVENTS`` bodies are lines
-  ``<kind>\\t<receive_ns>\\t<sequence>\\t<stream JSON>\\t<payload JSON>\\n`` (kind ``E`` for
-  an event, ``R`` for a rejected record bound for the dead-letter); a ``STATE`` record
+  and ``length`` bytes of body. An ``EVENTS`` body is a JSON line
+  ``[n_events, [[receive_ns, sequence, stream], ...]]`` then one payload per line: the
+  events', then the rejected records' bound for the dead-letters; a ``STATE`` record
   opens every segment with the last sequence number seen per provider stream, so those
   survive a restart and a gap across it is flagged.
 - ``<sink>.ack``: a sink's cursor, 12 bytes rewritten in place (no new file, so it still
@@ -202,44 +202,43 @@ class Journal:
             state = orjson.dumps(self.sequence_snapshot())
             prefix = _HEADER.pack(len(state), zlib.crc32(state), KIND_STATE) + state
         body = self._encode(events, rejected, self.head + len(prefix) + _HEADER.size)
-        record = prefix + _HEADER.pack(len(body), zlib.crc32(body), KIND_EVENTS) + body
-        if self.head - self._segments[0] + len(record) > self.max_bytes:
+        header = prefix + _HEADER.pack(len(body), zlib.crc32(body), KIND_EVENTS)
+        size = len(header) + len(body)
+        if self.head - self._segments[0] + size > self.max_bytes:
             raise JournalFull(f"journal is at its cap of {self.max_bytes} bytes")
-        self._write(record)
+        self._write(header, body, size)
         self._needs_state = False
         self.appended_events += len(events) + len(rejected)
         return Batch(events, rejected, self.head)
 
-    def _encode(self, events: list[Event], rejected: list[Event], start: int) -> bytes:
-        streams = self._stream_bytes
-        lines = []
+    @staticmethod
+    def _encode(events: list[Event], rejected: list[Event], start: int) -> bytes:
+        everything = events + rejected if rejected else events
         position = start
-        for kind, group in ((b"E", events), (b"R", rejected)):
-            for e in group:
-                e.position = position
-                position += 1
-                stream = streams.get(e.stream)
-                if stream is None:
-                    if len(streams) > 100_000:
-                        streams.clear()
-                    stream = streams[e.stream] = orjson.dumps(e.stream)
-                seq = b"" if e.sequence is None else b"%d" % e.sequence
-                lines.append(b"%b\t%d\t%b\t%b\t%b\n" % (kind, e.receive_ns, seq, stream, e.payload))
-        return b"".join(lines)
+        for e in everything:
+            e.position = position
+            position += 1
+        # One JSON line for what the payloads do not say (receive time, and the stream and
+        # sequence that sequence state is rebuilt from), then one payload per line: three
+        # times cheaper than formatting a line of fields per event.
+        meta = orjson.dumps(
+            [len(events), [(e.receive_ns, e.sequence, e.stream) for e in everything]]
+        )
+        return b"%b\n%b\n" % (meta, b"\n".join([e.payload for e in everything]))
 
-    def _write(self, record: bytes) -> None:
+    def _write(self, header: bytes, body: bytes, size: int) -> None:
         start = self.head - self._segments[-1]
         try:
-            written = os.write(self._fd, record)
-            if written != len(record):
-                raise OSError(28, f"short write: {written} of {len(record)} bytes")
+            written = os.writev(self._fd, (header, body))  # no copy of the body to join them
+            if written != size:
+                raise OSError(28, f"short write: {written} of {size} bytes")
         except OSError as exc:
             # Never leave half a record behind: cut back to where this append began.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
             self.last_error = f"journal write failed: {exc}"
             raise JournalFull(self.last_error) from exc
-        self.head += len(record)
+        self.head += size
         self.last_error = None
         if self.fsync == "always":
             os.fdatasync(self._fd)
@@ -352,8 +351,11 @@ class Journal:
         return Batch(events, rejected, position)
 
     def count_events(self, position: int) -> int:
+        # Every line but the first (the record's metadata) is one event.
         return sum(
-            body.count(b"\n") for kind, body, _ in self._records(position) if kind == KIND_EVENTS
+            body.count(b"\n") - 1
+            for kind, body, _ in self._records(position)
+            if kind == KIND_EVENTS
         )
 
     def _records(self, position: int) -> Iterator[tuple[int, bytes, int]]:
@@ -417,10 +419,10 @@ class Journal:
             if kind == KIND_STATE:
                 sequences.update(orjson.loads(body))
             elif kind == KIND_EVENTS:
-                for line in body.split(b"\n")[:-1]:
-                    fields = line.split(b"\t", 4)
-                    if fields[0] == b"E" and fields[2]:
-                        sequences[orjson.loads(fields[3])] = int(fields[2])
+                n_events, meta = orjson.loads(body[: body.index(b"\n")])
+                for _receive_ns, seq, stream in meta[:n_events]:
+                    if seq is not None:
+                        sequences[stream] = seq
         return offset, sequences
 
     def _segment_path(self, base: int) -> Path:
@@ -440,15 +442,18 @@ def _parse_record(data: bytes, offset: int) -> tuple[int, bytes, int] | None:
 
 
 def _decode_lines(body: bytes) -> Iterator[tuple[bool, Event]]:
-    for line in body.split(b"\n")[:-1]:
+    lines = body.split(b"\n")
+    try:
+        n_events, meta = orjson.loads(lines[0])
+    except (ValueError, TypeError) as exc:
+        # The record's checksum held, so this is a bug, not a torn write: say so.
+        log.error("journal_record_unreadable", error=str(exc))
+        return
+    for i, ((receive_ns, seq, stream), payload) in enumerate(zip(meta, lines[1:-1], strict=False)):
+        rejected = i >= n_events
         try:
-            kind, receive_ns, seq, stream, payload = line.split(b"\t", 4)
-            event = event_from_journal(
-                payload, int(receive_ns), orjson.loads(stream), int(seq) if seq else None,
-                rejected=kind == b"R",
-            )  # fmt: skip
+            event = event_from_journal(payload, receive_ns, stream, seq, rejected=rejected)
         except (ValueError, KeyError, TypeError) as exc:
-            # The record's checksum held, so this is a bug, not a torn write: say so.
-            log.error("journal_line_unreadable", error=str(exc), line=line[:200])
+            log.error("journal_line_unreadable", error=str(exc), line=payload[:200])
             continue
-        yield kind == b"R", event
+        yield rejected, event
