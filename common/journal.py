@@ -72,13 +72,13 @@ class Batch:
 
     ``end`` is the journal position just past the record: a sink that has this batch
     acknowledged moves its cursor there. ``rejected`` are records no sink may store as
-    they are (see ``events.build_events``); they go to each sink's dead-letter.
+    they are (see ``events.build_events``); they go to each sink's dead-letter. One batch
+    goes to every sink, so it holds no sink's state.
     """
 
     events: list[Event]
     rejected: list[Event]
     end: int
-    generation: int = 0  # set by each sink on hand-over, to ignore a stale receipt
 
     def __len__(self) -> int:
         return len(self.events) + len(self.rejected)

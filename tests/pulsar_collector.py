@@ -65,6 +65,8 @@ class PulsarCollector:
         return len(self.events)
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return  # already closed (a test's cleanup may close it again)
         self._stop.set()
         self._thread.join(timeout=5)
         self.consumer.close()

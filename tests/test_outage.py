@@ -13,6 +13,7 @@ from pathlib import Path
 from common import db
 from common.embedded import EmbeddedPostgres, EmbeddedProcess, free_port, pulsar_command
 from common.model import DataType
+from common.sinks.base import DurableSink
 from common.sinks.postgres import PostgresSink
 from simulators.polygon import PolygonSimConfig, PolygonSimulator
 from tests.conftest import Services
@@ -20,6 +21,16 @@ from tests.pulsar_collector import PulsarCollector
 from tests.running import RunningWorker, until
 from tests.test_pipeline_integration import KEY_ENV
 from workers.worker import Worker
+
+
+def _sink_state(sink: DurableSink) -> str:
+    journal = sink.journal
+    return (
+        f"{sink.name}: live={sink.live} healthy={sink.healthy} pending={sink.pending} "
+        f"generation={sink.generation} backlog={sink.backlog} acked_at={journal.acked(sink.name)} "
+        f"head={journal.head} counters={sink.counters} "
+        f"outstanding={len(getattr(sink, '_outstanding', {}))}"
+    )
 
 
 async def _start_fleet(
@@ -71,7 +82,7 @@ async def test_broker_outage_spools_then_replays_everything(
         broker.start()
         await until(lambda: publisher.healthy and publisher.live, 60, "the catch-up")
         await sim.stop()
-        assert await pipeline.drained(timeout=30)
+        assert await pipeline.drained(timeout=30), _sink_state(publisher)
         c = pipeline.counts()
         assert c.received == c.published == c.stored
         assert publisher.counters.replayed > 500

@@ -64,14 +64,14 @@ class DurableSink(abc.ABC):
         if self.pending >= self.max_pending:
             self._leave_live(None)
             return
-        batch.generation = self.generation
         self.pending += len(batch)
         self._idle.clear()
-        self._send(batch)
+        self._send(batch, self.generation)
 
     @abc.abstractmethod
-    def _send(self, batch: Batch) -> None:
-        """Start delivering; later call ``_acked`` or ``_failed`` with the same batch."""
+    def _send(self, batch: Batch, generation: int) -> None:
+        """Start delivering; later call ``_acked`` or ``_failed`` with the same batch and
+        generation."""
 
     @abc.abstractmethod
     async def deliver(self, batch: Batch) -> None:
@@ -82,8 +82,8 @@ class DurableSink(abc.ABC):
 
     # -- called by subclasses when a live delivery completes
 
-    def _acked(self, batch: Batch) -> None:
-        if batch.generation != self.generation:
+    def _acked(self, batch: Batch, generation: int) -> None:
+        if generation != self.generation:
             return  # handed over before a failure: the catch-up resends it
         n = len(batch)
         self.pending -= n
@@ -94,8 +94,8 @@ class DurableSink(abc.ABC):
         if self.pending == 0:
             self._idle.set()
 
-    def _failed(self, batch: Batch, error: str) -> None:
-        if batch.generation != self.generation:
+    def _failed(self, batch: Batch, error: str, generation: int) -> None:
+        if generation != self.generation:
             return
         self.counters.failures += 1
         self._mark_unhealthy(error)
@@ -139,7 +139,7 @@ class DurableSink(abc.ABC):
                 if batch.end >= self.journal.head:
                     self._go_live()
                 continue
-            batch.generation = self.generation
+            generation = self.generation
             try:
                 await self.deliver(batch)
             except Exception as exc:
@@ -148,7 +148,7 @@ class DurableSink(abc.ABC):
                 await asyncio.sleep(self._backoff.next_delay())
                 continue
             self._backoff.reset()
-            if batch.generation != self.generation or self.journal.acked(self.name) != start:
+            if generation != self.generation or self.journal.acked(self.name) != start:
                 continue  # a failure or a restart of the catch-up meanwhile: read again
             n = len(batch)
             self.backlog = max(0, self.backlog - n)

@@ -70,7 +70,8 @@ class PostgresSink(DurableSink):
         # The flusher and the catch-up share one connection: one COPY at a time.
         self._copy_lock = asyncio.Lock()
 
-    def _send(self, batch: Batch) -> None:
+    def _send(self, batch: Batch, generation: int) -> None:
+        # Buffered batches are all of the current generation: a failure discards them.
         self._buffer.append(batch)
         self._buffered += len(batch.events)
         if self._buffered >= self.max_batch:
@@ -194,16 +195,17 @@ class PostgresSink(DurableSink):
         if not self._buffer:
             return
         batches, self._buffer, self._buffered = self._buffer, [], 0
+        generation = self.generation
         merged = Batch(
             [e for b in batches for e in b.events], [e for b in batches for e in b.rejected],
-            batches[-1].end, batches[0].generation,
+            batches[-1].end,
         )  # fmt: skip
         try:
             await self.deliver(merged)
         except Exception as exc:
-            self._failed(merged, f"{type(exc).__name__}: {exc}")
+            self._failed(merged, f"{type(exc).__name__}: {exc}", generation)
         else:
-            self._acked(merged)
+            self._acked(merged, generation)
 
     async def close(self) -> None:
         await self.flush()

@@ -51,10 +51,15 @@ _MessageBuilder = _pulsar.MessageBuilder
 
 
 class _BatchReceipt:
-    __slots__ = ("abandoned", "batch", "error", "on_done", "parts", "replay", "sent_at")
+    __slots__ = (
+        "abandoned", "batch", "error", "generation", "on_done", "parts", "replay", "sent_at",
+    )  # fmt: skip
 
-    def __init__(self, batch: Batch, on_done: Callable[[_BatchReceipt], None]) -> None:
+    def __init__(
+        self, batch: Batch, generation: int, on_done: Callable[[_BatchReceipt], None]
+    ) -> None:
         self.batch = batch
+        self.generation = generation
         self.on_done = on_done
         self.sent_at = time.monotonic()
         self.error: str | None = None
@@ -140,12 +145,12 @@ class PulsarSink(DurableSink):
             None, create, self.dead_letter_topic, f"{name}-dlq" if name else None
         )
 
-    def _send(self, batch: Batch) -> None:
+    def _send(self, batch: Batch, generation: int) -> None:
         producer = self._producer
         if producer is None:
-            self._failed(batch, "no producer")
+            self._failed(batch, "no producer", generation)
             return
-        receipt = _BatchReceipt(batch, self._receipt_from_thread)
+        receipt = _BatchReceipt(batch, generation, self._receipt_from_thread)
         self._outstanding[id(receipt)] = receipt
         self._send_all(producer, self._dead_letter, receipt)
 
@@ -179,7 +184,7 @@ class PulsarSink(DurableSink):
             return
         batch = receipt.batch
         if receipt.error is not None:
-            self._failed(batch, receipt.error)
+            self._failed(batch, receipt.error, receipt.generation)
             return
         now_ns = time.time_ns()
         events = batch.events
@@ -188,7 +193,7 @@ class PulsarSink(DurableSink):
             self.round_trip_latency.record_us(round_trip_us, len(events))
             self.latency.record_many_us([(now_ns - e.receive_ns) // 1000 for e in events])
             self.provider_latency.record_many_us([(now_ns - e.origin_ns) // 1000 for e in events])
-        self._acked(batch)
+        self._acked(batch, receipt.generation)
 
     def _check_stalled(self) -> None:
         """Give up on batches without a receipt for too long (see the module docstring)."""
@@ -216,7 +221,7 @@ class PulsarSink(DurableSink):
                 receipt.error = reason
                 receipt.on_done(receipt)  # the catch-up retries from the journal
             else:
-                self._failed(receipt.batch, reason)
+                self._failed(receipt.batch, reason, receipt.generation)
 
     async def deliver(self, batch: Batch) -> None:
         if self._producer is None or self._dead_letter is None:
@@ -233,7 +238,7 @@ class PulsarSink(DurableSink):
         def finish(receipt: _BatchReceipt) -> None:
             loop.call_soon_threadsafe(settle, receipt)
 
-        receipt = _BatchReceipt(batch, finish)
+        receipt = _BatchReceipt(batch, self.generation, finish)
         receipt.replay = True
         if receipt.parts == 0:
             return

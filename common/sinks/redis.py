@@ -36,6 +36,9 @@ class LatestCache:
         self._set_all = client.register_script(_SET_ALL)
         self.written = 0
         self.errors = 0
+        # Symbols whose latest:{symbol} this worker writes (None: all). With failover several
+        # providers may serve one symbol; only the highest-priority one writes it.
+        self.symbols: set[str] | None = None
         self.healthy = True
 
     def submit(self, events: list[Event]) -> None:
@@ -47,6 +50,10 @@ class LatestCache:
         if not self._latest:
             return
         batch, self._latest = self._latest, {}
+        if self.symbols is not None:
+            batch = {s: p for s, p in batch.items() if s in self.symbols}
+            if not batch:
+                return
         try:
             await self._set_all(
                 keys=[latest_key(s) for s in batch], args=[LATEST_TTL_S, *batch.values()]
