@@ -80,7 +80,21 @@ CREATE TABLE IF NOT EXISTS worker_instances (
 );
 CREATE INDEX IF NOT EXISTS idx_worker_instances_provider ON worker_instances (provider_id);
 
+-- Failover: each worker pushes its status (and since when), the canonical symbols it cannot
+-- serve (the provider refused the item, or it went silent while others flow) and those
+-- with a recent event, so the coordinator decides on facts, not timeouts alone.
+ALTER TABLE worker_instances ADD COLUMN IF NOT EXISTS status_since TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE worker_instances ADD COLUMN IF NOT EXISTS unavailable_symbols TEXT[] NOT NULL DEFAULT '{}';
+ALTER TABLE worker_instances ADD COLUMN IF NOT EXISTS flowing_symbols TEXT[] NOT NULL DEFAULT '{}';
+
+-- The seed's subscription status: 'active', 'inactive' or 'failover' (served by a backup).
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS status VARCHAR(20) NOT NULL DEFAULT 'active';
+
 -- Which worker instance holds which symbol, written only by the active coordinator.
+-- provider_id is the subscription's provider (for whom); instance_id (and
+-- serving_provider_id) who serves it. reason: 'primary', 'failover' (a backup serves it),
+-- 'failback' (the recovered primary, brought up beside the backup until its first event).
+-- latest: this row's worker writes latest:{symbol} (one source per symbol).
 CREATE TABLE IF NOT EXISTS assignments (
     provider_id       UUID        NOT NULL REFERENCES providers (id) ON DELETE CASCADE,
     instrument_symbol VARCHAR(50) NOT NULL,
@@ -91,6 +105,21 @@ CREATE TABLE IF NOT EXISTS assignments (
     PRIMARY KEY (provider_id, instrument_symbol)
 );
 CREATE INDEX IF NOT EXISTS idx_assignments_instance ON assignments (instance_id);
+ALTER TABLE assignments ADD COLUMN IF NOT EXISTS serving_provider_id UUID;
+ALTER TABLE assignments ADD COLUMN IF NOT EXISTS latest BOOLEAN NOT NULL DEFAULT TRUE;
+-- A symbol may be held by two instances at once during a make-before-break failback.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+        WHERE i.indrelid = 'assignments'::regclass AND i.indisprimary
+          AND a.attname = 'instance_id'
+    ) THEN
+        ALTER TABLE assignments DROP CONSTRAINT assignments_pkey;
+        ALTER TABLE assignments ADD PRIMARY KEY (provider_id, instrument_symbol, instance_id);
+    END IF;
+END $$;
 
 -- Changes that the coordinator must see at once (it also polls slowly).
 CREATE OR REPLACE FUNCTION feedfleet_notify_config() RETURNS trigger

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -225,11 +226,12 @@ async def register_instance(
     return superseded
 
 
-async def heartbeat_instance(conn: Conn, instance_id: str, status: str) -> bool:
-    """Refresh the instance's row; False when there is none (it was dropped as dead)."""
+async def heartbeat_instance(conn: Conn, instance_id: str) -> bool:
+    """Refresh the instance's row; False when there is none (it was dropped as dead).
+    Status changes go through ``report_instance_state``, which notifies."""
     cur = await conn.execute(
-        "UPDATE worker_instances SET heartbeat_at = now(), status = %s WHERE instance_id = %s",
-        (status, instance_id),
+        "UPDATE worker_instances SET heartbeat_at = now() WHERE instance_id = %s",
+        (instance_id,),
     )
     return cur.rowcount > 0
 
@@ -243,18 +245,37 @@ async def remove_instance(conn: Conn, instance_id: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class LiveInstance:
+    """A worker instance whose heartbeat is recent, with the state it last pushed.
+    ``unavailable`` and ``flowing`` hold canonical symbols."""
+
     instance_id: str
     provider_id: str
     host: str
+    status: str = "CONNECTED"
+    # Seconds, as of the read and by the server's clock (immune to the reader's clock);
+    # they differ on every read, so they are no part of equality.
+    status_age_s: float = field(default=0.0, compare=False)
+    heartbeat_age_s: float = field(default=0.0, compare=False)
+    unavailable: frozenset[str] = frozenset()
+    flowing: frozenset[str] = frozenset()
 
 
 async def live_instances(conn: Conn, timeout_s: float) -> list[LiveInstance]:
     cur = await conn.execute(
-        "SELECT instance_id, provider_id::text, host FROM worker_instances "
-        "WHERE heartbeat_at > now() - make_interval(secs => %s) ORDER BY instance_id",
+        """
+        SELECT instance_id, provider_id::text, host, status,
+               extract(epoch FROM now() - status_since)::float8,
+               extract(epoch FROM now() - heartbeat_at)::float8,
+               unavailable_symbols, flowing_symbols
+        FROM worker_instances
+        WHERE heartbeat_at > now() - make_interval(secs => %s) ORDER BY instance_id
+        """,
         (timeout_s,),
     )
-    return [LiveInstance(*r) for r in await cur.fetchall()]
+    return [
+        LiveInstance(r[0], r[1], r[2], r[3], max(r[4], 0.0), max(r[5], 0.0), *map(frozenset, r[6:]))
+        for r in await cur.fetchall()
+    ]
 
 
 async def delete_dead_instances(conn: Conn, older_than_s: float) -> int:
@@ -270,55 +291,186 @@ async def delete_dead_instances(conn: Conn, older_than_s: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
+    """One row: ``instance_id`` serves ``symbol`` (canonical) for ``provider_id``'s
+    subscription; ``serving_provider_id`` is that instance's provider (None: the same)."""
+
     provider_id: str
     symbol: str
     instance_id: str
     data_types: tuple[str, ...]
-    reason: str = "primary"
+    reason: str = "primary"  # 'primary', 'failover' (a backup serves it) or 'failback'
+    serving_provider_id: str | None = None
+    latest: bool = False  # its worker writes latest:{symbol}
+
+    @property
+    def server(self) -> str:
+        return self.serving_provider_id or self.provider_id
 
 
 async def current_assignments(conn: Conn) -> list[Assignment]:
     cur = await conn.execute(
-        "SELECT provider_id::text, instrument_symbol, instance_id, data_types, reason "
-        "FROM assignments"
+        "SELECT provider_id::text, instrument_symbol, instance_id, data_types, reason, "
+        "coalesce(serving_provider_id, provider_id)::text, latest FROM assignments"
     )
-    return [Assignment(r[0], r[1], r[2], tuple(r[3]), r[4]) for r in await cur.fetchall()]
+    return [
+        Assignment(r[0], r[1], r[2], tuple(r[3]), r[4], r[5], r[6]) for r in await cur.fetchall()
+    ]
 
 
 async def replace_assignments(
     conn: Conn, remove: list[Assignment], upsert: list[Assignment]
 ) -> None:
-    async with conn.transaction():
-        for a in remove:
-            await conn.execute(
-                "DELETE FROM assignments WHERE provider_id = %s AND instrument_symbol = %s",
-                (a.provider_id, a.symbol),
+    """Delete and upsert rows in one transaction, each kind as one batch: executemany
+    pipelines the statements. Moving 3,000 symbols (3,000 deletes, 3,000 inserts) took
+    0.43 s, against 1.6 s with one statement and round trip per row (embedded
+    PostgreSQL, 2 shared cores)."""
+    async with conn.transaction(), conn.cursor() as cur:
+        if remove:
+            await cur.executemany(
+                "DELETE FROM assignments "
+                "WHERE provider_id = %s AND instrument_symbol = %s AND instance_id = %s",
+                [(a.provider_id, a.symbol, a.instance_id) for a in remove],
             )
-        for a in upsert:
-            await conn.execute(
+        if upsert:
+            await cur.executemany(
                 """
                 INSERT INTO assignments (provider_id, instrument_symbol, instance_id,
-                                         data_types, reason)
-                VALUES (%s, %s, %s, %s, %s)
-                ON CONFLICT (provider_id, instrument_symbol) DO UPDATE
-                SET instance_id = EXCLUDED.instance_id, data_types = EXCLUDED.data_types,
-                    reason = EXCLUDED.reason, assigned_at = now()
+                                         data_types, reason, serving_provider_id, latest)
+                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (provider_id, instrument_symbol, instance_id) DO UPDATE
+                SET data_types = EXCLUDED.data_types, reason = EXCLUDED.reason,
+                    serving_provider_id = EXCLUDED.serving_provider_id,
+                    latest = EXCLUDED.latest,
+                    assigned_at = CASE WHEN assignments.reason = EXCLUDED.reason
+                                       THEN assignments.assigned_at ELSE now() END
                 """,
-                (a.provider_id, a.symbol, a.instance_id, list(a.data_types), a.reason),
-            )
-        await conn.execute("SELECT pg_notify('feedfleet_assignments', '')")
+                [(a.provider_id, a.symbol, a.instance_id, list(a.data_types), a.reason,
+                  a.server, a.latest) for a in upsert],
+            )  # fmt: skip
+        await cur.execute("SELECT pg_notify('feedfleet_assignments', '')")
+
+
+async def failover_subscriptions(conn: Conn) -> set[tuple[str, str]]:
+    """(provider_id, symbol) of every subscription the coordinator marked 'failover'."""
+    cur = await conn.execute(
+        "SELECT provider_id::text, instrument_symbol FROM subscriptions WHERE status = 'failover'"
+    )
+    return {(r[0], r[1]) for r in await cur.fetchall()}
+
+
+async def set_subscription_status(conn: Conn, keys: Iterable[tuple[str, str]], status: str) -> None:
+    """Set ``status`` ('active' or 'failover') on the (provider_id, symbol) subscriptions,
+    in one statement (the table's trigger notifies once per statement)."""
+    pairs = list(keys)
+    if not pairs:
+        return
+    await conn.execute(
+        """
+        UPDATE subscriptions s SET status = %s
+        FROM unnest(%s::uuid[], %s::text[]) AS k(provider_id, symbol)
+        WHERE s.provider_id = k.provider_id AND s.instrument_symbol = k.symbol
+          AND s.status IS DISTINCT FROM %s
+        """,
+        (status, [p for p, _ in pairs], [s for _, s in pairs], status),
+    )
+
+
+async def record_handovers(conn: Conn, rows: list[tuple[str, str, str]]) -> None:
+    """``provider_connections`` rows for hand-overs: (provider_id, status, message), the
+    status 'FAILOVER' or 'FAILBACK', the message saying what moved, where and why."""
+    if not rows:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO provider_connections (provider_id, status, error_message) "
+            "VALUES (%s, %s, %s)",
+            rows,
+        )
+
+
+async def assignment_report(conn: Conn) -> list[dict[str, Any]]:
+    """Every assignment row with provider names, for the API."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """
+            SELECT p.name AS provider, a.instrument_symbol AS symbol, s.name AS served_by,
+                   a.instance_id, a.reason, a.latest, a.assigned_at AS since
+            FROM assignments a
+            JOIN providers p ON p.id = a.provider_id
+            LEFT JOIN providers s ON s.id = coalesce(a.serving_provider_id, a.provider_id)
+            ORDER BY a.instrument_symbol, p.name, a.instance_id
+            """
+        )
+        return list(await cur.fetchall())
+
+
+async def failover_summary(conn: Conn) -> tuple[int, list[str]]:
+    """(canonical symbols served by a backup, names of the providers they belong to)."""
+    cur = await conn.execute(
+        """
+        SELECT count(DISTINCT s.instrument_symbol),
+               coalesce(array_agg(DISTINCT p.name ORDER BY p.name), '{}')
+        FROM subscriptions s JOIN providers p ON p.id = s.provider_id
+        WHERE s.status = 'failover' AND s.is_active
+        """
+    )
+    row = await cur.fetchone()
+    return (int(row[0]), list(row[1])) if row else (0, [])
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSymbol:
+    """One canonical symbol an instance holds, merged over its assignment rows."""
+
+    instrument: Instrument
+    failover: bool  # held only as a backup for other providers
+    latest: bool  # this instance writes latest:{symbol}
+
+
+async def held_symbols(conn: Conn, instance_id: str) -> dict[str, HeldSymbol]:
+    """What the coordinator gave this instance. A symbol held for several providers (its
+    own subscription and as a backup) is one subscription with the union of data types."""
+    cur = await conn.execute(
+        "SELECT instrument_symbol, data_types, reason, latest FROM assignments "
+        "WHERE instance_id = %s",
+        (instance_id,),
+    )
+    merged: dict[str, tuple[set[DataType], bool, bool]] = {}
+    for symbol, types, reason, latest in await cur.fetchall():
+        known = {DataType(t) for t in types if t in DataType.__members__}
+        prior = merged.get(symbol)
+        failover = reason == "failover"
+        if prior is None:
+            merged[symbol] = (known, failover, latest)
+        else:
+            merged[symbol] = (prior[0] | known, prior[1] and failover, prior[2] or latest)
+    return {
+        s: HeldSymbol(Instrument(s, frozenset(types)), failover, latest)
+        for s, (types, failover, latest) in merged.items()
+    }
 
 
 async def assigned_instruments(conn: Conn, instance_id: str) -> dict[str, Instrument]:
-    cur = await conn.execute(
-        "SELECT instrument_symbol, data_types FROM assignments WHERE instance_id = %s",
-        (instance_id,),
-    )
-    out: dict[str, Instrument] = {}
-    for symbol, types in await cur.fetchall():
-        known = frozenset(DataType(t) for t in types if t in DataType.__members__)
-        out[symbol] = Instrument(symbol, known)
-    return out
+    return {s: h.instrument for s, h in (await held_symbols(conn, instance_id)).items()}
+
+
+async def report_instance_state(
+    conn: Conn, instance_id: str, status: str, unavailable: list[str], flowing: list[str]
+) -> bool:
+    """Push the worker's state the moment it changes; the coordinator is notified at once.
+    False when the instance has no row (dropped as dead)."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            """
+            UPDATE worker_instances SET heartbeat_at = now(),
+                status_since = CASE WHEN status = %s THEN status_since ELSE now() END,
+                status = %s, unavailable_symbols = %s, flowing_symbols = %s
+            WHERE instance_id = %s
+            """,
+            (status, status, unavailable, flowing, instance_id),
+        )
+        await conn.execute("SELECT pg_notify('feedfleet_config', 'worker_status')")
+    return cur.rowcount > 0
 
 
 # ---------------------------------------------------------------- status and metrics

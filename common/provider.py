@@ -124,6 +124,10 @@ class ProviderAdapter(abc.ABC):
         # Frames or messages that could not be decoded; the worker exports the count.
         self.decode_errors = 0
         self.subscribed: dict[str, Instrument] = {}
+        # Symbols the provider refused, closed or suspended, with its reason (Refinitiv
+        # Status Closed/Suspect, FIX MarketDataRequestReject, Bloomberg SubscriptionFailure):
+        # the worker reports them so the coordinator can fail just those over.
+        self.unavailable: dict[str, str] = {}
 
     @abc.abstractmethod
     async def connect(self) -> None:

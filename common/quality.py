@@ -45,6 +45,8 @@ class QualityChecker:
         self._last_seq: dict[str, int] = {}
         self._last_time: dict[str, int] = {}
         self._last_price: dict[str, float] = {}
+        # Receive time of each symbol's last record: which symbols flow, which went silent.
+        self.last_seen: dict[str, int] = {}
         self.flag_counts: dict[str, int] = {f.value: 0 for f in QualityFlag}
 
     def sequences(self) -> dict[str, int]:
@@ -64,6 +66,7 @@ class QualityChecker:
                 del table[key]
         for sym in gone:
             self._last_price.pop(sym, None)
+            self.last_seen.pop(sym, None)
 
     def check(self, records: list[RawMarketData]) -> None:
         stale_ns = self.stale_after_ns
@@ -73,7 +76,9 @@ class QualityChecker:
         failover = self.failover_symbols
         outlier = self.outlier_fraction
         counts = self.flag_counts
+        seen = self.last_seen
         for r in records:
+            seen[r.symbol] = r.receive_ns
             flags = r.quality_flags
             seq = r.provider_sequence
             if seq is not None:

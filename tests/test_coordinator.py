@@ -1,4 +1,5 @@
-"""assign_symbols and the coordinator against a real PostgreSQL."""
+"""Assignment planning, and the coordinator against a real PostgreSQL (failover itself is in
+tests/test_failover.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from common import db
@@ -15,10 +17,12 @@ from tests.conftest import Services
 from workers.coordinator import (
     COORDINATOR_LOCK,
     Coordinator,
+    Memory,
     State,
-    assign_symbols,
-    changed_providers,
+    affected_symbols,
+    assess_providers,
     diff_assignments,
+    plan_assignments,
 )
 
 T = TypeVar("T")
@@ -66,11 +70,17 @@ def _subs(pid: str, n: int) -> list[db.Subscription]:
     return [db.Subscription(pid, f"S{i:03d}", ["TRADE"], True) for i in range(n)]
 
 
+def _assign(
+    subs: list[db.Subscription], providers: list[ProviderConfig], instances: list[db.LiveInstance]
+) -> list[db.Assignment]:
+    return plan_assignments(subs, providers, instances, [], 0.0, Memory()).rows
+
+
 def test_each_symbol_goes_to_exactly_one_live_instance() -> None:
     providers = [ProviderConfig("p1", "one", "polygon"), ProviderConfig("p2", "two", "iex")]
     inst = [db.LiveInstance("a", "p1", "h1"), db.LiveInstance("b", "p1", "h2"),
             db.LiveInstance("c", "p2", "h1")]  # fmt: skip
-    out = assign_symbols(_subs("p1", 200) + _subs("p2", 10), providers, inst)
+    out = _assign(_subs("p1", 200) + _subs("p2", 10), providers, inst)
     assert len(out) == 210
     p1 = [a for a in out if a.provider_id == "p1"]
     counts = {i: sum(a.instance_id == i for a in p1) for i in ("a", "b")}
@@ -81,8 +91,7 @@ def test_each_symbol_goes_to_exactly_one_live_instance() -> None:
 def test_disabled_provider_or_no_instance_gets_nothing() -> None:
     providers = [ProviderConfig("p1", "one", "polygon", enabled=False),
                  ProviderConfig("p2", "two", "iex")]  # fmt: skip
-    out = assign_symbols(_subs("p1", 5) + _subs("p2", 5), providers,
-                         [db.LiveInstance("a", "p1", "h")])  # fmt: skip
+    out = _assign(_subs("p1", 5) + _subs("p2", 5), providers, [db.LiveInstance("a", "p1", "h")])
     assert out == []
 
 
@@ -90,8 +99,8 @@ def test_an_instance_dying_moves_only_its_symbols() -> None:
     providers = [ProviderConfig("p1", "one", "polygon")]
     three = [db.LiveInstance(i, "p1", "h") for i in ("a", "b", "c")]
     subs = _subs("p1", 300)
-    before = {a.symbol: a.instance_id for a in assign_symbols(subs, providers, three)}
-    after = {a.symbol: a.instance_id for a in assign_symbols(subs, providers, three[:2])}
+    before = {a.symbol: a.instance_id for a in _assign(subs, providers, three)}
+    after = {a.symbol: a.instance_id for a in _assign(subs, providers, three[:2])}
     moved = [s for s in before if before[s] != after[s]]
     assert moved and all(before[s] == "c" for s in moved)
 
@@ -102,26 +111,47 @@ def test_diff_assignments() -> None:
     b2 = db.Assignment("p", "Y", "i2", ("TRADE",))
     c = db.Assignment("p", "Z", "i1", ("QUOTE",))
     remove, upsert = diff_assignments([a, b], [b2, c])
-    assert remove == [a] and upsert == [b2, c]
+    # A move is a new row and the old one's removal: the key includes the instance.
+    assert remove == [a, b] and upsert == [b2, c]
+    latest = db.Assignment("p", "Z", "i1", ("QUOTE",), latest=True)
+    assert diff_assignments([c], [latest]) == ([], [latest])
+    assert diff_assignments([c], [c]) == ([], [])
 
 
-def test_changed_providers() -> None:
+def test_affected_symbols() -> None:
     a, b = db.LiveInstance("a", "p1", "h1"), db.LiveInstance("b", "p1", "h2")
     c = db.LiveInstance("c", "p2", "h1")
-    on = frozenset({"p1", "p2"})
-    assert changed_providers(on, [a, b, c], on, [b, a, c]) == set()  # order is no change
-    assert changed_providers(on, [a, b, c], on, [b, c]) == {"p1"}
-    assert changed_providers(on, [a], on, [a, c]) == {"p2"}
-    assert changed_providers(on, [a, c], frozenset({"p1"}), [a, c]) == {"p2"}
-    moved = db.LiveInstance("a", "p1", "h9")
-    assert changed_providers(on, [a, c], on, [moved, c]) == {"p1"}
+    providers = [ProviderConfig("p1", "one", "polygon"), ProviderConfig("p2", "two", "iex")]
+
+    def sigs(instances: list[db.LiveInstance]) -> dict[str, tuple[object, ...]]:
+        health = assess_providers(providers, instances, 0.0, Memory())
+        return {pid: p.signature() for pid, p in health.providers.items()}
+
+    by_provider = {"p1": {"X", "Y"}, "p2": {"Z"}}
+    needy = {"N"}
+    known = {i.instance_id: i for i in (a, b, c)}
+
+    def scope(after: list[db.LiveInstance], due: bool = False) -> set[str]:
+        return affected_symbols(sigs([a, b, c]), sigs(after), by_provider, needy, known, after,
+                                due)  # fmt: skip
+
+    assert scope([b, a, c]) == set()  # order is no change
+    assert scope([a, b, c], due=True) == {"N"}  # a grace or hold-down ran out
+    assert scope([b, c]) == {"X", "Y", "N"}  # p1 lost an instance: its symbols and the needy
+    refused = replace(a, unavailable=frozenset({"Y"}))
+    assert scope([refused, b, c]) == {"Y"}
+    flowing = replace(c, flowing=frozenset({"N", "Z"}))
+    assert scope([a, b, flowing]) == {"N"}  # only a failback waits for a symbol to flow
+    down = replace(c, status="DISCONNECTED")
+    assert scope([a, b, down]) == {"Z", "N"}  # grace starts: p2's phase changed
 
 
 async def test_short_pass_ends_where_a_full_pass_would(services: Services, conn: db.Conn) -> None:
     tag = uuid.uuid4().hex[:6]
     pid = await db.upsert_provider(conn, f"short-{tag}", "polygon", {})
     await db.subscribe(conn, pid, [f"S{i:02d}" for i in range(30)], [DataType.TRADE])
-    coordinator = Coordinator(services.settings())
+    # These instances do not heartbeat: keep them live however slow the machine is.
+    coordinator = Coordinator(services.settings(), instance_timeout_s=300)
 
     async def mine() -> dict[str, str]:
         return {a.symbol: a.instance_id for a in await db.current_assignments(conn)
@@ -152,7 +182,7 @@ async def test_reconcile_writes_assignments_for_live_instances(
     pid = await db.upsert_provider(conn, f"coord-{tag}", "polygon", {})
     await db.subscribe(conn, pid, ["AAA", "BBB"], [DataType.TRADE])
     await db.register_instance(conn, f"w1-{tag}", pid, "h1", 1)
-    coordinator = Coordinator(services.settings())
+    coordinator = Coordinator(services.settings(), instance_timeout_s=30)  # no heartbeats here
     await coordinator.reconcile(conn)
     mine = await db.assigned_instruments(conn, f"w1-{tag}")
     assert set(mine) == {"AAA", "BBB"}

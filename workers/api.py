@@ -6,7 +6,9 @@ Endpoints (the seed's):
   PUT  /api/v1/providers/{provider_id}/connect     enable the provider (its worker connects)
   GET  /health                                     HealthResponse
   GET  /metrics                                    MetricsResponse
-plus POST .../unsubscribe, GET /api/v1/providers and a status page at ``/``.
+plus POST .../unsubscribe, GET /api/v1/providers, GET /api/v1/assignments (which instance
+serves which symbol, for whom and why: primary, failover, failback) and a status page at
+``/``. ``/health`` also counts the symbols served by a backup provider.
 ``provider_id`` is the provider's name or uuid. With ``FEEDFLEET_API_TOKEN`` set, the
 writing endpoints need ``Authorization: Bearer <token>``.
 
@@ -315,6 +317,35 @@ async def _gather_providers(
     return statuses, True, redis_up
 
 
+async def list_assignments(request: web.Request) -> web.Response:
+    async with request.app[POOL].connection() as conn:
+        rows = await db.assignment_report(conn)
+    return _json(
+        [
+            {
+                "provider": r["provider"],
+                "symbol": r["symbol"],
+                "served_by": r["served_by"],
+                "instance_id": r["instance_id"],
+                "reason": r["reason"],
+                "latest": r["latest"],
+                "since": r["since"].isoformat(),
+            }
+            for r in rows
+        ]
+    )
+
+
+async def _failover_state(request: web.Request) -> dict[str, Any] | None:
+    """What is served by a backup now; None when the database does not answer."""
+    try:
+        async with request.app[POOL].connection(timeout=2.0) as conn:
+            count, providers = await db.failover_summary(conn)
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
+        return None
+    return {"symbols_in_failover": count, "providers_failed_over": providers}
+
+
 async def _redis_ping(request: web.Request) -> bool:
     try:
         return bool(await request.app[REDIS].ping())
@@ -355,6 +386,7 @@ async def health(request: web.Request) -> web.Response:
             }
             for s in statuses
         },
+        "failover": await _failover_state(request) if db_up else None,
     }
     return _json(body, 200 if overall != "unhealthy" else 503)
 
@@ -407,6 +439,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/providers/{provider_id}/status", provider_status)
     app.router.add_put("/api/v1/providers/{provider_id}/connect", connect)
     app.router.add_get("/api/v1/providers", list_providers)
+    app.router.add_get("/api/v1/assignments", list_assignments)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", status_page)

@@ -85,12 +85,19 @@ class AssignmentFollower:
     async def sync(self, conn: db.Conn) -> None:
         """Read the row and the assignments once and apply what changed."""
         fresh = await db.find_provider(conn, self.session.provider.name)
-        wanted = await db.assigned_instruments(conn, self.instance_id)
+        held = await db.held_symbols(conn, self.instance_id)
         if fresh is not None and fresh != self.session.provider:
             await self.session.reconfigure(fresh)
         if not self._registered():
             return
+        wanted = {s: h.instrument for s, h in held.items()}
         await self.session.follow(wanted)
+        # Events of a symbol held only as a backup carry the failover flag; only the
+        # symbol's highest-priority server writes latest:{symbol}.
+        pipeline = self.session.pipeline
+        pipeline.quality.failover_symbols = {s for s, h in held.items() if h.failover}
+        if pipeline.cache is not None:
+            pipeline.cache.symbols = {s for s, h in held.items() if h.latest}
         self._save(self.session.provider, wanted)
 
     # ------------------------------------------------------------ the local copy

@@ -108,7 +108,7 @@ class BloombergAdapter(ProviderAdapter):
         self.messages_lost = 0  # from DataLoss numMessagesDropped
         self.subscription_failures = 0
         self.field_errors = 0
-        self.symbol_errors: dict[str, str] = {}
+        self.symbol_errors = self.unavailable  # failed subscriptions, reported for failover
         self._blpapi: ModuleType | None = None
         self._session: Any = None
         self._reader: threading.Thread | None = None

@@ -301,9 +301,11 @@ class RefinitivAdapter(ProviderAdapter):
                      text=state.text)  # fmt: skip
             return
         if state.open and state.data != "Suspect":
+            self.unavailable.pop(status.name, None)
             return
         if not state.open:
             self.last_error = f"{status.name}: {state.code} {state.text}"
+        self.unavailable[status.name] = f"{state.stream}/{state.data} {state.code}: {state.text}"
         log.warning(
             "item_status", provider=self.config.name, symbol=status.name,
             stream=state.stream, data=state.data, code=state.code, text=state.text,

@@ -5,6 +5,10 @@ behind a circuit breaker; each ``ProviderError`` subclass maps to a status and a
 one place (``_failure``). A changed provider row (``reconfigure``) ends the stream and
 the next round builds a fresh adapter, subscribed from ``wanted`` after it connects, so
 no adapter ever starts from another's state.
+
+``wanted`` holds canonical symbols; the adapter sees only the provider's own names
+(``common/symbols.py``), and records get their canonical symbol back before the pipeline.
+``changed`` is set on every status change, so the worker can push it at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from common.provider import (
     ProviderRateLimited,
 )
 from common.retry import Backoff
+from common.symbols import SymbolMap
 
 log = structlog.get_logger("feedfleet.session")
 
@@ -46,6 +51,8 @@ class ProviderSession:
         self.status = ConnectionStatus.DISCONNECTED
         self.last_error: str | None = None
         self.error_count = 0
+        self.symbols = SymbolMap({})
+        self.changed = asyncio.Event()
         self._reconnect = asyncio.Event()
 
     # ------------------------------------------------------------ driven from outside
@@ -71,11 +78,15 @@ class ProviderSession:
 
     async def _converge(self, adapter: ProviderAdapter) -> None:
         current = adapter.subscribed
-        added = [i for s, i in self.wanted.items() if current.get(s) != i]
-        removed = [i for s, i in current.items() if s not in self.wanted]
+        wanted = self.symbols.instruments(self.wanted.values())
+        added = [i for s, i in wanted.items() if current.get(s) != i]
+        removed = [i for s, i in current.items() if s not in wanted]
         if removed:
             await adapter.unsubscribe(removed)
-            self.pipeline.quality.forget(i.symbol for i in removed)
+            for inst in removed:
+                adapter.unavailable.pop(inst.symbol, None)
+            gone = (self.symbols.to_canonical(i.symbol) or i.symbol for i in removed)
+            self.pipeline.quality.forget(gone)
         if added:
             await adapter.subscribe(added)
         if added or removed:
@@ -85,6 +96,18 @@ class ProviderSession:
     @property
     def subscribed(self) -> int:
         return len(self.adapter.subscribed) if self.adapter is not None else 0
+
+    def unavailable(self) -> dict[str, str]:
+        """Wanted canonical symbols the provider refused or closed, with its reason."""
+        adapter = self.adapter
+        if adapter is None or not adapter.unavailable:
+            return {}
+        out = {}
+        for name, reason in adapter.unavailable.items():
+            canonical = self.symbols.to_canonical(name)
+            if canonical is not None and canonical in self.wanted:
+                out[canonical] = reason
+        return out
 
     # ------------------------------------------------------------ the loop
 
@@ -103,6 +126,7 @@ class ProviderSession:
             delay = backoff.next_delay()
             try:
                 if self.adapter is None or self.adapter.config is not provider:
+                    self.symbols = SymbolMap.from_config(provider)
                     self.adapter = self._new_adapter(provider)
                 adapter = self.adapter
                 self._set_status(ConnectionStatus.CONNECTING, None)
@@ -127,7 +151,9 @@ class ProviderSession:
 
     async def _stream(self, adapter: ProviderAdapter) -> None:
         pipeline = self.pipeline
+        rename = self.symbols.rename
         async for batch in adapter.stream_batches():
+            rename(batch)
             pipeline.process(batch)
             # A socket with data buffered returns reads without yielding; let the sinks,
             # status and assignment tasks run between reads.
@@ -169,6 +195,8 @@ class ProviderSession:
         self._set_status(status, message)
 
     def _set_status(self, status: ConnectionStatus, error: str | None) -> None:
+        if status is not self.status:
+            self.changed.set()
         self.status = status
         self.last_error = error
 

@@ -1,10 +1,13 @@
 """``StatusReporter``: what a worker tells the rest of the fleet, and how often.
 
+- at once, on any change of the session's status, of the symbols the provider refused or
+  that went silent, or of the symbols with a recent event: ``worker_instances`` updated
+  and the coordinator notified, so it can fail symbols over (or back) within a second;
+- every half second: the heartbeat in ``worker_instances``, registering again if the row
+  is gone (the database was away long enough for the coordinator to drop it);
 - every second: ``provider:{id}:status`` and ``circuit:{provider}`` in Redis, and the
   request count mirrored to ``ratelimit:{provider}:{minute}``;
 - on each status change: a ``provider_connections`` row;
-- every two seconds: the heartbeat in ``worker_instances``, registering again if the row
-  is gone (the database was away long enough for the coordinator to drop it);
 - every ten seconds: an ``ingestion_metrics`` row; every ten minutes, partitions ahead.
 
 Neither store is needed to keep ingesting: Redis is a cache and PostgreSQL may be away;
@@ -30,6 +33,7 @@ from common import db
 from common.circuit import CircuitBreaker
 from common.model import ConnectionStatus, ProviderStatus, iso_ns
 from common.pipeline import Pipeline
+from common.provider import ProviderConfigError
 from common.redis_keys import (
     CIRCUIT_TTL_S,
     RATELIMIT_TTL_S,
@@ -38,12 +42,18 @@ from common.redis_keys import (
     provider_status_key,
     ratelimit_key,
 )
+from common.sinks.postgres import PostgresSink
 from common.sinks.pulsar import PulsarSink
 from workers.session import ProviderSession
 
 log = structlog.get_logger("feedfleet.status")
 
-HEARTBEAT_INTERVAL_S = 2.0
+TICK_S = 0.25
+HEARTBEAT_INTERVAL_S = 0.5
+PUBLISH_INTERVAL_S = 1.0
+# A symbol with a record within this window is "flowing" (what a make-before-break
+# failback waits for).
+FLOWING_WINDOW_S = 5.0
 METRICS_INTERVAL_S = 10.0
 PARTITIONS_INTERVAL_S = 600.0
 
@@ -70,17 +80,26 @@ class StatusReporter:
         self._requests_reported = 0
         self._adapter_seen: object = None
         self._failing: set[str] = set()  # steps failing now: logged once per outage
+        self._pushed: tuple[str, list[str], list[str]] | None = None
+        self._pushed_now = False
+        self._wanted_since: dict[str, int] = {}
 
     # ------------------------------------------------------------ the loop
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_heartbeat = last_metrics = last_partitions = loop.time()
+        last_heartbeat = last_publish = last_metrics = last_partitions = loop.time()
+        changed = self.session.changed
         while True:
-            self._update_throughput()
-            await self._step("redis_status", self.publish)
-            await self._step("connection_status", self.record_status)
             now = loop.time()
+            self._update_throughput()
+            await self._step("instance_state", self.push_state)
+            if self._pushed_now:
+                last_heartbeat = now  # a push refreshes the heartbeat too
+            if now - last_publish >= PUBLISH_INTERVAL_S:
+                last_publish = now
+                await self._step("redis_status", self.publish)
+            await self._step("connection_status", self.record_status)
             due = not self.registered or now - last_heartbeat >= HEARTBEAT_INTERVAL_S
             if due and await self._step("heartbeat", self.heartbeat):
                 last_heartbeat = now
@@ -91,7 +110,9 @@ class StatusReporter:
             if now - last_partitions >= PARTITIONS_INTERVAL_S:
                 last_partitions = now
                 await self._step("partitions", self.ensure_partitions)
-            await asyncio.sleep(1.0)
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), TICK_S)
 
     async def _step(self, name: str, step: Callable[[], Awaitable[None]]) -> bool:
         try:
@@ -130,16 +151,65 @@ class StatusReporter:
         if superseded:
             log.info("instances_superseded", instances=superseded)
         self.registered = True
+        self._pushed = None  # a new row: push the whole state again
 
     async def heartbeat(self) -> None:
         if not self.registered:
             await self.register()
             return
         conn = await self._db()
-        if not await db.heartbeat_instance(conn, self.instance_id, self.session.status.value):
+        if not await db.heartbeat_instance(conn, self.instance_id):
             # Dropped as dead while the database was away: come back.
             self.registered = False
             await self.register()
+
+    def instance_state(self) -> tuple[str, list[str], list[str]]:
+        """(status, unavailable symbols, flowing symbols), all canonical, sorted."""
+        session = self.session
+        now_ns = time.time_ns()
+        seen = self.pipeline.quality.last_seen
+        flowing_after = now_ns - int(FLOWING_WINDOW_S * 1e9)
+        wanted = session.wanted
+        flowing = sorted(s for s in wanted if seen.get(s, 0) > flowing_after)
+        unavailable = set(session.unavailable())
+        silence = self._silence_ns()
+        since = self._wanted_since
+        for symbol in wanted:
+            since.setdefault(symbol, now_ns)
+        for symbol in [s for s in since if s not in wanted]:
+            del since[symbol]
+        if silence is not None and session.status is ConnectionStatus.CONNECTED:
+            quiet_after = now_ns - silence
+            others_flow = any(seen.get(s, 0) > quiet_after for s in wanted)
+            if others_flow:
+                unavailable.update(
+                    s for s in wanted if max(seen.get(s, 0), since[s]) <= quiet_after
+                )
+        return session.status.value, sorted(unavailable), flowing
+
+    def _silence_ns(self) -> int | None:
+        try:
+            threshold = self.session.provider.optional_number("silence_threshold_s")
+        except ProviderConfigError:
+            return None  # reported by the session's own config checks
+        return None if threshold is None else int(threshold * 1e9)
+
+    async def push_state(self) -> None:
+        """Tell the coordinator at once when the state it decides on has changed."""
+        self._pushed_now = False
+        if not self.registered:
+            return
+        state = self.instance_state()
+        if state == self._pushed:
+            return
+        conn = await self._db()
+        if not await db.report_instance_state(conn, self.instance_id, *state):
+            self.registered = False
+            return
+        if self._pushed is not None and state[1] != self._pushed[1]:
+            log.info("unavailable_symbols_changed", symbols=state[1])
+        self._pushed = state
+        self._pushed_now = True
 
     async def publish(self) -> None:
         provider = self.session.provider
@@ -232,6 +302,7 @@ class StatusReporter:
         counts = pipeline.counts()
         publisher = self.publisher
         store = pipeline.store
+        assert isinstance(store, PostgresSink)
         journal = pipeline.journal
         latency = publisher.latency.percentiles_ms()
         adapter = self.session.adapter
@@ -256,7 +327,11 @@ class StatusReporter:
                 "pulsar": publisher.counters.as_dict()
                 | {"healthy": publisher.healthy, "backlog": publisher.backlog},
                 "postgres": store.counters.as_dict()
-                | {"healthy": store.healthy, "backlog": store.backlog},
+                | {
+                    "healthy": store.healthy,
+                    "backlog": store.backlog,
+                    "rows_rejected": store.rows_rejected,
+                },
                 "redis": {"written": pipeline.cache.written if pipeline.cache else 0},
             },
         }
