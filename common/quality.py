@@ -31,7 +31,10 @@ class QualityChecker:
     - gap: a jump on a stream whose provider promises contiguous numbers; the record's
       ``provider_specific["gap"]`` then holds the missing range ``[first, last]``. The
       last sequence per stream outlives a restart (the journal keeps it: ``restore``), so
-      what was sent while no worker listened is flagged too;
+      what was sent while no worker listened is flagged too. After a reconnect or restart
+      (``resume``) the first jump on *any* sequenced stream is flagged: ticks in flight when
+      a connection died are missing even where the provider's numbers may skip (Polygon),
+      and there the range is an upper bound;
     - crossed: bid > ask;
     - price_outlier: a trade more than ``outlier_fraction`` away from the symbol's last trade;
     - missing_fields: a trade without price, a quote without bid or ask (codecs add it too);
@@ -43,6 +46,8 @@ class QualityChecker:
         self.outlier_fraction = outlier_fraction
         self.failover_symbols: set[str] = set()
         self._last_seq: dict[str, int] = {}
+        # Streams whose next record is the first since a reconnect or restart.
+        self._resumed: set[str] = set()
         self._last_time: dict[str, int] = {}
         self._last_price: dict[str, float] = {}
         # Receive time of each symbol's last record: which symbols flow, which went silent.
@@ -56,6 +61,11 @@ class QualityChecker:
     def restore(self, sequences: dict[str, int]) -> None:
         """Continue from what an earlier run of this worker saw (from the journal)."""
         self._last_seq.update(sequences)
+        self.resume()
+
+    def resume(self) -> None:
+        """The connection was (re)made: check every known stream's next number."""
+        self._resumed = set(self._last_seq)
 
     def forget(self, symbols: Iterable[str]) -> None:
         """Drop state for unsubscribed symbols so a later resubscribe starts clean."""
@@ -77,14 +87,24 @@ class QualityChecker:
         outlier = self.outlier_fraction
         counts = self.flag_counts
         seen = self.last_seen
+        resumed = self._resumed
         for r in records:
             seen[r.symbol] = r.receive_ns
             flags = r.quality_flags
             seq = r.provider_sequence
             if seq is not None:
-                prev = last_seq.get(r.stream)
+                stream = r.stream
+                prev = last_seq.get(stream)
+                first_since_resume = False
+                if resumed and stream in resumed:
+                    resumed.discard(stream)
+                    first_since_resume = True
                 if prev is None or seq > prev:
-                    if prev is not None and r.sequence_contiguous and seq > prev + 1:
+                    if (
+                        prev is not None
+                        and seq > prev + 1
+                        and (r.sequence_contiguous or first_since_resume)
+                    ):
                         flags.append(_GAP)
                         r.provider_specific = {**r.provider_specific, "gap": [prev + 1, seq - 1]}
                     last_seq[r.stream] = seq

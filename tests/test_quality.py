@@ -110,3 +110,16 @@ def test_counts_and_forget() -> None:
     assert qc.flag_counts["duplicate"] == 1
     qc.forget(["AAPL"])
     assert flags(qc, rec(1)) == [[]]
+
+
+def test_after_a_reconnect_a_jump_is_a_gap_even_where_numbers_may_skip() -> None:
+    """Polygon's numbers are not contiguous, so a jump mid-stream is normal; but the first
+    record after a reconnect carries what was in flight when the connection died."""
+    qc = QualityChecker()
+    assert flags(qc, rec(1), rec(4)) == [[], []]
+    qc.resume()
+    after = rec(9)
+    assert flags(qc, after, rec(12)) == [[QualityFlag.GAP], []]
+    assert after.provider_specific["gap"] == [5, 8]
+    qc.resume()
+    assert flags(qc, rec(13)) == [[]]  # nothing missing: no flag

@@ -132,6 +132,9 @@ class ProviderSession:
                 self._set_status(ConnectionStatus.CONNECTING, None)
                 self._reconnect.clear()
                 await adapter.connect()
+                # What was in flight when the last connection died is missing: the first
+                # record of each stream is checked for a jump.
+                self.pipeline.quality.resume()
                 await self._converge(adapter)
                 self.circuit.record_success()
                 backoff.reset()
