@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from common.model import ConnectionStatus, DataType, ProviderStatus, RawMarketData, iso_ns
@@ -116,6 +117,10 @@ class ProviderAdapter(abc.ABC):
     """
 
     provider_type: ClassVar[str]
+    # True where the codec itself knows which jumps in its sequence numbers lose data and
+    # sets ``sequence_contiguous`` accordingly (FIX recovers by resend, IEX numbers every
+    # message): the worker then does not treat the first jump after a reconnect as a gap.
+    codec_tracks_gaps: ClassVar[bool] = False
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -150,6 +155,10 @@ class ProviderAdapter(abc.ABC):
         async for batch in self.stream_batches():
             for record in batch:
                 yield record
+
+    def use_state_dir(self, directory: Path) -> None:  # noqa: B027 - most adapters keep none
+        """A directory that outlives the process (the worker's journal directory), for an
+        adapter whose protocol state must survive a restart (FIX sequence numbers)."""
 
     def requests_sent(self) -> int:
         """Requests made to a request-based provider so far (0 for streaming ones).

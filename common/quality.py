@@ -61,7 +61,6 @@ class QualityChecker:
     def restore(self, sequences: dict[str, int]) -> None:
         """Continue from what an earlier run of this worker saw (from the journal)."""
         self._last_seq.update(sequences)
-        self.resume()
 
     def resume(self) -> None:
         """The connection was (re)made: check every known stream's next number."""

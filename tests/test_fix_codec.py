@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -502,6 +503,309 @@ def test_admin_messages_between_records_are_not_a_gap_and_sub_records_not_duplic
     checker = QualityChecker(stale_after_s=None)
     checker.check(recs)
     assert all(r.quality_flags == [] for r in recs)
+
+
+# ---------------------------------------------------------------- session: persisted numbers
+
+STREAM = "VENUE->FEEDFLEET@20240504-17:00:00.000"
+ORIG = "20240504-17:05:00.000"  # when a resent message was first sent
+
+
+def resumed_client(next_out: int, next_in: int, last_record: int | None) -> codec.FixSession:
+    """An initiator continuing a session persisted by an earlier process."""
+    state = codec.SessionState(next_out, next_in, STREAM, last_record)
+    return codec.FixSession("FEEDFLEET", "VENUE", state=state)
+
+
+def trade(seq: int, price: str, extra_header: str = "") -> bytes:
+    return venue(seq, f"268=1|279=0|269=2|270={price}|271=1|55=AAPL", "X", extra_header)
+
+
+def resent(seq: int, price: str) -> bytes:
+    return trade(seq, price, f"43=Y|122={ORIG}|")
+
+
+def test_logon_with_persisted_numbers_carries_them_without_reset() -> None:
+    s = resumed_client(7, 20, 18)
+    assert [(t, v) for t, v in fields_of(s.logon(T0, reset_seq_num=False)) if t in (34, 141)] == [
+        (34, "7")
+    ]
+    reply = s.receive(venue(20, "98=0|108=30", "A"), T0)
+    assert [type(e) for e in reply.events] == [codec.LogonReceived] and reply.outgoing == b""
+    records = s.receive(trade(21, "10.5"), T0).records
+    # The same sequence space: same stream; 19 and 20 were admin messages, so no gap.
+    assert [(r.stream, r.provider_sequence, r.sequence_contiguous) for r in records] == [
+        (STREAM, 21, False)
+    ]
+    assert s.state == codec.SessionState(8, 22, STREAM, 21, False)
+
+
+def test_gap_at_logon_asks_for_a_resend_and_resent_data_is_recovered_not_a_gap() -> None:
+    """Records 5..8 were sent while we were down: the venue's Logon comes as 9, we ask for
+    5 onwards, it resends 5..8 (PossDup, OrigSendingTime) and gap-fills its Logon."""
+    s = resumed_client(3, 5, 4)
+    s.logon(T0, reset_seq_num=False)
+    logon = s.receive(venue(9, "98=0|108=30", "A"), T0)
+    assert [type(e) for e in logon.events] == [codec.LogonReceived, codec.SequenceGap]
+    assert logon.events[1] == codec.SequenceGap(5, 9) and s.logged_on
+    assert [(t, v) for t, v in fields_of(logon.outgoing) if t in (35, 34, 7, 16)] == [
+        (35, "2"), (34, "4"), (7, "5"), (16, "0"),
+    ]  # fmt: skip
+    live = s.receive(trade(10, "10.10"), T0)  # new data ahead of the resend: held
+    assert live.records == [] and live.outgoing == b""
+    answer = s.receive(
+        resent(5, "10.05") + resent(6, "10.06") + venue(7, "", "0", f"43=Y|122={ORIG}|")
+        + resent(8, "10.08") + venue(9, "36=10|123=Y", "4", f"43=Y|122={ORIG}|"),
+        T0,
+    )  # fmt: skip
+    assert answer.errors == [] and not s.closed
+    records = answer.records
+    assert [(r.provider_sequence, r.price) for r in records] == [
+        (5, 10.05), (6, 10.06), (8, 10.08), (10, 10.10),
+    ]  # fmt: skip
+    assert [r.provider_specific.get("PossDupFlag") for r in records] == ["Y", "Y", "Y", None]
+    # Without entry times a resent record is timed by OrigSendingTime, not the resend.
+    assert records[0].timestamp_ns == codec.parse_utc_timestamp(ORIG)
+    assert records[3].timestamp_ns == codec.parse_utc_timestamp("20240504-17:09:53.000")
+    assert {r.stream for r in records} == {STREAM}
+    checker = QualityChecker(stale_after_s=None)
+    checker.restore({STREAM: 4})  # what the journal of the earlier process ended with
+    checker.check(records)
+    assert [r.quality_flags for r in records] == [[], [], [], []]
+    assert s.state == codec.SessionState(5, 11, STREAM, 10, False)  # Logon 3, ResendRequest 4
+
+
+def test_admin_numbers_before_the_first_record_after_a_restart_are_no_gap() -> None:
+    """Records up to 4 reached the journal; 5 and 6 were Heartbeats, 7 the venue's Logon."""
+    s = resumed_client(3, 7, 4)
+    s.logon(T0, reset_seq_num=False)
+    s.receive(venue(7, "98=0|108=30", "A"), T0)
+    records = s.receive(trade(8, "10.08"), T0).records
+    assert [(r.provider_sequence, r.sequence_contiguous) for r in records] == [(8, False)]
+    checker = QualityChecker(stale_after_s=None)
+    checker.restore({STREAM: 4})  # as the worker does after a restart
+    checker.check(records)
+    assert records[0].quality_flags == []
+
+
+def test_checkpoint_asks_again_for_records_not_handed_over_and_knows_their_admin_numbers() -> None:
+    """The consumer took records up to 6; a Heartbeat (7), a record (8) and a Heartbeat (9)
+    were read but never handed over when the process died."""
+    s = resumed_client(3, 5, 4)
+    s.logon(T0, reset_seq_num=False)
+    journaled = s.receive(venue(5, "98=0|108=30", "A") + trade(6, "10.06"), T0).records
+    handed_over = s.state
+    s.receive(venue(7, "", "0") + trade(8, "10.08") + venue(9, "", "0"), T0)
+    saved = s.checkpoint(handed_over)
+    assert saved == codec.SessionState(4, 7, STREAM, 6, False, (7, 9))
+    flags = []
+    for state in (saved, dataclasses.replace(saved, admin_seen=())):
+        again = codec.FixSession("FEEDFLEET", "VENUE", state=state)
+        again.logon(T0, reset_seq_num=False)
+        assert codec.SequenceGap(7, 10) in again.receive(venue(10, "98=0|108=30", "A"), T0).events
+        # QuickFIX's answer: a GapFill over each admin run, the record resent.
+        answer = again.receive(
+            venue(7, "36=8|123=Y", "4", "43=Y|") + resent(8, "10.08")
+            + venue(9, "36=11|123=Y", "4", "43=Y|"),
+            T0,
+        )  # fmt: skip
+        assert [r.provider_sequence for r in answer.records] == [8] and again.next_in_seq == 11
+        checker = QualityChecker(stale_after_s=None)
+        checker.check(journaled + answer.records)  # what the journal holds, then the resend
+        flags.append(answer.records[0].quality_flags)
+    # Known admin numbers are no loss; without that knowledge a gap-fill must count as one.
+    assert flags == [[], [QualityFlag.GAP]]
+
+
+def test_gap_fill_over_numbers_never_received_is_a_gap_with_their_range() -> None:
+    """A venue that cannot resend market data (gone from its store, or it chooses not to)
+    gap-fills it: that much is lost, and the next record says so, with the range."""
+    s = resumed_client(3, 5, 4)
+    s.logon(T0, reset_seq_num=False)
+    s.receive(venue(9, "98=0|108=30", "A"), T0)
+    fill = s.receive(venue(5, "36=10|123=Y", "4", f"43=Y|122={ORIG}|"), T0)
+    assert fill.events == [codec.SequenceResetReceived(10, True)] and s.next_in_seq == 10
+    records = s.receive(trade(10, "10.10"), T0).records
+    checker = QualityChecker(stale_after_s=None)
+    checker.restore({STREAM: 4})
+    checker.check(records)
+    assert records[0].quality_flags == [QualityFlag.GAP]
+    assert records[0].provider_specific["gap"] == [5, 9]
+
+
+def test_gap_fill_over_only_the_logon_loses_nothing() -> None:
+    s = resumed_client(3, 5, 4)
+    s.logon(T0, reset_seq_num=False)
+    s.receive(venue(7, "98=0|108=30", "A"), T0)
+    out = s.receive(
+        resent(5, "10.05") + resent(6, "10.06") + venue(7, "36=8|123=Y", "4", "43=Y|")
+        + trade(8, "10.08"),
+        T0,
+    )  # fmt: skip
+    checker = QualityChecker(stale_after_s=None)
+    checker.restore({STREAM: 4})
+    checker.check(out.records)
+    assert [(r.provider_sequence, r.quality_flags) for r in out.records] == [
+        (5, []), (6, []), (8, []),
+    ]  # fmt: skip
+
+
+def test_venue_resetting_at_logon_unasked_reports_what_is_lost() -> None:
+    s = resumed_client(3, 50, 49)
+    s.logon(T0, reset_seq_num=False)
+    reply = s.receive(wire("35=A|34=1|49=VENUE|52=20240504-17:10:00.000|56=FEEDFLEET|98=0|"
+                           "108=30|141=Y"), T0)  # fmt: skip
+    assert reply.events[1:] == [codec.PeerReset(50, STREAM)]
+    assert s.next_in_seq == 2 and s.stream == "VENUE->FEEDFLEET@20240504-17:10:00.000"
+    assert s.state.last_record_seq is None
+
+
+def test_venue_numbers_going_back_at_logon_end_the_session_and_report_the_loss() -> None:
+    s = resumed_client(3, 50, 49)
+    s.logon(T0, reset_seq_num=False)
+    reply = s.receive(venue(1, "98=0|108=30", "A"), T0)
+    assert s.closed
+    assert reply.events == [
+        codec.PeerReset(50, STREAM),
+        codec.SessionClosed("MsgSeqNum too low, expecting 50 but received 1"),
+    ]
+    assert (58, "MsgSeqNum too low, expecting 50 but received 1") in fields_of(reply.outgoing)
+
+
+def test_logon_with_reset_starts_a_new_stream() -> None:
+    s = resumed_client(30, 40, 39)
+    assert (141, "Y") in fields_of(s.logon(T0))
+    reply = s.receive(wire("35=A|34=1|49=VENUE|52=20240504-17:10:00.000|56=FEEDFLEET|98=0|"
+                           "108=30|141=Y"), T0)  # fmt: skip
+    assert [type(e) for e in reply.events] == [codec.LogonReceived]
+    assert s.state == codec.SessionState(
+        2, 2, "VENUE->FEEDFLEET@20240504-17:10:00.000", None, False
+    )
+
+
+def test_session_state_json_round_trip_and_refusals() -> None:
+    state = codec.SessionState(12, 340, STREAM, 338, True, (341, 345))
+    assert codec.SessionState.from_json(state.to_json()) == state
+    assert codec.SessionState.from_json({"next_sender_seq": 1, "next_target_seq": 1}) == (
+        codec.SessionState()
+    )
+    refused: list[object] = [
+        [],
+        {"next_sender_seq": 0, "next_target_seq": 1},
+        {"next_sender_seq": True, "next_target_seq": 1},
+        {"next_sender_seq": "3", "next_target_seq": 1},
+        {"next_sender_seq": 1, "next_target_seq": 1, "last_record_seq": 1.5},
+        {"next_sender_seq": 1, "next_target_seq": 1, "stream": 7},
+        {"next_sender_seq": 1, "next_target_seq": 1, "numbers_lost": "no"},
+        {"next_sender_seq": 1, "next_target_seq": 1, "admin_seen": [0]},
+        {"next_sender_seq": 1, "next_target_seq": 1, "admin_seen": 5},
+    ]
+    for bad in refused:
+        with pytest.raises(ValueError):
+            codec.SessionState.from_json(bad)
+
+
+def test_both_sides_ahead_answer_each_others_resend_request_at_once() -> None:
+    """Each side's Logon is above what the other expects. Each queues what follows the other's
+    Logon, including its ResendRequest; were that answered only in sequence, each would wait
+    for the other forever."""
+    server = codec.FixSession("VENUE", "FEEDFLEET", acceptor=True,
+                              state=codec.SessionState(9, 3))  # fmt: skip
+    for _ in range(3):  # 9, 10, 11: market data sent while the client was away
+        server.incremental(T0, [codec.MDEntry(codec.TRADE, 10.5, 1, "AAPL", codec.NEW)])
+    client = resumed_client(5, 9, 8)  # it used 3 and 4 on a connection the server never saw
+    to_server = client.logon(T0, reset_seq_num=False)
+    records: list[RawMarketData] = []
+    for _ in range(4):  # a few round trips over a perfect wire
+        got = server.receive(to_server, T0)
+        to_client = got.outgoing
+        for event in got.events:
+            if isinstance(event, codec.LogonReceived):
+                to_client += server.accept_logon(T0)
+        back = client.receive(to_client, T0)
+        records += back.records
+        to_server = back.outgoing
+    assert [r.provider_sequence for r in records] == [9, 10, 11]
+    assert client.next_in_seq == server.next_out_seq and server.next_in_seq == client.next_out_seq
+    assert not (client.closed or server.closed)
+    QualityChecker(stale_after_s=None).check(records)
+    assert all(r.quality_flags == [] for r in records)
+
+
+def client_logon(seq: int, reset: bool) -> bytes:
+    flag = "|141=Y" if reset else ""
+    return wire(f"35=A|34={seq}|49=FEEDFLEET|52=20240504-17:09:52.462|56=VENUE|98=0|108=30{flag}")
+
+
+def test_acceptor_keeps_numbers_across_connections_and_resends_from_its_store() -> None:
+    server = codec.FixSession("VENUE", "FEEDFLEET", acceptor=True)
+    server.receive(client_logon(1, reset=True), T0)
+    server.accept_logon(T0, reset_seq_num=True)
+    entry = [codec.MDEntry(codec.TRADE, 10.5, 1, "AAPL", codec.NEW)]
+    sent = [server.incremental(T0 + i * SEC, entry, "AAPL:1") for i in range(3)]  # 2, 3, 4
+    server.heartbeat(T0)  # 5
+    server.new_connection()  # the client died; the session lives on
+    result = server.receive(client_logon(2, reset=False), T0 + 10 * SEC)
+    assert [type(e) for e in result.events] == [codec.LogonReceived]
+    assert fields_of(server.accept_logon(T0 + 10 * SEC))[3] == (34, "6")
+    answer = server.receive(
+        wire("35=2|34=3|49=FEEDFLEET|52=20240504-17:10:02.462|56=VENUE|7=2|16=0"), T0 + 10 * SEC
+    )
+    assert answer.events == [codec.ResendRequested(2, 6)]
+    frames = [f for f in codec.FixFramer().feed(answer.outgoing) if isinstance(f, codec.FixFrame)]
+    got = [dict(fields_of(f.raw)) for f in frames]
+    assert [(g[35], g[34], g[43]) for g in got] == [
+        ("X", "2", "Y"), ("X", "3", "Y"), ("X", "4", "Y"), ("4", "5", "Y"),
+    ]  # fmt: skip
+    # Same body, the original SendingTime as OrigSendingTime.
+    for g, original in zip(got, sent, strict=False):
+        first = dict(fields_of(original))
+        assert g[122] == first[52] and g[270] == first[270] and g[262] == "AAPL:1"
+    assert (got[3][36], got[3][123]) == ("7", "Y")  # the heartbeat and the Logon reply
+
+
+def test_acceptor_reset_logon_empties_the_store() -> None:
+    server = codec.FixSession("VENUE", "FEEDFLEET", acceptor=True)
+    server.receive(client_logon(1, reset=True), T0)
+    server.accept_logon(T0, reset_seq_num=True)
+    server.incremental(T0, [codec.MDEntry(codec.TRADE, 10.5, 1, "AAPL", codec.NEW)])
+    server.new_connection()
+    server.receive(client_logon(1, reset=True), T0)
+    assert fields_of(server.accept_logon(T0, reset_seq_num=True))[3] == (34, "1")
+    answer = server.receive(
+        wire("35=2|34=2|49=FEEDFLEET|52=20240504-17:09:52.462|56=VENUE|7=1|16=0"), T0
+    )
+    [fill] = [dict(fields_of(f.raw)) for f in codec.FixFramer().feed(answer.outgoing)
+              if isinstance(f, codec.FixFrame)]  # fmt: skip
+    assert (fill[35], fill[34], fill[36]) == ("4", "1", "2")
+
+
+def test_store_keeps_the_last_store_size_messages_and_gap_fills_older_ones() -> None:
+    server = codec.FixSession("VENUE", "FEEDFLEET", acceptor=True, store_size=2)
+    server.receive(client_logon(1, reset=True), T0)
+    server.accept_logon(T0, reset_seq_num=True)
+    for _ in range(4):  # 2..5; 2 and 3 fall out
+        server.incremental(T0, [codec.MDEntry(codec.TRADE, 10.5, 1, "AAPL", codec.NEW)])
+    answer = server.receive(
+        wire("35=2|34=2|49=FEEDFLEET|52=20240504-17:09:52.462|56=VENUE|7=1|16=0"), T0
+    )
+    got = [dict(fields_of(f.raw)) for f in codec.FixFramer().feed(answer.outgoing)
+           if isinstance(f, codec.FixFrame)]  # fmt: skip
+    assert [(g[35], g[34], g.get(36)) for g in got] == [
+        ("4", "1", "4"), ("X", "4", None), ("X", "5", None),
+    ]  # fmt: skip
+
+
+def test_first_message_fields_names_the_session_once_a_message_is_complete() -> None:
+    logon = client_logon(1, reset=False)
+    assert codec.first_message_fields(logon[:30]) is None
+    fields = codec.first_message_fields(logon + logon[:10])
+    assert fields is not None and (fields[35], fields[49], fields[56]) == (
+        "A",
+        "FEEDFLEET",
+        "VENUE",
+    )
+    assert codec.first_message_fields(b"GET / HTTP/1.1\r\n\r\n") == {}
 
 
 # ---------------------------------------------------------------- market data

@@ -9,11 +9,12 @@ implementation on both directions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class MarketDataApp(fix.Application):
         self.rejects: list[str] = []
         self.resend_requests: list[tuple[str, str]] = []
         self.skip_before_update: int | None = None
+        self.sent_market_data: list[int] = []  # MsgSeqNums, first sends (not resends)
         self.lock = threading.Lock()
 
     def onCreate(self, sessionID: Any) -> None:  # QuickFIX's callback names
@@ -86,7 +88,10 @@ class MarketDataApp(fix.Application):
                 self.rejects.append(message.toString().replace("\x01", "|"))
 
     def toApp(self, message: Any, sessionID: Any) -> None:
-        pass
+        header = message.getHeader()
+        if header.getField(35) in ("W", "X") and not header.isSetField(43):
+            with self.lock:
+                self.sent_market_data.append(int(header.getField(34)))
 
     def fromApp(self, message: Any, sessionID: Any) -> None:
         if message.getHeader().getField(35) != "V":
@@ -155,12 +160,16 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture
-async def acceptor(tmp_path: Path) -> AsyncIterator[RunningAcceptor]:
+@contextlib.asynccontextmanager
+async def running_acceptor(tmp_path: Path, *, persistent: bool) -> AsyncIterator[RunningAcceptor]:
+    """``persistent``: a venue's session, as QuickFIX runs one with a FileStore: numbers and
+    sent messages kept across the client's reconnects (no reset on logon, logout or
+    disconnect). Otherwise every Logon starts afresh, in memory."""
     if not DICTIONARY.is_file():
         pytest.skip(f"quickfix data dictionary {DICTIONARY} is absent")
     port = free_port()
     cfg = tmp_path / "acceptor.cfg"
+    reset = "N" if persistent else "Y"
     cfg.write_text(
         "[DEFAULT]\n"
         "ConnectionType=acceptor\n"
@@ -168,7 +177,7 @@ async def acceptor(tmp_path: Path) -> AsyncIterator[RunningAcceptor]:
         "SocketAcceptHost=127.0.0.1\n"
         f"FileStorePath={tmp_path / 'store'}\n"
         "StartTime=00:00:00\nEndTime=00:00:00\n"
-        "ResetOnLogon=Y\nResetOnLogout=Y\nResetOnDisconnect=Y\n"
+        f"ResetOnLogon={reset}\nResetOnLogout={reset}\nResetOnDisconnect={reset}\n"
         "UseDataDictionary=Y\n"
         f"DataDictionary={DICTIONARY}\n"
         "ValidateUserDefinedFields=Y\n"
@@ -179,8 +188,8 @@ async def acceptor(tmp_path: Path) -> AsyncIterator[RunningAcceptor]:
     )
     app = MarketDataApp()
     settings = fix.SessionSettings(str(cfg))
-    engine = fix.SocketAcceptor(app, fix.MemoryStoreFactory(), settings, fix.ScreenLogFactory(
-        False, False, False))  # fmt: skip
+    store = fix.FileStoreFactory(settings) if persistent else fix.MemoryStoreFactory()
+    engine = fix.SocketAcceptor(app, store, settings, fix.ScreenLogFactory(False, False, False))
     engine.start()
     try:
         yield RunningAcceptor(port, app)
@@ -189,12 +198,24 @@ async def acceptor(tmp_path: Path) -> AsyncIterator[RunningAcceptor]:
         await asyncio.to_thread(engine.stop, True)
 
 
-def adapter_for(port: int, monkeypatch: pytest.MonkeyPatch) -> FixAdapter:
+@pytest.fixture
+async def acceptor(tmp_path: Path) -> AsyncIterator[RunningAcceptor]:
+    async with running_acceptor(tmp_path, persistent=False) as running:
+        yield running
+
+
+@pytest.fixture
+async def persistent_acceptor(tmp_path: Path) -> AsyncIterator[RunningAcceptor]:
+    async with running_acceptor(tmp_path, persistent=True) as running:
+        yield running
+
+
+def adapter_for(port: int, monkeypatch: pytest.MonkeyPatch, **extra: object) -> FixAdapter:
     monkeypatch.setenv("FEEDFLEET_QF_PASSWORD", PASSWORD)
     return FixAdapter(ProviderConfig("p-qf", "quickfix", "fix", connection_config={
         "host": "127.0.0.1", "port": port, "sender_comp_id": CLIENT,
         "target_comp_id": ACCEPTOR, "heartbeat_interval": 1,
-        "password_env": "FEEDFLEET_QF_PASSWORD", "logon_timeout_s": 5,
+        "password_env": "FEEDFLEET_QF_PASSWORD", "logon_timeout_s": 5, **extra,
     }))  # fmt: skip
 
 
@@ -278,3 +299,66 @@ async def test_quickfix_fills_a_sequence_gap_after_our_resend_request(
         await collect(adapter, 1, timeout=1.5)  # the re-sent copies yield nothing new
     assert acceptor.app.rejects == [] and adapter.connection_status is ConnectionStatus.CONNECTED
     await adapter.disconnect()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_quickfix_resends_from_its_file_store_what_it_sent_while_we_were_down(
+    persistent_acceptor: RunningAcceptor, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """QuickFIX sends application messages while the session is not logged on into its
+    store only (``Session::sendRaw``), and answers a ResendRequest from a FileStore with
+    them (PossDupFlag, OrigSendingTime), admin runs gap-filled. So a killed adapter's
+    successor, logging on from the session store, gets every update back."""
+    app = persistent_acceptor.app
+    store_dir = str(tmp_path / "fix-store")
+    first = adapter_for(persistent_acceptor.port, monkeypatch, session_store_dir=store_dir)
+    await first.connect()
+    await first.subscribe([Instrument("AAPL")])
+    before = await collect(first, 7)  # the 35=W (quote and trade) and five 35=X
+    assert first._writer is not None
+    first._writer.transport.abort()  # a kill: no Logout, nothing else runs
+    del first
+    session_id = fix.SessionID("FIX.4.4", ACCEPTOR, CLIENT)
+    venue = fix.Session.lookupSession(session_id)
+    await wait_until(lambda: not venue.isLoggedOn())
+    for i in range(10):
+        assert fix.Session.sendToTarget(incremental("AAPL:1", "AAPL", i), session_id)
+    with app.lock:
+        sent = list(app.sent_market_data)
+    assert len(sent) == 16
+
+    second = adapter_for(persistent_acceptor.port, monkeypatch, session_store_dir=store_dir)
+    await second.connect()
+    after: list[RawMarketData] = []
+
+    async def until_caught_up() -> None:
+        async for batch in second.stream_batches():
+            after.extend(batch)
+            if any(r.provider_sequence == sent[-1] for r in after):
+                return
+
+    await asyncio.wait_for(until_caught_up(), 30)
+    await second.disconnect()
+    assert app.rejects == [] and second.decode_errors == 0 and second.session_rejects == 0
+    assert app.passwords == [PASSWORD, PASSWORD]
+    assert len(app.resend_requests) == 1 and app.resend_requests[0][1] == "0"
+    recovered = [r for r in after if r.provider_sequence in sent[-10:]]
+    assert [r.provider_sequence for r in recovered] == sent[-10:]
+    assert all(r.provider_specific["PossDupFlag"] == "Y" for r in recovered)
+    assert [r.bid if i % 2 == 0 else r.price for i, r in enumerate(recovered)] == [
+        round(99.5 + i / 100 if i % 2 == 0 else 99.61 + i / 100, 2) for i in range(10)
+    ]
+    # Every market-data message QuickFIX numbered reached one adapter or the other.
+    assert set(sent) <= {r.provider_sequence for r in before + after}
+    assert {r.stream.partition("#")[0] for r in before + after} == {before[0].stream}
+    checker = QualityChecker(stale_after_s=None)  # sequences carried over, as the journal does
+    checker.check(before)
+    checker.check(after)
+    assert checker.flag_counts["gap"] == 0

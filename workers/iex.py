@@ -75,6 +75,7 @@ class _Receiver(asyncio.DatagramProtocol):
 
 class IexAdapter(ProviderAdapter):
     provider_type = "iex"
+    codec_tracks_gaps = True
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)

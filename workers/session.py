@@ -134,7 +134,8 @@ class ProviderSession:
                 await adapter.connect()
                 # What was in flight when the last connection died is missing: the first
                 # record of each stream is checked for a jump.
-                self.pipeline.quality.resume()
+                if not adapter.codec_tracks_gaps:
+                    self.pipeline.quality.resume()
                 await self._converge(adapter)
                 self.circuit.record_success()
                 backoff.reset()

@@ -33,7 +33,7 @@ from common.config import Settings
 from common.journal import Journal
 from common.model import ConnectionStatus
 from common.pipeline import Pipeline
-from common.provider import Instrument, ProviderConfig, ProviderConfigError
+from common.provider import Instrument, ProviderAdapter, ProviderConfig, ProviderConfigError
 from common.quality import QualityChecker
 from common.retry import Backoff
 from common.sinks.postgres import PostgresSink
@@ -107,9 +107,13 @@ def build_parts(
     cache = LatestCache(redis)
     pipeline = Pipeline(quality, journal, publisher, store, cache)
     circuit = CircuitBreaker(failure_threshold=5, open_s=30.0)
-    session = ProviderSession(
-        provider, pipeline, circuit, lambda p: adapter_class(p.provider_type)(p)
-    )
+
+    def new_adapter(row: ProviderConfig) -> ProviderAdapter:
+        adapter = adapter_class(row.provider_type)(row)
+        adapter.use_state_dir(directory)
+        return adapter
+
+    session = ProviderSession(provider, pipeline, circuit, new_adapter)
     session.wanted = dict(wanted)
     status = StatusReporter(
         settings.database_url, redis, instance_id, settings.host, session, pipeline,

@@ -17,14 +17,23 @@ admin messages replaced by one SequenceReset-GapFill. Timers are QuickFIX's: a H
 HeartBtInt without sending, a TestRequest after 1.2 x HeartBtInt without receiving, timed out
 after 2.4 x HeartBtInt.
 
+Sequence numbers can outlive the process, as in a FIX engine: ``FixSession.state`` is what to
+persist and ``FixSession(state=...)`` continues from it, so a Logon without ResetSeqNumFlag
+carries the old numbers and a peer that sent while we were away is asked to resend. Resent
+market data (PossDupFlag, OrigSendingTime as its time) is decoded like any other.
+
 Market data: bid/offer entries keep a per-symbol top of book, so each message yields one
 QUOTE per symbol touched with both sides when known; trade entries yield TRADEs. Records carry
 ``provider_sequence`` = MsgSeqNum in ``stream`` = ``SenderCompID->TargetCompID@<Logon time>``
-(a sequence reset at Logon starts a new sequence space). Two FIX facts would make
-``QualityChecker`` misread that sequence, so the codec keeps it honest:
+of the Logon that started the sequence space (a reset starts a new one; a persisted session
+keeps its stream across restarts). Two FIX facts would make ``QualityChecker`` misread that
+sequence, so the codec keeps it honest:
 - admin messages (Heartbeat, TestRequest...) use numbers too: when every number between two
-  records was received, the later record is marked ``sequence_contiguous=False`` (no gap);
-  after numbers that were never received (gap-filled, reset) it stays True and is flagged;
+  records was received (resent ones included), the later record is marked
+  ``sequence_contiguous=False`` (no gap); after numbers that were never received (gap-filled,
+  reset) it stays True and is flagged. A GapFill over admin messages handled ahead of a gap
+  (the peer's Logon, a ResendRequest) loses nothing; over any other number it may hide
+  application messages the peer will not resend, so it counts as lost;
 - a message can yield several records with one MsgSeqNum: the 2nd, 3rd... go to the
   sub-streams ``<stream>#2``, ``#3``... (non-contiguous), so they are not flagged duplicate.
 """
@@ -32,6 +41,8 @@ QUOTE per symbol touched with both sides when known; trade entries yield TRADEs.
 from __future__ import annotations
 
 import calendar
+import dataclasses
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +71,9 @@ INCREMENTAL_REFRESH = "X"
 MARKET_DATA_REQUEST_REJECT = "Y"
 ADMIN_TYPES = frozenset({HEARTBEAT, TEST_REQUEST, RESEND_REQUEST, REJECT, SEQUENCE_RESET,
                          LOGOUT, LOGON})  # fmt: skip
+# Admin messages whose numbers a checkpoint may call "not a loss" if the peer gap-fills them.
+# Not SequenceReset: a GapFill may itself stand for lost numbers.
+_LOGGED_ADMIN = ADMIN_TYPES - {SEQUENCE_RESET}
 
 # SubscriptionRequestType (263)
 SNAPSHOT_ONLY = "0"
@@ -116,6 +130,8 @@ MAX_BODY_LENGTH = 1 << 20
 # Messages held back behind a sequence gap. Past this the gap is given up as lost, so a
 # peer that never answers a ResendRequest cannot stall the feed forever.
 MAX_QUEUED = 5000
+# Numbers of the last admin messages processed, for ``FixSession.checkpoint``.
+ADMIN_LOG_SIZE = 1024
 # Sent application messages kept for answering ResendRequests (the acceptor's store).
 STORE_SIZE = 20000
 
@@ -352,6 +368,24 @@ def parse_frame(raw: bytes) -> Any:
     return msg
 
 
+def first_message_fields(data: bytes) -> dict[int, str] | None:
+    """The fields of the first message in a connection's first bytes, so an acceptor can
+    pick the session by CompIDs before feeding it: None while incomplete, {} if what comes
+    first is not a well-formed message (the session will then refuse it)."""
+    for item in FixFramer().feed(data):
+        if isinstance(item, DecodeError):
+            return {}
+        try:
+            pairs = _pairs(parse_frame(item.raw))
+        except ValueError:
+            return {}
+        fields: dict[int, str] = {}
+        for tag, value in pairs:
+            fields.setdefault(tag, value)
+        return fields
+    return None
+
+
 def build_message(
     msg_type: str, header: Sequence[tuple[int, str]], body: Iterable[tuple[int, Any]]
 ) -> bytes:
@@ -463,6 +497,17 @@ class ApplicationMessage:
 
 
 @dataclass(slots=True)
+class PeerReset:
+    """The peer's numbers started over though ours kept them: its Logon had ResetSeqNumFlag
+    we did not ask for (the session goes on in a new stream), or a MsgSeqNum below what we
+    expect (the session ends; only a Logon with a reset gets past it). Either way what it
+    sent from ``lost_from`` on in ``old_stream`` can no longer be asked for."""
+
+    lost_from: int
+    old_stream: str
+
+
+@dataclass(slots=True)
 class SessionClosed:
     """The session is over; the transport should be closed after writing ``outgoing``."""
 
@@ -472,7 +517,7 @@ class SessionClosed:
 SessionEvent = (
     LogonReceived | LogoutReceived | HeartbeatReceived | TestRequestReceived | ResendRequested
     | SequenceGap | SequenceResetReceived | SessionRejectReceived | MarketDataRequested
-    | MarketDataRejected | ApplicationMessage | SessionClosed
+    | MarketDataRejected | ApplicationMessage | PeerReset | SessionClosed
 )  # fmt: skip
 
 
@@ -574,11 +619,13 @@ class MarketDataDecoder:
             out.errors.append(
                 DecodeError(f"NoMDEntries is {count} but {len(entries)} entries follow", "")
             )
-        sending_ns = parse_utc_timestamp(header.get(52, "")) or 0
+        poss_dup = header.get(43) == "Y"
+        # A resent message's SendingTime is the resend's; OrigSendingTime is when it happened.
+        sent_text = (header.get(122) if poss_dup else None) or header.get(52, "")
+        sending_ns = parse_utc_timestamp(sent_text) or 0
         default_day = sending_ns - sending_ns % (86400 * _NS) if sending_ns else 0
         default_symbol = header.get(55)
         md_req_id = header.get(262)
-        poss_dup = header.get(43) == "Y"
         records: list[RawMarketData] = []
         # One QUOTE per symbol per message, updated by each of its bid/offer entries.
         quotes: dict[str, RawMarketData] = {}
@@ -695,11 +742,55 @@ def _add_entry_fields(specific: dict[str, Any], fields: dict[int, str]) -> None:
 # ---------------------------------------------------------------- session
 
 
-@dataclass(slots=True)
-class _Sent:
-    msg_type: str
-    sending_time: str
-    body: list[tuple[int, str]]
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """What a session keeps across restarts, for its owner to persist (QuickFIX's FileStore
+    keeps the two numbers in ``.seqnums``) and hand back to ``FixSession(state=...)``.
+
+    ``next_sender_seq`` / ``next_target_seq``: the MsgSeqNum we send next and the one we
+    expect next. ``stream``: the name of the sequence space (set by the Logon that started
+    it), so records before and after a restart share it and their event ids. Beside the
+    numbers, the record-sequence state: the MsgSeqNum of the last message that gave records
+    and whether numbers were lost since, so the first record after a restart is judged a gap
+    or not exactly as without the restart. ``admin_seen``: numbers from
+    ``next_target_seq`` on already known to be admin messages (see ``FixSession.checkpoint``);
+    the peer gap-fills them, and that loses nothing.
+    """
+
+    next_sender_seq: int = 1
+    next_target_seq: int = 1
+    stream: str = ""
+    last_record_seq: int | None = None
+    numbers_lost: bool = False
+    admin_seen: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "next_sender_seq": self.next_sender_seq, "next_target_seq": self.next_target_seq,
+            "stream": self.stream, "last_record_seq": self.last_record_seq,
+            "numbers_lost": self.numbers_lost, "admin_seen": list(self.admin_seen),
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Any) -> SessionState:
+        """Raises ``ValueError`` unless ``data`` is what ``to_json`` wrote."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        out, into = data.get("next_sender_seq"), data.get("next_target_seq")
+        last, stream = data.get("last_record_seq"), data.get("stream", "")
+        lost = data.get("numbers_lost", False)
+        admin = data.get("admin_seen", [])
+        # bool is an int subclass: exact types only.
+        if not (type(out) is int and type(into) is int and out >= 1 and into >= 1):
+            raise ValueError("next_sender_seq and next_target_seq must be positive integers")
+        if last is not None and not (type(last) is int and last >= 1):
+            raise ValueError("last_record_seq must be a positive integer or null")
+        if not isinstance(stream, str) or not isinstance(lost, bool):
+            raise ValueError("stream must be a string and numbers_lost a boolean")
+        if not (isinstance(admin, list) and len(admin) <= ADMIN_LOG_SIZE
+                and all(type(n) is int and n >= 1 for n in admin)):  # fmt: skip
+            raise ValueError("admin_seen must be a list of positive integers")
+        return cls(out, into, stream, last, lost, tuple(admin))
 
 
 class FixSession:
@@ -707,8 +798,13 @@ class FixSession:
 
     ``acceptor=True`` for a server: it learns ``target_comp_id`` from the first Logon if not
     given, reports ``LogonReceived`` and waits for ``accept_logon``/``refuse_logon``, and keeps
-    sent application messages to answer ResendRequests. The initiator gap-fills any
-    ResendRequest (re-sending old MarketDataRequests would duplicate subscriptions).
+    the last ``store_size`` sent application messages to answer ResendRequests. The initiator
+    gap-fills any ResendRequest (re-sending old MarketDataRequests would duplicate
+    subscriptions).
+
+    ``state`` continues a session persisted by an earlier process (see ``SessionState``);
+    ``self.state`` is what to persist. Sequence numbers, the stream and the acceptor's store
+    outlive ``new_connection``; a Logon with ResetSeqNumFlag (either side's) starts over.
     """
 
     def __init__(
@@ -720,31 +816,69 @@ class FixSession:
         acceptor: bool = False,
         provider: str = PROVIDER,
         test_req_id: str = "TEST",
+        state: SessionState | None = None,
+        store_size: int = STORE_SIZE,
     ) -> None:
+        state = state or SessionState()
         self.sender_comp_id = sender_comp_id
         self.target_comp_id = target_comp_id
         self.heartbeat_interval = heartbeat_interval
         self.acceptor = acceptor
         self.test_req_id = test_req_id
-        self.next_out_seq = 1
-        self.next_in_seq = 1
+        self.store_size = store_size
+        self.next_out_seq = state.next_sender_seq
+        self.next_in_seq = state.next_target_seq
         self.logged_on = False
         self.closed = False
-        self.stream = ""
+        self.stream = state.stream
         self.market_data = MarketDataDecoder(provider)
         self.md_requests: dict[str, list[str]] = {}
         self._framer = FixFramer()
         self._logout_sent = False
         self._logon_sent = False
+        self._reset_sent = False
         self._logon_gap: int | None = None
         self._queued: dict[int, tuple[str, list[tuple[int, str]], bytes]] = {}
         self._resend_until: int | None = None  # a ResendRequest is pending up to here
-        self._store: dict[int, _Sent] = {}
+        # Numbers above next_in_seq whose admin messages were handled as they came (a Logon
+        # or a ResendRequest ahead of a gap, or before a restart): a GapFill over them loses
+        # nothing.
+        self._admin_ahead: set[int] = set(state.admin_seen)
+        self._admin_log: deque[int] = deque(maxlen=ADMIN_LOG_SIZE)
+        # MsgSeqNum -> (MsgType, the bytes sent): encoded bytes take a fifth of the memory
+        # of field lists, and are parsed again only to answer a ResendRequest.
+        self._store: dict[int, tuple[str, bytes]] = {}
         self._last_sent_ns = 0
         self._last_received_ns = 0
         self._test_requests = 0
-        self._last_record_seq: int | None = None
-        self._numbers_lost = False
+        self._last_record_seq = state.last_record_seq
+        self._numbers_lost = state.numbers_lost
+
+    @property
+    def state(self) -> SessionState:
+        """The numbers to persist now (cheap: call it after every read)."""
+        return SessionState(self.next_out_seq, self.next_in_seq, self.stream,
+                            self._last_record_seq, self._numbers_lost,
+                            tuple(sorted(self._admin_ahead)))  # fmt: skip
+
+    def checkpoint(self, handed_over: SessionState) -> SessionState:
+        """What to persist when the records read up to ``handed_over`` (an earlier
+        ``state``) reached the consumer but those read since did not: its incoming side, so
+        a restart asks for those records again, with the numbers of the admin messages read
+        since (the peer will gap-fill them: not a loss); and the current outgoing number,
+        never to be used twice."""
+        start = handed_over.next_target_seq
+        admin = {n for n in self._admin_log if n >= start}
+        admin.update(n for n in self._admin_ahead if n >= start)
+        admin.update(handed_over.admin_seen)
+        return dataclasses.replace(handed_over, next_sender_seq=self.next_out_seq,
+                                   admin_seen=tuple(sorted(admin)))  # fmt: skip
+
+    def _new_sequence_space(self) -> None:
+        self._queued.clear()
+        self._admin_ahead.clear()
+        self._admin_log.clear()
+        self._resend_until = None
 
     # ---------------------------------------------------------------- sending
 
@@ -756,12 +890,14 @@ class FixSession:
         seq = self.next_out_seq
         self.next_out_seq += 1
         sending_time = format_utc_timestamp(now_ns)
-        if store and self.acceptor:
-            self._store[seq] = _Sent(msg_type, sending_time, body)
-            if len(self._store) > STORE_SIZE:
-                del self._store[min(self._store)]
         self._last_sent_ns = now_ns
-        return build_message(msg_type, self._header(seq, sending_time), body)
+        raw = build_message(msg_type, self._header(seq, sending_time), body)
+        if store and self.acceptor:
+            self._store[seq] = (msg_type, raw)
+            if len(self._store) > self.store_size:
+                # Numbers only grow (the store is emptied on a reset): the first is the oldest.
+                del self._store[next(iter(self._store))]
+        return raw
 
     def _header(
         self, seq: int, sending_time: str, orig_sending_time: str | None = None
@@ -781,8 +917,10 @@ class FixSession:
         self._framer = FixFramer()
         self.logged_on = self.closed = False
         self._logon_sent = self._logout_sent = False
+        # Queued messages will be resent; admin messages handled ahead will be gap-filled.
         self._queued.clear()
         self._resend_until = None
+        self._logon_gap = None
         self._test_requests = 0
 
     def skip_out_seq(self, count: int = 1) -> None:
@@ -793,12 +931,14 @@ class FixSession:
         self, now_ns: int, *, reset_seq_num: bool = True, username: str | None = None,
         password: str | None = None,
     ) -> bytes:  # fmt: skip
-        """Initiator's Logon (98=0, 108, optional 141=Y, 553, 554)."""
+        """Initiator's Logon (98=0, 108, optional 141=Y, 553, 554). Without a reset it
+        carries the numbers kept from before (``state``), and the peer resends what we
+        missed."""
         if reset_seq_num:
             self.next_out_seq = 1
             self.next_in_seq = 1
-            self._queued.clear()
-            self._resend_until = None
+            self._new_sequence_space()
+        self._reset_sent = reset_seq_num
         self._logon_sent = True
         self._last_received_ns = now_ns
         return self._send(now_ns, LOGON, [
@@ -811,6 +951,7 @@ class FixSession:
         self.logged_on = True
         if reset_seq_num:
             self.next_out_seq = 1
+            self._store.clear()
         reply = self._send(now_ns, LOGON, [
             (98, 0), (108, self.heartbeat_interval), (141, "Y" if reset_seq_num else None),
         ])  # fmt: skip
@@ -1000,6 +1141,11 @@ class FixSession:
             self._on_sequence_reset_mode(fields, now_ns, out, parts)
             return
         if seq > self.next_in_seq:
+            if msg_type == RESEND_REQUEST:
+                # Answered at once (the FIX rule, and QuickFIX's): a peer that waits for
+                # this answer before filling our gap would otherwise wait on us forever.
+                self._on_resend_request(fields, now_ns, out, parts)
+                self._admin_ahead.add(seq)
             self._queue(seq, msg_type, pairs, raw, now_ns, out, parts)
             return
         if seq < self.next_in_seq:
@@ -1024,16 +1170,26 @@ class FixSession:
             text = f"Logon needs EncryptMethod 0 and HeartBtInt 1..{MAX_HEARTBEAT_INTERVAL}"
             self._close(out, parts, now_ns, text, reply=True)
             return
+        # An initiator that kept its numbers and gets a reset it did not ask for: whatever
+        # the peer sent since next_in_seq is gone with its old sequence space.
+        lost = None
+        if reset and not self.acceptor and not self._reset_sent and self.next_in_seq > 1:
+            lost = PeerReset(self.next_in_seq, self.stream)
         if reset:
             self.next_in_seq = 1
+            self._new_sequence_space()
         if self.acceptor:
             self.heartbeat_interval = interval
         else:
             self.logged_on = True
-        self.stream = f"{self.target_comp_id}->{self.sender_comp_id}@{fields.get(52, '')}"
-        self._last_record_seq = None
-        self._numbers_lost = False
+        if reset or self._reset_sent or not self.stream:
+            # A new sequence space, so a new stream: its numbers start over.
+            self.stream = f"{self.target_comp_id}->{self.sender_comp_id}@{fields.get(52, '')}"
+            self._last_record_seq = None
+            self._numbers_lost = False
         if seq < self.next_in_seq:
+            if not self.acceptor:
+                out.events.append(PeerReset(self.next_in_seq, self.stream))
             text = f"MsgSeqNum too low, expecting {self.next_in_seq} but received {seq}"
             self._close(out, parts, now_ns, text, reply=True)
             return
@@ -1041,12 +1197,17 @@ class FixSession:
         gap = seq > expected
         if not gap:
             self.next_in_seq = seq + 1
+            self._admin_log.append(seq)
         out.events.append(LogonReceived(interval, reset, fields.get(553), fields.get(554)))
+        if lost is not None:
+            out.events.append(lost)
         if gap:
             # The Logon is processed; the numbers before it (and its own) are asked for
-            # again, after our Logon reply when we are the acceptor.
+            # again, after our Logon reply when we are the acceptor. The peer gap-fills the
+            # Logon's number, which loses nothing.
             out.events.append(SequenceGap(expected, seq))
             self._resend_until = seq
+            self._admin_ahead.add(seq)
             if self.acceptor:
                 self._logon_gap = expected
             else:
@@ -1084,7 +1245,7 @@ class FixSession:
         self, seq: int, msg_type: str, pairs: list[tuple[int, str]], raw: bytes, now_ns: int,
         out: FixReceived, parts: list[bytes],
     ) -> None:  # fmt: skip
-        if seq not in self._queued:
+        if seq not in self._queued and seq not in self._admin_ahead:
             self._queued[seq] = (msg_type, pairs, raw)
         if self._resend_until is None:
             out.events.append(SequenceGap(self.next_in_seq, seq))
@@ -1098,22 +1259,26 @@ class FixSession:
             self._drain(now_ns, out, parts)
 
     def _drain(self, now_ns: int, out: FixReceived, parts: list[bytes]) -> None:
-        queued = self._queued
-        if self._resend_until is not None and self.next_in_seq > self._resend_until:
-            self._resend_until = None
-        while queued and not self.closed:
-            item = queued.pop(self.next_in_seq, None)
+        queued, admin = self._queued, self._admin_ahead
+        while (queued or admin) and not self.closed:
+            seq = self.next_in_seq
+            if seq in admin:
+                admin.discard(seq)  # handled when it came ahead
+                self.next_in_seq = seq + 1
+                continue
+            item = queued.pop(seq, None)
             if item is None:
-                for stale in [s for s in queued if s < self.next_in_seq]:
-                    del queued[stale]
                 break
             msg_type, pairs, _raw = item
             fields: dict[int, str] = {}
             for tag, value in pairs:
                 fields.setdefault(tag, value)
-            self._process(self.next_in_seq, msg_type, pairs, fields, now_ns, out, parts)
-            if self._resend_until is not None and self.next_in_seq > self._resend_until:
-                self._resend_until = None
+            self._process(seq, msg_type, pairs, fields, now_ns, out, parts)
+        for stale in [s for s in queued if s < self.next_in_seq]:
+            del queued[stale]
+        admin.difference_update([s for s in admin if s < self.next_in_seq])
+        if self._resend_until is not None and self.next_in_seq > self._resend_until:
+            self._resend_until = None
         if queued and self._resend_until is None and not self.closed:
             # Another hole behind the one just filled.
             out.events.append(SequenceGap(self.next_in_seq, min(queued)))
@@ -1126,11 +1291,13 @@ class FixSession:
     ) -> None:  # fmt: skip
         """A message at the expected MsgSeqNum."""
         self.next_in_seq = seq + 1
+        if msg_type in _LOGGED_ADMIN:
+            self._admin_log.append(seq)
         if msg_type == SEQUENCE_RESET:  # GapFill mode here
             new = _uint(fields.get(36))
             if new is not None and new > seq:
                 out.events.append(SequenceResetReceived(new, True))
-                self._fill_gap(new, now_ns, out, parts)
+                self._fill_gap(seq, new, now_ns, out, parts)
             else:
                 out.errors.append(DecodeError("GapFill with NewSeqNo not above MsgSeqNum",
                                               clip(fields.get(36, ""))))  # fmt: skip
@@ -1170,25 +1337,37 @@ class FixSession:
             body = [(t, v) for t, v in pairs if t not in HEADER_TAGS]
             out.events.append(ApplicationMessage(msg_type, seq, body))
 
-    def _fill_gap(self, new: int, now_ns: int, out: FixReceived, parts: list[bytes]) -> None:
-        """GapFill up to ``new``: numbers we never got are lost, but messages we hold in that
-        range were really sent and are processed (QuickFIX gap-fills application messages it
-        chooses not to resend, and dropping data already received would lose it twice)."""
-        queued = self._queued
-        # The GapFill's own number stands for a message we will never see.
-        self._numbers_lost = True
+    def _fill_gap(
+        self, first: int, new: int, now_ns: int, out: FixReceived, parts: list[bytes]
+    ) -> None:
+        """GapFill over ``first`` (its own number) up to ``new``. A receiver cannot tell
+        skipped admin messages from application messages the peer will not resend, so a
+        number we never got counts as lost, unless we know it was admin (handled when it came
+        ahead). Messages we hold in the range were really sent and are processed (QuickFIX
+        gap-fills application messages it chooses not to resend, and dropping data already
+        received would lose it twice)."""
+        queued, admin = self._queued, self._admin_ahead
+        if first in admin:
+            admin.discard(first)
+        else:
+            self._numbers_lost = True
         while self.next_in_seq < new and not self.closed:
-            item = queued.pop(self.next_in_seq, None)
+            seq = self.next_in_seq
+            if seq in admin:
+                admin.discard(seq)
+                self.next_in_seq = seq + 1
+                continue
+            item = queued.pop(seq, None)
             if item is None:
                 self._numbers_lost = True
-                held = [k for k in queued if self.next_in_seq < k < new]
+                held = [k for k in (*queued, *admin) if seq < k < new]
                 self.next_in_seq = min(held) if held else new
                 continue
             msg_type, pairs, _raw = item
             fields: dict[int, str] = {}
             for tag, value in pairs:
                 fields.setdefault(tag, value)
-            self._process(self.next_in_seq, msg_type, pairs, fields, now_ns, out, parts)
+            self._process(seq, msg_type, pairs, fields, now_ns, out, parts)
 
     def _sequence(self, records: list[RawMarketData], seq: int) -> None:
         if not records:
@@ -1218,19 +1397,26 @@ class FixSession:
             end = last
         out.events.append(ResendRequested(begin, end))
         now_text = format_utc_timestamp(now_ns)
+        begin = max(1, begin)
         fill_from: int | None = None
-        for seq in range(max(1, begin), end + 1):
+        # What fell out of the store goes in one GapFill, without a walk over its numbers.
+        first_kept = min(next(iter(self._store), end + 1), end + 1)
+        if begin < first_kept:
+            fill_from, begin = begin, first_kept
+        for seq in range(begin, end + 1):
             sent = self._store.get(seq)
-            if sent is None or sent.msg_type in ADMIN_TYPES:
+            if sent is None or sent[0] in ADMIN_TYPES:
                 if fill_from is None:
                     fill_from = seq
                 continue
             if fill_from is not None:
                 parts.append(self._gap_fill(fill_from, seq, now_text))
                 fill_from = None
-            parts.append(build_message(
-                sent.msg_type, self._header(seq, now_text, sent.sending_time), sent.body
-            ))  # fmt: skip
+            msg_type, raw = sent
+            pairs = _pairs(parse_frame(raw))
+            sending_time = next(v for t, v in pairs if t == 52)
+            body = [(t, v) for t, v in pairs if t not in HEADER_TAGS]
+            parts.append(build_message(msg_type, self._header(seq, now_text, sending_time), body))
         if fill_from is not None:
             parts.append(self._gap_fill(fill_from, end + 1, now_text))
         self._last_sent_ns = now_ns
