@@ -40,6 +40,9 @@ from simulators.market import (
     Faults,
     Pacer,
     PriceWalk,
+    SentFile,
+    SentLog,
+    harness_args,
     run_simulator,
     serve_until_stopped,
     simulator_arg_parser,
@@ -777,6 +780,7 @@ class BloombergSimConfig:
     faults: Faults = field(default_factory=Faults)
     # rate_limit: data messages between SlowConsumerWarning and SlowConsumerWarningCleared.
     slow_consumer_clear_after: int = 100
+    sent_log_dir: str | None = None  # every event line sent, one file per connection (SentLog)
 
 
 @dataclass
@@ -789,8 +793,9 @@ class _Subscription:
 
 
 class _Connection:
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, log: SentFile | None = None) -> None:
         self.writer = writer
+        self.log = log
         self.subs: dict[int, _Subscription] = {}
         self.generated = 0  # data messages made (sent or deliberately lost)
         self.sent = 0
@@ -813,6 +818,7 @@ class BloombergSimulator:
         self.port = 0
         self.host = "127.0.0.1"
         self._server: asyncio.Server | None = None
+        self.sent_log = SentLog(config.sent_log_dir)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -835,7 +841,7 @@ class BloombergSimulator:
     # -- one client
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(writer)
+        conn = _Connection(writer, self.sent_log.open())
         self.connections.append(conn)
         try:
             while line := await reader.readline():
@@ -854,10 +860,15 @@ class BloombergSimulator:
                     await conn.sender
             self.connections.remove(conn)
             writer.transport.abort()
+            if conn.log is not None:
+                conn.log.close()
 
     async def _write(self, conn: _Connection, event_type: str, msgs: list[Any]) -> None:
-        conn.writer.write(codec.encode_event_line(event_type, msgs))
+        line = codec.encode_event_line(event_type, msgs)
+        conn.writer.write(line)
         await conn.writer.drain()
+        if conn.log is not None:
+            conn.log.write(line)
 
     async def _on_request(self, conn: _Connection, request: codec.StandInRequest) -> bool:
         """Answer one request; False closes the connection."""
@@ -1062,6 +1073,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--app-name", default=None, help="the only application name accepted")
     p.add_argument("--topic-suffix", default=codec.DEFAULT_TOPIC_SUFFIX)
+    harness_args(p)
     return p
 
 
@@ -1070,12 +1082,13 @@ async def serve(args: argparse.Namespace) -> None:
         BloombergSimConfig(
             symbols=symbols_from_args(args), rate=args.rate, batch=args.batch,
             app_name=args.app_name, topic_suffix=args.topic_suffix,
-            faults=Faults.parse(args.faults),
+            faults=Faults.parse(args.faults), sent_log_dir=args.sent_log,
         )
     )  # fmt: skip
     await serve_until_stopped(
-        sim, args.host, args.port, "bloomberg stand-in server on {host}:{port}"
-    )
+        sim, args.host, args.port, "bloomberg stand-in server on {host}:{port}",
+        faults=sim.config.faults, faults_file=args.faults_file,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

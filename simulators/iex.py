@@ -12,7 +12,9 @@ messages), pauses ``session_pause_s`` and starts a new session (session id + 1);
 ``silent_after=N`` stops sending anything, heartbeats included; ``malformed_every=N`` sends a
 truncated or garbled datagram before every Nth data segment; ``skip_seq_every=N`` loses one
 sequence number every N data messages. ``refuse_auth`` and ``rate_limit`` do not exist in
-IEX-TP (no login, no requests on a multicast feed) and are rejected.
+IEX-TP (no login, no requests on a multicast feed) and are rejected. ``poison_at=N``
+(``--poison-at``) makes the Nth data message of a session a trade at ``POISON_PRICE``, a value
+a sink may refuse; it is not in ``Faults``, which every simulator shares.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from simulators.market import (
 # 30 Quote Updates (44 bytes each with the block length) keep a segment inside a 1500-byte frame.
 MAX_BATCH = 30
 _QUOTE_BLOCK = 2 + 42
+# Encodable in IEX-TP (int64 at 1e-4) but past raw_market_data's NUMERIC(20, 8).
+POISON_PRICE = 1e13
 
 
 @dataclass
@@ -58,6 +62,7 @@ class IexSimConfig:
     multicast_interface: str | None = None  # local address to send multicast from
     pcap_path: str | None = None  # also write every datagram sent here
     faults: Faults = field(default_factory=Faults)
+    poison_at: int = 0  # the Nth data message of a session is a trade at POISON_PRICE; 0: never
 
 
 class IexFeed:
@@ -124,6 +129,9 @@ class IexFeed:
         for _ in range(cfg.batch):
             sym = symbols[self._rr % len(symbols)]
             self._rr += 1
+            if cfg.poison_at and self.session_messages + len(messages) + 1 == cfg.poison_at:
+                messages.append(codec.encode_trade_report(sym, now_ns, POISON_PRICE, 100, 0))
+                continue
             if cfg.trade_every and self._rr % cfg.trade_every == 0:
                 st, price, size = self.walk.trade(sym)
                 messages.append(codec.encode_trade_report(sym, now_ns, price, size, st.trade_id))
@@ -306,6 +314,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     p.add_argument("--session-pause-s", type=float, default=1.0)
     p.add_argument("--pcap", default=None, help="also write what is sent to this pcap file")
+    p.add_argument(
+        "--poison-at", type=int, default=0,
+        help=f"make the Nth data message of a session a trade at price {POISON_PRICE:g}",
+    )  # fmt: skip
     return p
 
 
@@ -324,6 +336,7 @@ async def serve(args: argparse.Namespace) -> None:
             multicast_interface=args.multicast_interface,
             pcap_path=args.pcap,
             faults=Faults.parse(args.faults),
+            poison_at=args.poison_at,
         )
     )
     banner = f"iex simulator sending TOPS 1.6 to udp://{args.dest} from port {{port}}"

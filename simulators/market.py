@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
 
 from aiohttp import web
 
@@ -109,6 +111,80 @@ class Faults:
         return faults
 
 
+def harness_args(p: argparse.ArgumentParser) -> None:
+    """The options a fault harness drives a running simulator with (see ``SentLog`` and
+    ``follow_faults_file``)."""
+    p.add_argument("--faults-file", default=None,
+                   help="re-read this file's fault spec whenever it changes")  # fmt: skip
+    p.add_argument("--sent-log", default=None, metavar="DIR",
+                   help="write every frame sent here, one file per connection")  # fmt: skip
+
+
+async def follow_faults_file(path: str, faults: Faults, interval_s: float = 0.1) -> None:
+    """Apply the spec in ``path`` to ``faults`` whenever the file changes, so a harness can
+    turn faults on and off in a running simulator without dropping its connections (each
+    simulator reads its ``Faults`` on every use). An empty file means no faults; until
+    the file exists the command line's faults stand."""
+    last: str | None = None
+    while True:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            text = None
+        if text is not None and text != last:
+            last = text
+            try:
+                new = Faults.parse(text.replace("\n", ","))
+            except ValueError as exc:
+                print(f"faults file {path}: {exc}", flush=True)
+            else:
+                for f in fields(Faults):
+                    setattr(faults, f.name, getattr(new, f.name))
+                print(f"faults now: {text.strip() or 'none'}", flush=True)
+        await asyncio.sleep(interval_s)
+
+
+class SentLog:
+    """Every frame a simulator sends, one file per client connection, each frame on its own
+    line as its codec's ``decode_capture`` reads them: the per-symbol account a harness
+    holds the fleet to. Per connection, because what was still in flight when a
+    connection died is then told apart from a hole in what the client did read.
+
+    Files are named ``<start ns>-<pid>-<n>.cap`` (in start order across restarts) and
+    flushed at every frame, so a simulator stopped at any moment leaves whole lines.
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = Path(directory) if directory else None
+        self._opened = 0
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def open(self) -> SentFile | None:
+        if self.directory is None:
+            return None
+        self._opened += 1
+        name = f"{time.time_ns()}-{os.getpid()}-{self._opened:05d}.cap"
+        return SentFile(open(self.directory / name, "ab"))
+
+
+class SentFile:
+    def __init__(self, file: BinaryIO) -> None:
+        self._file: BinaryIO | None = file
+
+    def write(self, frame: bytes | str) -> None:
+        if self._file is None:
+            return
+        data = frame.encode() if isinstance(frame, str) else frame
+        self._file.write(data if data.endswith(b"\n") else data + b"\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+
 class Pacer:
     """Lets a sender keep an average rate (events/s) with sleeps of about a millisecond."""
 
@@ -171,11 +247,14 @@ def symbols_from_args(args: argparse.Namespace) -> list[str]:
     return [s for s in args.symbols.split(",") if s] or symbol_universe(args.num_symbols)
 
 
-async def serve_until_stopped(sim: Simulator, host: str, port: int, banner: str) -> None:
+async def serve_until_stopped(
+    sim: Simulator, host: str, port: int, banner: str, *, faults: Faults | None = None,
+    faults_file: str | None = None,
+) -> None:  # fmt: skip
     """Start, print ``banner`` (``{host}``/``{port}`` filled in), run until SIGINT/SIGTERM.
 
     Stopping on SIGTERM too lets supervisord stop a simulator cleanly (a pcap being
-    written ends on a whole record).
+    written ends on a whole record). With ``faults_file``, ``faults`` follow that file.
     """
     bound = await sim.start(host, port)
     print(banner.format(host=host, port=bound), flush=True)
@@ -183,9 +262,14 @@ async def serve_until_stopped(sim: Simulator, host: str, port: int, banner: str)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
+    follower = None
+    if faults is not None and faults_file:
+        follower = asyncio.create_task(follow_faults_file(faults_file, faults))
     try:
         await done.wait()
     finally:
+        if follower is not None:
+            follower.cancel()
         await sim.stop()
 
 

@@ -2,7 +2,9 @@
 
 Accepts any path (the real client builds ``/{market}``), sends ``connected``, checks the
 key, answers subscribe/unsubscribe per channel, then streams T/Q frames at the configured
-rate over the subscribed symbols and an AM bar per symbol each minute.
+rate over the subscribed symbols and an AM bar per symbol each minute. ``capture_path``
+(``--capture``) also writes every data frame sent, one per line, as ``feedfleet decode
+polygon`` reads them: what a test counts as sent.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -21,9 +24,11 @@ from simulators.market import (
     Faults,
     Pacer,
     PriceWalk,
+    SentLog,
     SymbolState,
     WebSocketSimulator,
     abort_websocket,
+    harness_args,
     run_simulator,
     serve_until_stopped,
     simulator_arg_parser,
@@ -40,6 +45,8 @@ class PolygonSimConfig:
     faults: Faults = field(default_factory=Faults)
     # Bench support: add each event's send time (ns) under "ffsend".
     stamp_send_ns: bool = False
+    capture_path: str | None = None  # also write every data frame sent here, one per line
+    sent_log_dir: str | None = None  # every frame sent, one file per connection (SentLog)
 
 
 class _Connection:
@@ -51,6 +58,7 @@ class _Connection:
         self.sent = 0
         self.frames = 0
         self.silent = False
+        self.log = sim.sent_log.open()
         # Rebuilt only when the subscriptions change: sorting them for every frame cost
         # the send loop a third of its time.
         self._targets: list[tuple[str, str]] | None = None
@@ -78,6 +86,19 @@ class PolygonSimulator(WebSocketSimulator):
         self.walk = PriceWalk(config.symbols)
         self.connections: list[_Connection] = []
         self.events_sent = 0
+        self._capture: BinaryIO | None = None
+        self.sent_log = SentLog(config.sent_log_dir)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        if self.config.capture_path:
+            self._capture = open(self.config.capture_path, "wb")  # noqa: SIM115 - closed in stop()
+        return await super().start(host, port)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
 
     async def _handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=False, max_msg_size=4 * 1024 * 1024)
@@ -135,6 +156,8 @@ class PolygonSimulator(WebSocketSimulator):
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
             self.connections.remove(conn)
+            if conn.log is not None:
+                conn.log.close()
         return ws
 
     async def _on_subscription(self, conn: _Connection, action: codec.ClientAction) -> None:
@@ -193,7 +216,12 @@ class PolygonSimulator(WebSocketSimulator):
                     event["ffsend"] = sent_ns
             if faults.malformed_every and conn.frames % faults.malformed_every == 0:
                 await conn.ws.send_str('[{"ev":"T","sym":"BAD","p":')  # truncated JSON
-            await conn.ws.send_bytes(codec.encode_events(events))
+            frame = codec.encode_events(events)
+            await conn.ws.send_bytes(frame)
+            if self._capture is not None:
+                self._capture.write(frame + b"\n")  # only once the send went through
+            if conn.log is not None:
+                conn.log.write(frame)
             conn.sent += len(events)
             self.events_sent += len(events)
             if faults.drop_after and conn.sent >= faults.drop_after:
@@ -227,6 +255,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = simulator_arg_parser("polygon", __doc__, port=8765, num_symbols=500, rate=1000.0, batch=10)
     p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
     p.add_argument("--stamp-send-ns", action="store_true", help="add each event's send time")
+    p.add_argument("--capture", default=None, help="also write each data frame sent to this file")
+    harness_args(p)
     return p
 
 
@@ -235,12 +265,14 @@ async def serve(args: argparse.Namespace) -> None:
         PolygonSimConfig(
             symbols=symbols_from_args(args), rate=args.rate, batch=args.batch,
             api_key=args.api_key, faults=Faults.parse(args.faults),
-            stamp_send_ns=args.stamp_send_ns,
+            stamp_send_ns=args.stamp_send_ns, capture_path=args.capture,
+            sent_log_dir=args.sent_log,
         )
     )  # fmt: skip
     await serve_until_stopped(
-        sim, args.host, args.port, "polygon simulator on ws://{host}:{port}/stocks"
-    )
+        sim, args.host, args.port, "polygon simulator on ws://{host}:{port}/stocks",
+        faults=sim.config.faults, faults_file=args.faults_file,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

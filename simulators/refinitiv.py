@@ -31,8 +31,11 @@ from simulators.market import (
     Faults,
     Pacer,
     PriceWalk,
+    SentFile,
+    SentLog,
     WebSocketSimulator,
     abort_websocket,
+    harness_args,
     run_simulator,
     serve_until_stopped,
     simulator_arg_parser,
@@ -55,6 +58,7 @@ class RefinitivSimConfig:
     ping_interval_s: float = 10.0
     ping_timeout_s: float = 30.0
     service: str = "ELEKTRON_DD"
+    sent_log_dir: str | None = None  # every frame sent, one file per connection (SentLog)
 
 
 @dataclass(slots=True)
@@ -65,8 +69,9 @@ class _Item:
 
 
 class _Connection:
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, log: SentFile | None = None) -> None:
         self.ws = ws
+        self.log = log
         self.logged_in = False
         self.items: dict[int, _Item] = {}
         self.sent = 0
@@ -78,7 +83,10 @@ class _Connection:
 
     async def send(self, messages: list[dict[str, Any]]) -> None:
         if not self.silent and not self.ws.closed:
-            await self.ws.send_str(codec.encode_messages(messages))
+            frame = codec.encode_messages(messages)
+            await self.ws.send_str(frame)
+            if self.log is not None:
+                self.log.write(frame)
 
 
 class RefinitivSimulator(WebSocketSimulator):
@@ -92,6 +100,7 @@ class RefinitivSimulator(WebSocketSimulator):
         self.events_sent = 0
         self.pongs_received = 0
         self.requests: list[codec.ClientRequest] = []
+        self.sent_log = SentLog(config.sent_log_dir)
 
     def open_items(self) -> list[str]:
         """Names streaming on every live connection (tests check re-subscription with it)."""
@@ -107,7 +116,7 @@ class RefinitivSimulator(WebSocketSimulator):
         if ws.ws_protocol != codec.SUBPROTOCOL:
             await ws.close(code=1002, message=b"subprotocol tr_json2 required")
             return ws
-        conn = _Connection(ws)
+        conn = _Connection(ws, self.sent_log.open())
         self.connections.append(conn)
         tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._heartbeat_loop(conn))]
         try:
@@ -134,6 +143,8 @@ class RefinitivSimulator(WebSocketSimulator):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             self.connections.remove(conn)
+            if conn.log is not None:
+                conn.log.close()
         return ws
 
     async def _on_request(self, conn: _Connection, req: codec.ClientRequest) -> bool:
@@ -340,6 +351,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="the only AuthnToken accepted (default: any)")
     p.add_argument("--ping-interval", type=float, default=10.0)
     p.add_argument("--ping-timeout", type=float, default=30.0)
+    harness_args(p)
     return p
 
 
@@ -352,11 +364,13 @@ async def serve(args: argparse.Namespace) -> None:
             symbols=symbols, rate=args.rate, batch=args.batch, user=args.user,
             token=args.token, faults=Faults.parse(args.faults),
             ping_interval_s=args.ping_interval, ping_timeout_s=args.ping_timeout,
+            sent_log_dir=args.sent_log,
         )
     )  # fmt: skip
     await serve_until_stopped(
-        sim, args.host, args.port, "refinitiv simulator on ws://{host}:{port}/WebSocket"
-    )
+        sim, args.host, args.port, "refinitiv simulator on ws://{host}:{port}/WebSocket",
+        faults=sim.config.faults, faults_file=args.faults_file,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
