@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench chaos clean
 
 setup: $(STAMP)
 
@@ -25,12 +25,15 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check common workers simulators tests
-	$(BIN)/ruff format --check common workers simulators tests
+	$(BIN)/ruff check common workers simulators chaos tests
+	$(BIN)/ruff format --check common workers simulators chaos tests
 	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/feedfleet bench
+
+chaos: setup
+	$(BIN)/feedfleet chaos
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,7 @@ feedfleet coordinator | api        the other fleet processes
 feedfleet db init                  apply schema.sql (idempotent)
 feedfleet seed-demo                demo provider rows and 20 subscribed symbols
 feedfleet decode PROVIDER [FILE]   captured provider data -> normalized JSON lines
+feedfleet chaos [--quick]          faults injected into the fleet, hand-over measured
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["init"])
     sub.add_parser("seed-demo", help="insert demo provider rows and subscriptions")
     sub.add_parser("bench", help="measure the pipeline (feedfleet bench --help)")
+    sub.add_parser("chaos", help="inject faults into the fleet (feedfleet chaos --help)")
     dec = sub.add_parser("decode", help="decode captured provider data to JSON lines")
     dec.add_argument("provider")
     dec.add_argument("file", nargs="?", default=None)
@@ -104,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workers.bench import main as bench_main
 
         raise SystemExit(bench_main(raw[1:]))
+    if raw[:1] == ["chaos"]:
+        # The chaos run has its own options (feedfleet chaos --help).
+        from chaos.run import main as chaos_main
+
+        raise SystemExit(chaos_main(raw[1:]))
     args = build_parser().parse_args(raw)
     if args.command == "worker":
         from workers.worker import run_worker
