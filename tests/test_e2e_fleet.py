@@ -83,10 +83,15 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
         def every_provider_reached_every_sink() -> bool:
             doc = _get_json(f"http://127.0.0.1:{api_port}/metrics") or {}
             providers = doc.get("providers", {})
-            return len(providers) == 6 and all(
+            durable = len(providers) == 6 and all(
                 (m or {}).get(k, 0) > 0
                 for m in providers.values()
-                for k in ("received", "published", "stored", "cached")
+                for k in ("received", "published", "stored")
+            )
+            # latest:{symbol} has one writer, the highest-priority provider serving the
+            # symbol: Polygon for the tickers the demo rows share, Refinitiv for its RICs.
+            return durable and all(
+                (providers[n] or {}).get("cached", 0) > 0 for n in ("polygon", "refinitiv")
             )
 
         _wait(every_provider_reached_every_sink, 60, "events from each provider in all sinks", proc)
