@@ -33,6 +33,18 @@ def _sink_state(sink: DurableSink) -> str:
     )
 
 
+async def _rows_and_ids(conn: db.Conn, worker: Worker) -> tuple[int, int]:
+    """Rows the worker's provider has in raw_market_data, and distinct event ids among them."""
+    assert worker.provider is not None
+    cur = await conn.execute(
+        "SELECT count(*), count(DISTINCT event_id) FROM raw_market_data WHERE provider = %s",
+        (worker.provider.name,),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
 async def _start_fleet(
     services: Services, conn: db.Conn, **settings: object
 ) -> tuple[PolygonSimulator, RunningWorker]:
@@ -116,13 +128,7 @@ async def test_database_outage_spools_rows_then_stores_them(
         assert await pipeline.drained(timeout=30)
         c = pipeline.counts()
         assert c.received == c.published == c.stored
-        provider = worker.provider
-        assert provider is not None
-        cur = await conn.execute(
-            "SELECT count(*), count(DISTINCT event_id) FROM raw_market_data WHERE provider = %s",
-            (provider.name,),
-        )
-        assert await cur.fetchone() == (c.received, c.received)
+        assert await _rows_and_ids(conn, worker) == (c.received, c.received)
     finally:
         await running.stop()
         await sim.stop()
@@ -233,13 +239,7 @@ async def test_a_full_disk_is_an_error_status_and_loses_nothing(
         c = pipeline.counts()
         assert c.received == c.journaled == c.published == c.stored
         assert pipeline.journal.skipped_bytes == 0
-        provider = worker.provider
-        assert provider is not None
-        cur = await conn.execute(
-            "SELECT count(*), count(DISTINCT event_id) FROM raw_market_data WHERE provider = %s",
-            (provider.name,),
-        )
-        assert await cur.fetchone() == (c.received, c.received)
+        assert await _rows_and_ids(conn, worker) == (c.received, c.received)
     finally:
         await running.stop()
         await sim.stop()

@@ -179,12 +179,10 @@ class StatusReporter:
         for symbol in [s for s in since if s not in wanted]:
             del since[symbol]
         if silence is not None and session.status is ConnectionStatus.CONNECTED:
+            # A symbol quiet past the threshold, or the whole feed quiet with its connection
+            # open (which the connection's own heartbeat does not see): fail them over now.
             quiet_after = now_ns - silence
-            others_flow = any(seen.get(s, 0) > quiet_after for s in wanted)
-            if others_flow:
-                unavailable.update(
-                    s for s in wanted if max(seen.get(s, 0), since[s]) <= quiet_after
-                )
+            unavailable.update(s for s in wanted if max(seen.get(s, 0), since[s]) <= quiet_after)
         return session.status.value, sorted(unavailable), flowing
 
     def _silence_ns(self) -> int | None:
