@@ -95,7 +95,10 @@ class AssignmentFollower:
         # Events of a symbol held only as a backup carry the failover flag; only the
         # symbol's highest-priority server writes latest:{symbol}.
         pipeline = self.session.pipeline
-        pipeline.quality.failover_symbols = {s for s, h in held.items() if h.failover}
+        # A symbol let go keeps its flag: frames already on their way after the unsubscribe
+        # are still a backup's.
+        let_go = {s for s in pipeline.quality.failover_symbols if s not in held}
+        pipeline.quality.failover_symbols = let_go | {s for s, h in held.items() if h.failover}
         if pipeline.cache is not None:
             pipeline.cache.symbols = {s for s, h in held.items() if h.latest}
         self._save(self.session.provider, wanted)
