@@ -283,7 +283,7 @@ def parse_plan(argv: list[str]) -> Plan:
     if args.minutes <= 0:
         raise SystemExit("chaos: --minutes must be positive")
     quick = bool(args.quick)
-    minutes = 3.0 if quick else float(args.minutes)
+    minutes = 2.0 if quick else float(args.minutes)
     kinds: tuple[str, ...] = QUICK if quick else tuple(KINDS)
     if args.faults:
         kinds = tuple(k.strip() for k in args.faults.split(",") if k.strip())
