@@ -107,6 +107,14 @@ class Pipeline:
             return "backpressure: journal near its size cap (a sink is far behind)"
         return None
 
+    def journal_held(self) -> int:
+        """One more try for a read held back by a full journal (at stop); returns how many
+        events are still only in memory."""
+        if self._held is not None:
+            self.journal.make_room()
+            self._journal(*self._held)
+        return 0 if self._held is None else len(self._held[0]) + len(self._held[1])
+
     async def wait_for_room(self) -> None:
         while self.backpressure:
             await asyncio.sleep(0.2)

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import orjson
 import pytest
 
 from common.events import Event, build_events
@@ -175,3 +176,51 @@ def test_a_full_disk_never_tears_the_journal(tiny_disk: Path) -> None:
     assert recovered.truncated_bytes == 0
     assert recovered.backlog_events == {"pulsar": 20, "postgres": appended}
     assert _ids(again.read(0, 1_000_000).events) == _ids(_events(0, appended))
+
+
+def test_a_read_held_by_a_full_disk_is_journaled_once_there_is_room(tiny_disk: Path) -> None:
+    """The pipeline holds a read the journal could not take and journals it first when
+    room comes back, in order; a stop during the outage says how many are only in memory."""
+    from common.pipeline import Pipeline
+    from common.quality import QualityChecker
+    from common.sinks.postgres import PostgresSink
+    from common.sinks.pulsar import PulsarSink
+
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"x" * 3_800_000)
+    journal = Journal(tiny_disk / "j", (PulsarSink.name, PostgresSink.name))
+    journal.open()
+    # Sinks that never run: they only count what they are handed.
+    pipeline = Pipeline(
+        QualityChecker(stale_after_s=None), journal,
+        PulsarSink("pulsar://127.0.0.1:1", "t", journal),
+        PostgresSink("postgresql://", journal), None,
+    )  # fmt: skip
+    sent = 0
+    while pipeline.journal_error is None:
+        pipeline.process(
+            [
+                RawMarketData(
+                    symbol="HLD",
+                    provider="held",
+                    timestamp_ns=T0 + i,
+                    data_type=DataType.TRADE,
+                    price=1.0,
+                    provider_sequence=i,
+                    stream="T.HLD",
+                    receive_ns=T0 + i,
+                )
+                for i in range(sent, sent + 50)
+            ]
+        )
+        sent += 50
+    assert pipeline.backpressure and "[Errno 28]" in pipeline.journal_error
+    assert pipeline.journal_held() == 50  # still no room
+    filler.unlink()
+    assert pipeline.journal_held() == 0
+    assert pipeline.journal_error is None and journal.appended_events == sent
+    sequences = [
+        orjson.loads(e.payload)["metadata"]["provider_sequence"]
+        for e in journal.read(0, 1_000_000).events
+    ]
+    assert sequences == list(range(sent))

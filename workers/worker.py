@@ -234,6 +234,11 @@ class Worker:
         session = next(t for t in tasks if t.get_name() == "session")
         await stop_tasks([session], TASKS_STOP_TIMEOUT_S)
         await parts.session.close()
+        unjournaled = parts.pipeline.journal_held()
+        if unjournaled:
+            # Received, but the disk never had room for them: say exactly how many.
+            log.error("events_lost_at_stop_journal_full", events=unjournaled,
+                      error=parts.pipeline.journal_error)  # fmt: skip
         # Give in-flight events a bounded chance to be acknowledged; what is left stays in
         # the journal and is replayed by the next start.
         await parts.store.flush()
