@@ -118,7 +118,6 @@ class Journal:
         self._acks_written: dict[str, int] = {}
         self._dirty = False
         self._needs_state = False  # a new segment opens with the sequence state
-        self._stream_bytes: dict[str, bytes] = {}
         # The sequence state written at the top of each new segment (the quality checker's).
         self.sequence_snapshot: Callable[[], dict[str, int]] = dict
 
@@ -307,9 +306,6 @@ class Journal:
     @property
     def size_bytes(self) -> int:
         return self.head - self._segments[0]
-
-    def backlog_bytes(self, name: str) -> int:
-        return self.head - self._acks[name]
 
     async def run(self, interval_s: float = 0.2) -> None:
         """Write cursors, delete passed segments and sync to disk, until cancelled."""
