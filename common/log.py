@@ -29,11 +29,13 @@ def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
 
 
 def _known_secrets() -> list[str]:
-    return [
+    # Longest first: a secret containing another is masked whole, not left with its tail.
+    found = (
         v
         for k, v in os.environ.items()
         if len(v) >= 6 and _SECRET_KEYS.search(k) and not k.endswith("_ENV")
-    ]
+    )
+    return sorted(found, key=len, reverse=True)
 
 
 def configure_logging(fmt: str = "json", level: str = "info") -> None:

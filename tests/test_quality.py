@@ -123,3 +123,33 @@ def test_after_a_reconnect_a_jump_is_a_gap_even_where_numbers_may_skip() -> None
     assert after.provider_specific["gap"] == [5, 8]
     qc.resume()
     assert flags(qc, rec(13)) == [[]]  # nothing missing: no flag
+
+
+def test_the_next_number_is_no_gap_and_one_missing_number_is() -> None:
+    records = [rec(n, contiguous=True) for n in (1, 2, 3, 5, 6)]
+    assert flags(QualityChecker(), *records) == [[], [], [], [QualityFlag.GAP], []]
+    assert [r.provider_specific for r in records] == [{}, {}, {}, {"gap": [4, 4]}, {}]
+
+
+def test_after_a_reconnect_the_next_number_is_no_gap_and_one_missing_number_is() -> None:
+    qc = QualityChecker()
+    flags(qc, rec(1), rec(2))
+    qc.resume()
+    assert flags(qc, rec(3)) == [[]]
+    qc.resume()
+    skipped = rec(5)
+    assert flags(qc, skipped) == [[QualityFlag.GAP]]
+    assert skipped.provider_specific == {"gap": [4, 4]}
+    assert qc.flag_counts["gap"] == 1
+
+
+def test_stale_is_strictly_past_the_threshold() -> None:
+    at_limit, past = rec(1, recv=T0 + 2_000_000_000), rec(2, recv=T0 + 2_000_000_001)
+    assert flags(QualityChecker(stale_after_s=2.0), at_limit, past) == [[], [QualityFlag.STALE]]
+
+
+def test_an_outlier_is_strictly_past_the_fraction_either_way() -> None:
+    for price, expected in ((110.0, []), (90.0, []), (110.5, [QualityFlag.PRICE_OUTLIER]),
+                            (89.5, [QualityFlag.PRICE_OUTLIER])):  # fmt: skip
+        got = flags(QualityChecker(outlier_fraction=0.1), rec(1, price=100.0), rec(2, price=price))
+        assert got == [[], expected], price
