@@ -119,10 +119,10 @@ class Pipeline:
         while self.backpressure:
             await asyncio.sleep(0.2)
             self.journal.collect()
+            # The segment being written may be all that fills the disk or the cap: once
+            # every sink has it, a fresh segment lets it go.
+            self.journal.make_room()
             if self._held is not None:
-                # The segment being written may be all that fills the disk: once every
-                # sink has it, a fresh segment lets it go.
-                self.journal.make_room()
                 self._journal(*self._held)
 
     def counts(self) -> PipelineCounts:

@@ -85,9 +85,11 @@ def build_parts(
     instance_id: str,
 ) -> WorkerParts:  # fmt: skip
     directory = settings.journal_dir / provider.name
+    # A cap smaller than a few default segments would be passed inside the first one.
+    segment_bytes = max(1024**2, min(64 * 1024**2, settings.journal_max_bytes // 4))
     journal = Journal(
         directory, (PulsarSink.name, PostgresSink.name), fsync=settings.journal_fsync,
-        max_bytes=settings.journal_max_bytes,
+        max_bytes=settings.journal_max_bytes, segment_bytes=segment_bytes,
     )  # fmt: skip
     recovered = journal.open()
     quality = QualityChecker(stale_after_s=stale_after(provider))
