@@ -12,19 +12,23 @@ from typing import Any
 import structlog
 
 _SECRET_KEYS = re.compile(r"(key|token|secret|password|passwd|apikey)", re.IGNORECASE)
+# The password of a URL such as postgresql://user:password@host/db.
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^/@\s]+@")
 
 
 def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Mask values of secret-looking keys and any value equal to a known secret."""
+    """Mask values of secret-looking keys, known secrets inside any text value, and the
+    passwords of URLs."""
     secrets = _known_secrets()
     for key, value in list(event.items()):
         if _SECRET_KEYS.search(key) and not key.endswith("_env"):
             event[key] = "***"
-        elif isinstance(value, str) and secrets:
+        elif isinstance(value, str):
+            masked = _URL_PASSWORD.sub(r"\1***@", value) if "://" in value else value
             for s in secrets:
-                if s in value:
-                    event[key] = value.replace(s, "***")
-                    value = event[key]
+                masked = masked.replace(s, "***")
+            if masked != value:
+                event[key] = masked
     return event
 
 

@@ -136,3 +136,20 @@ def test_the_configured_chain_masks_messages_fields_and_exceptions(
     )
     assert (second["event"], second["provider"]) == ("connect_failed", "polygon")
     assert second["exception"].splitlines()[-1] == "RuntimeError: provider refused key ***"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (
+            "connect postgresql://feed:s3cr3t@db:5432/x failed",
+            "connect postgresql://feed:***@db:5432/x failed",
+        ),
+        ("redis://:hunter2@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("pulsar://broker:6650", "pulsar://broker:6650"),
+        ("http://host:8080/q?mail=a@b.c", "http://host:8080/q?mail=a@b.c"),
+        ("user:pass@host without a scheme", "user:pass@host without a scheme"),
+    ],
+)
+def test_url_passwords_are_masked(text: str, masked: str) -> None:
+    assert _mask_secrets(None, "info", {"event": text}) == {"event": masked}
