@@ -30,8 +30,7 @@ from common.embedded import (
     pulsar_command,
     redis_command,
 )
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from tests import SHARED
 
 
 @dataclass(frozen=True)

@@ -11,96 +11,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.codecs import alphavantage as av
-from common.codecs.base import CaptureError, CodecError
+from common.codecs.base import CaptureError, CodecError, clip
 from common.model import DataType, QualityFlag, RawMarketData
+from tests import SHARED
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
+FIXTURES = SHARED / "fixtures"
+# Responses as Alpha Vantage documents and serves them (tests/samples/README.md says where
+# each comes from); shared/fixtures holds none for Alpha Vantage.
+SAMPLES = Path(__file__).parent / "samples"
 
-# Real samples. /work/shared/fixtures holds none for Alpha Vantage, so these are copied
-# byte for byte from RomelTorres/alpha_vantage test_alpha_vantage/test_data (the source
-# protocols.md section 2 cites): `global_quote` (commit 57747f1), the first three bars of
-# `mock_time_series` (commit 6ba2d52, closed after the third bar) and the first lines of
-# `mock_time_series_extended` (commit a70f110, the retired CSV with a "time" header).
-GLOBAL_QUOTE_MSFT = b"""{
-    "Global Quote": {
-        "01. symbol": "MSFT",
-        "02. open": "112.6300",
-        "03. high": "113.1700",
-        "04. low": "110.6400",
-        "05. price": "112.1300",
-        "06. volume": "29062853",
-        "07. latest trading day": "2018-10-05",
-        "08. previous close": "112.7900",
-        "09. change": "-0.6600",
-        "10. change percent": "-0.5852%"
-    }
-}
-"""
-INTRADAY_MSFT = b"""{
-    "Meta Data": {
-        "1. Information": "Intraday (1min) prices and volumes",
-        "2. Symbol": "MSFT",
-        "3. Last Refreshed": "2017-12-18 14:56:00",
-        "4. Interval": "1min",
-        "5. Output Size": "Compact",
-        "6. Time Zone": "US/Eastern"
-    },
-    "Time Series (1min)": {
-        "2017-12-18 14:56:00": {
-            "1. open": "86.4900",
-            "2. high": "86.5000",
-            "3. low": "86.4750",
-            "4. close": "86.5000",
-            "5. volume": "10494"
-        },
-        "2017-12-18 14:55:00": {
-            "1. open": "86.4900",
-            "2. high": "86.5000",
-            "3. low": "86.4801",
-            "4. close": "86.5000",
-            "5. volume": "12682"
-        },
-        "2017-12-18 14:54:00": {
-            "1. open": "86.4700",
-            "2. high": "86.5100",
-            "3. low": "86.4700",
-            "4. close": "86.4931",
-            "5. volume": "24345"
-        }
-    }
-}
-"""
-EXTENDED_CSV = (
-    b"time,open,high,low,close,volume\n"
-    b"2020-12-18 20:00:00,218.79,218.79,218.75,218.75,1102\n"
-    b"2020-12-18 19:58:00,218.63,218.75,218.63,218.75,1491\n"
-    b"2020-12-18 19:57:00,218.63,218.63,218.63,218.63,450\n"
-)
-# protocols.md 2.2 (IBM 5min, current shape) and 2.3 (CSV lines).
-INTRADAY_IBM_5MIN = orjson.dumps(
-    {
-        "Meta Data": {
-            "1. Information": "Intraday (5min) open, high, low, close prices and volume",
-            "2. Symbol": "IBM", "3. Last Refreshed": "2026-04-02 19:55:00",
-            "4. Interval": "5min", "5. Output Size": "Compact", "6. Time Zone": "US/Eastern",
-        },
-        "Time Series (5min)": {
-            "2026-04-02 19:55:00": {"1. open": "248.3900", "2. high": "248.3900",
-                                    "3. low": "248.2100", "4. close": "248.3000",
-                                    "5. volume": "86"},
-        },
-    }
-)  # fmt: skip
-INTRADAY_CSV = (
-    b"timestamp,open,high,low,close,volume\r\n"
-    b"2019-02-04 16:00:00,1130.7800,1132.4301,1130.5000,1132.4301,122109\r\n"
-    b"2019-02-04 15:59:00,1130.1000,1131.0000,1130.0000,1130.7800,4500\r\n"
-)
-QUOTE_CSV = (
-    b"symbol,open,high,low,price,volume,latestDay,previousClose,change,changePercent\r\n"
-    b"DJIA,28553.3301,28664.5703,28355.0508,28321.4707,347291416,2020-02-24,28992.4102,"
-    b"-670.9395,-2.3142%\r\n"
-)
+
+def sample(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+GLOBAL_QUOTE_MSFT = sample("alphavantage_global_quote_msft.json")
+INTRADAY_MSFT = sample("alphavantage_intraday_msft_1min.json")
+EXTENDED_CSV = sample("alphavantage_intraday_extended_ibm.csv")  # retired, "time" header
+INTRADAY_IBM_5MIN = sample("alphavantage_intraday_ibm_5min.json")
+INTRADAY_CSV = sample("alphavantage_intraday_googl_1min.csv")
+QUOTE_CSV = sample("alphavantage_global_quote_djia.csv")
 
 Q_MSFT = av.Query(av.GLOBAL_QUOTE, "MSFT")
 Q_1MIN = av.Query(av.TIME_SERIES_INTRADAY, "MSFT", "1min")
@@ -195,15 +125,107 @@ def test_global_quote_csv() -> None:
     assert r.timestamp_ns == utc_ns(2020, 2, 24, 21, 0)
 
 
-def test_shared_fixture_files_decode() -> None:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"{FIXTURES} is not there (the shared folder sits beside the repo)")
-    files = sorted(FIXTURES.glob("alphavantage*"))
-    if not files:
-        pytest.skip("shared/fixtures has no Alpha Vantage samples; the samples above are used")
-    for path in files:
+def sample_files() -> list[Path]:
+    """Alpha Vantage samples in shared/fixtures when it has any, and ours always."""
+    shared = sorted(FIXTURES.glob("alphavantage*")) if FIXTURES.is_dir() else []
+    return shared + sorted(SAMPLES.glob("alphavantage*"))
+
+
+AGG, TRADE = DataType.AGGREGATE, DataType.TRADE
+MSFT_1MIN, GOOGL_1MIN, IBM_1MIN, IBM_5MIN = (
+    f"TIME_SERIES_INTRADAY:{s}" for s in ("MSFT:1min", "GOOGL:1min", "IBM:1min", "IBM:5min")
+)
+# Each sample of ours: the symbol to pass (CSV bars carry none) and what decode_capture
+# yields, records as (data_type, symbol, timestamp_ns, price, volume, stream).
+RECORD_SAMPLES: dict[str, tuple[str | None, list[object]]] = {
+    "alphavantage_global_quote_msft.json": (None, [
+        (TRADE, "MSFT", utc_ns(2018, 10, 5, 20, 0), 112.13, None, "GLOBAL_QUOTE:MSFT"),
+    ]),
+    "alphavantage_global_quote_djia.csv": (None, [
+        (TRADE, "DJIA", utc_ns(2020, 2, 24, 21, 0), 28321.4707, None, "GLOBAL_QUOTE:DJIA"),
+    ]),
+    "alphavantage_global_quote_unknown_symbol.json": (None, [
+        CaptureError("offset 0", "empty Global Quote (unknown symbol)"),
+    ]),
+    "alphavantage_intraday_msft_1min.json": (None, [
+        (AGG, "MSFT", utc_ns(2017, 12, 18, 19, 54), 86.4931, 24345.0, MSFT_1MIN),
+        (AGG, "MSFT", utc_ns(2017, 12, 18, 19, 55), 86.5, 12682.0, MSFT_1MIN),
+        (AGG, "MSFT", utc_ns(2017, 12, 18, 19, 56), 86.5, 10494.0, MSFT_1MIN),
+    ]),
+    "alphavantage_intraday_ibm_5min.json": (None, [
+        (AGG, "IBM", utc_ns(2026, 4, 2, 23, 55), 248.3, 86.0, IBM_5MIN),
+    ]),
+    "alphavantage_intraday_googl_1min.csv": ("GOOGL", [
+        (AGG, "GOOGL", utc_ns(2019, 2, 4, 20, 59), 1130.78, 4500.0, GOOGL_1MIN),
+        (AGG, "GOOGL", utc_ns(2019, 2, 4, 21, 0), 1132.4301, 122109.0, GOOGL_1MIN),
+    ]),
+    # The interval is not in the body: it comes from the bars' one-minute spacing.
+    "alphavantage_intraday_extended_ibm.csv": ("IBM", [
+        (AGG, "IBM", utc_ns(2020, 12, 19, 0, 57), 218.63, 450.0, IBM_1MIN),
+        (AGG, "IBM", utc_ns(2020, 12, 19, 0, 58), 218.75, 1491.0, IBM_1MIN),
+        (AGG, "IBM", utc_ns(2020, 12, 19, 1, 0), 218.75, 1102.0, IBM_1MIN),
+    ]),
+}  # fmt: skip
+# Error and throttle answers (always HTTP 200): key, kind, window, and the text the
+# simulator sends for it, which must be Alpha Vantage's own.
+MESSAGE_SAMPLES: dict[str, tuple[str, str, str | None, str]] = {
+    "alphavantage_error_invalid_call.json":
+        ("Error Message", "invalid_call", None, av.invalid_call_text("TIME_SERIES_INTRADAY")),
+    "alphavantage_error_invalid_key.json":
+        ("Error Message", "invalid_key", None, av.INVALID_KEY_TEXT),
+    "alphavantage_note_per_minute.json":
+        ("Note", "rate_limit", "minute", av.RATE_LIMIT_TEXTS["minute"][1]),
+    "alphavantage_information_per_day.json":
+        ("Information", "rate_limit", "day", av.RATE_LIMIT_TEXTS["day"][1]),
+    # Mentions "25 requests per day" too: the per-second window must win.
+    "alphavantage_information_per_second.json":
+        ("Information", "rate_limit", "second", av.RATE_LIMIT_TEXTS["second"][1]),
+    "alphavantage_information_premium.json":
+        ("Information", "premium", None, av.PREMIUM_TEXT),
+    "alphavantage_information_demo_key.json":
+        ("Information", "demo_key", None, av.DEMO_TEXT),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sample_files(), ids=lambda p: p.name)
+def test_sample_files_decode(path: Path) -> None:
+    if path.parent != SAMPLES:  # a shared capture: it must at least give records
         items = list(av.decode_capture(path.read_bytes(), symbol="TEST"))
         assert any(isinstance(i, RawMarketData) for i in items), path
+        return
+    if path.name in MESSAGE_SAMPLES:
+        key, kind, _, _ = MESSAGE_SAMPLES[path.name]
+        text = orjson.loads(path.read_bytes())[key]
+        assert list(av.decode_capture(path.read_bytes())) == [
+            CaptureError("offset 0", f"{kind}: {key}: {clip(text)}")
+        ]
+        return
+    symbol, expected = RECORD_SAMPLES[path.name]
+    got = [
+        (i.data_type, i.symbol, i.timestamp_ns, i.price, i.volume, i.stream)
+        if isinstance(i, RawMarketData)
+        else i
+        for i in av.decode_capture(path.read_bytes(), symbol=symbol)
+    ]
+    assert got == expected
+
+
+def test_every_sample_is_checked() -> None:
+    names = {p.name for p in SAMPLES.glob("alphavantage*")}
+    assert names == set(RECORD_SAMPLES) | set(MESSAGE_SAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGE_SAMPLES))
+def test_documented_error_answers_are_classified(name: str) -> None:
+    key, kind, window, simulator_text = MESSAGE_SAMPLES[name]
+    body = sample(name)
+    text = orjson.loads(body)[key]
+    assert simulator_text == text
+    # Errors come as JSON whatever was asked for, CSV included.
+    for query in (Q_MSFT, Q_1MIN, av.Query(av.TIME_SERIES_INTRADAY, "X", "1min", "csv")):
+        out = av.decode_response(body, query, 1)
+        assert out.message == av.ApiMessage(key, text, av.MessageKind(kind), window), query
+        assert out.records == [] and out.errors == []
 
 
 # ---------------------------------------------------------------- answers in HTTP 200

@@ -2,7 +2,8 @@
 
 There are no Bloomberg wire captures (blpapi's protocol is proprietary), so the golden
 inputs are the message contents Bloomberg's own SDK tests build, as quoted in
-shared/protocols.md section 5.3.
+shared/protocols.md section 5.3, and tests/samples/bloomberg_mktdata.jsonl: a session
+written by hand in our capture format from Bloomberg's documented messages and fields.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from common.codecs import bloomberg as codec
 from common.codecs.base import CaptureError, DecodeError
 from common.model import DataType, QualityFlag, RawMarketData
 from simulators import bloomberg as standin
+from tests import SHARED
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
+FIXTURES = SHARED / "fixtures"
+SAMPLES = Path(__file__).parent / "samples"
 RECEIVE_NS = 1_714_842_592_462_000_000  # 2024-05-04T17:09:52.462Z
 SYMBOLS = {7: "IBM"}
 
@@ -414,18 +417,81 @@ def test_broken_message_objects_become_decode_errors() -> None:
     assert snaps == [] and "cannot iterate" in errors[0].reason
 
 
-# ---------------------------------------------------------------- shared fixtures
+# ---------------------------------------------------------------- capture files
 
 
-def test_shared_fixtures_for_bloomberg() -> None:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"{FIXTURES} is absent")
-    files = sorted(FIXTURES.glob("bloomberg*"))
-    if not files:
-        pytest.skip(
-            "no Bloomberg captures in shared/fixtures: blpapi's wire protocol is proprietary "
-            "and the library could not be installed; the SDK-test shapes above stand in"
-        )
-    for path in files:
-        out = list(codec.decode_capture(path.read_bytes()))
-        assert not [x for x in out if isinstance(x, CaptureError)], path.name
+def capture_files() -> list[Path]:
+    """Bloomberg captures in shared/fixtures when it has any, and our samples always."""
+    shared = sorted(FIXTURES.glob("bloomberg*")) if FIXTURES.is_dir() else []
+    return shared + sorted(SAMPLES.glob("bloomberg*"))
+
+
+Q, T = DataType.QUOTE, DataType.TRADE
+CUSIP = "/cusip/912828GM6@BGN"
+# What each sample of ours decodes to: (data_type, symbol, timestamp_ns, price, volume, bid,
+# ask, stream, receive_ns).
+SAMPLE_RECORDS = {
+    "bloomberg_mktdata.jsonl": [
+        # Initial paint (SUMMARY, solicited recap): the quote only, at the receive time.
+        (Q, "IBM", 1_714_746_600_500_000_000, None, None, 142.74, 142.8, "Q.IBM",
+         1_714_746_600_500_000_000),
+        # The SDK test's tick, LAST_PRICE alone: a trade without size or time.
+        (T, "IBM", 1_714_746_601_000_000_000, 142.8, None, None, None, "T.IBM",
+         1_714_746_601_000_000_000),
+        (T, "IBM", 1_714_746_601_250_000_000, 142.81, 200, None, None, "T.IBM",
+         1_714_746_602_000_000_000),
+        # A bid-only quote: the ask comes from the paint.
+        (Q, "IBM", 1_714_746_601_250_000_000, None, None, 142.79, 142.8, "Q.IBM",
+         1_714_746_602_000_000_000),
+        # EVENT_TIME is a time of day, dated by the receive time.
+        (Q, CUSIP, 1_714_746_602_125_000_000, None, None, 99.953125, 99.96875, f"Q.{CUSIP}",
+         1_714_746_603_000_000_000),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", capture_files(), ids=lambda p: p.name)
+def test_capture_files_decode(path: Path) -> None:
+    out = list(codec.decode_capture(path.read_bytes()))
+    assert [x for x in out if isinstance(x, CaptureError)] == [], path.name
+    records = [x for x in out if isinstance(x, RawMarketData)]
+    assert records, path.name
+    if path.parent == SAMPLES:
+        got = [(r.data_type, r.symbol, r.timestamp_ns, r.price, r.volume, r.bid, r.ask,
+                r.stream, r.receive_ns) for r in records]  # fmt: skip
+        assert got == SAMPLE_RECORDS[path.name]
+        assert all(r.provider_sequence is None and r.quality_flags == [] for r in records)
+
+
+def test_every_sample_has_expected_records() -> None:
+    assert sorted(p.name for p in SAMPLES.glob("bloomberg*")) == sorted(SAMPLE_RECORDS)
+
+
+def test_sample_session_statuses() -> None:
+    statuses: list[codec.StatusMessage] = []
+    for line in (SAMPLES / "bloomberg_mktdata.jsonl").read_bytes().splitlines():
+        event = codec.decode_event_line(line)
+        assert isinstance(event, codec.WireEvent)
+        out = codec.decode_messages(event.messages, event.receive_ns, {}, "bbg")
+        assert out.errors == []
+        statuses += out.statuses
+    assert [(s.event_type, s.message_type, s.symbols) for s in statuses] == [
+        ("SESSION_STATUS", "SessionConnectionUp", []),
+        ("SESSION_STATUS", "SessionStarted", []),
+        ("SERVICE_STATUS", "ServiceOpened", []),
+        ("SUBSCRIPTION_STATUS", "SubscriptionStarted", ["IBM"]),
+        ("SUBSCRIPTION_STATUS", "SubscriptionStarted", [CUSIP]),
+        ("ADMIN", "SlowConsumerWarning", []),
+        ("ADMIN", "DataLoss", []),
+        ("SUBSCRIPTION_STATUS", "SubscriptionTerminated", ["IBM"]),
+    ]
+    assert statuses[1].details == {"initialEndpoints": [{"address": "12.34.56.78:8194"}]}
+    assert statuses[2].details == {"serviceName": "//blp/mktdata"}
+    # A field the security does not have is reported in SubscriptionStarted, not a failure.
+    [bad_field] = statuses[4].details["exceptions"]
+    assert bad_field["fieldId"] == "BID_YIELD"
+    assert codec.Reason(description="Subscriber made a subscription") == statuses[3].reason
+    assert statuses[6].details["numMessagesDropped"] == 123
+    assert statuses[7].reason == codec.Reason(
+        "12.34.56.78:8194", "CANCELED", "", "Subscription canceled", 2
+    )

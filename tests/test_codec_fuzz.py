@@ -24,7 +24,6 @@ import math
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,8 +35,9 @@ from common.codecs import bloomberg as bbg
 from common.codecs import fix, iex, pcap, polygon, refinitiv
 from common.codecs.base import UNEXPECTED, CaptureError, CodecError, DecodeError
 from common.model import DataType, RawMarketData
+from tests import SHARED
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
+FIXTURES = SHARED / "fixtures"
 
 FUZZ = settings(
     max_examples=250,

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from common.codecs import fix
 from simulators.iex import IexSimConfig, build_capture
+
+SAMPLES = Path(__file__).parent / "samples"
 
 KEYS = {
     "symbol", "provider", "data_type", "timestamp", "price", "volume", "bid", "ask",
@@ -26,6 +29,34 @@ def decode(provider: str, data: bytes, *args: str) -> tuple[int, list[dict[str, 
     for row in rows:
         assert set(row) == KEYS
     return proc.returncode, rows, proc.stderr.decode()
+
+
+def read_hex_sample(name: str) -> bytes:
+    """A hex dump with ``#`` comments from tests/samples as bytes."""
+    lines = (line.partition("#")[0] for line in (SAMPLES / name).read_text().splitlines())
+    return bytes.fromhex("".join("".join(line.split()) for line in lines))
+
+
+IEX_SAMPLE = read_hex_sample("iex_tops16.pcap.hex")
+# Offsets in IEX_SAMPLE: pcap header 24, record header 16, Ethernet 14, IPv4 20, UDP 8.
+IEX_TP_VERSION_AT = 24 + 16 + 14 + 20 + 8
+IEX_SECOND_RECORD_AT = 24 + 16 + 166
+IEX_ROWS = [
+    {"symbol": "ZIEXT", "provider": "iex", "data_type": "QUOTE",
+     "timestamp": "2016-08-23T19:30:32.572715Z", "price": None, "volume": None, "bid": 99.05,
+     "ask": 99.07, "provider_sequence": 1000,
+     "provider_specific": {"bid_size": 9700, "ask_size": 1000, "flags": 0}},
+    {"symbol": "ZIEXT", "provider": "iex", "data_type": "TRADE",
+     "timestamp": "2016-08-23T19:30:32.600012Z", "price": 99.0525, "volume": 37.0, "bid": None,
+     "ask": None, "provider_sequence": 1001,
+     "provider_specific": {"trade_id": 429974, "sale_condition_flags": 96,
+                           "sale_conditions": ["extended_hours", "odd_lot"]}},
+]  # fmt: skip
+REFINITIV_REFRESH = (
+    b'[{"ID":2,"Type":"Refresh","Key":{"Name":"TRI.N","Service":"ELEKTRON_DD"},'
+    b'"Fields":{"BID":44.33,"ASK":44.34,"BIDSIZE":10,"ASKSIZE":4,"QUOTE_DATE":"2017-11-29",'
+    b'"QUOTIM_MS":68515583},"SeqNumber":58352,"State":{"Stream":"Open","Data":"Ok"}}]\n'
+)
 
 
 def test_polygon_capture_with_a_bad_line(fixtures_dir: Path) -> None:
@@ -89,3 +120,92 @@ def test_fix_message_per_line_with_pipes() -> None:
 def test_unknown_provider_exits_2() -> None:
     code, rows, err = decode("nosuch", b"")
     assert code == 2 and "unknown provider" in err and rows == []
+
+
+def test_iex_sample_capture_from_file() -> None:
+    """The hand-written capture: exact rows and a clean exit."""
+    code, rows, err = decode("iex", IEX_SAMPLE)
+    assert (code, err) == (0, "")
+    assert rows == IEX_ROWS
+
+
+# Undecodable input: each error on stderr with its place, what did decode on stdout, exit 1.
+# Rows as (symbol, data_type, price, bid, ask, provider_sequence).
+IEX_SAMPLE_ROWS = [("ZIEXT", "QUOTE", None, 99.05, 99.07, 1000),
+                   ("ZIEXT", "TRADE", 99.0525, None, None, 1001)]  # fmt: skip
+UNDECODABLE = [
+    pytest.param("iex", b"not a capture", [], [],
+                 "offset 0: not a pcap or pcapng file (magic 6e6f7420)\n", id="iex-not-pcap"),
+    pytest.param("iex", IEX_SAMPLE[:-10], [], IEX_SAMPLE_ROWS,
+                 f"offset {IEX_SECOND_RECORD_AT}: truncated: 88 bytes left over\n",
+                 id="iex-truncated"),
+    pytest.param("iex", IEX_SAMPLE[:IEX_TP_VERSION_AT] + b"\x02"
+                 + IEX_SAMPLE[IEX_TP_VERSION_AT + 1 :], [], [],
+                 "offset 24: IEX-TP version 2, expected 1\n", id="iex-not-iex-tp"),
+    pytest.param("refinitiv", REFINITIV_REFRESH + b"{broken\n", [],
+                 [("TRI.N", "QUOTE", None, 44.33, 44.34, 58352)], "line 2: invalid JSON: ",
+                 id="refinitiv-bad-json"),
+    pytest.param("refinitiv", b'[{"ID":5,"Type":"Update","Fields":{"BID":1.0}}]\n', [], [],
+                 "line 1: Update on unknown stream 5 without Key.Name\n",
+                 id="refinitiv-unknown-stream"),
+    pytest.param("refinitiv", b"null\n", [], [], "line 1: frame is not a JSON array\n",
+                 id="refinitiv-not-array"),
+    pytest.param("alphavantage", (SAMPLES / "alphavantage_note_per_minute.json").read_bytes(),
+                 [], [],
+                 "offset 0: rate_limit: Note: Thank you for using Alpha Vantage! Our standard "
+                 "API call frequency is 5 calls per minute and 500 calls per day. Please visit "
+                 "https://www.alphavantage.co/premium/ if you would like to target a higher API "
+                 "call frequency.\n", id="alphavantage-note"),
+    pytest.param("alphavantage",
+                 (SAMPLES / "alphavantage_error_invalid_call.json").read_bytes(), [], [],
+                 "offset 0: invalid_call: Error Message: Invalid API call. Please retry or visit "
+                 "the documentation (https://www.alphavantage.co/documentation/) for "
+                 "TIME_SERIES_INTRADAY.\n", id="alphavantage-error-message"),
+    pytest.param("alphavantage", b"<html><body>502 Bad Gateway</body></html>\n",
+                 ["--symbol", "IBM"], [],
+                 "offset 0: CSV bars lack columns "
+                 "['timestamp', 'open', 'high', 'low', 'close', 'volume']\n",
+                 id="alphavantage-html"),
+    pytest.param("alphavantage", b'{"Global Quote": {"01. symbol": "IBM"}}\n{broken\n', [],
+                 [], "line 1: bad latest trading day null\nline 2: invalid JSON: ",
+                 id="alphavantage-bad-lines"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("provider", "data", "args", "rows", "stderr"), UNDECODABLE)
+def test_undecodable_input_exits_1_with_located_errors(
+    provider: str, data: bytes, args: list[str], rows: list[tuple[object, ...]], stderr: str
+) -> None:
+    code, got_rows, err = decode(provider, data, *args)
+    assert code == 1, err
+    if stderr.endswith("\n"):
+        assert err == stderr
+    else:  # it ends in the JSON parser's own words: compared up to them
+        assert err.startswith(stderr) and err.count("\n") == stderr.count("\n") + 1, err
+    got = [(r["symbol"], r["data_type"], r["price"], r["bid"], r["ask"], r["provider_sequence"])
+           for r in got_rows]  # fmt: skip
+    assert got == rows
+
+
+@pytest.mark.parametrize("provider", ["iex", "refinitiv", "alphavantage"])
+def test_empty_input_exits_1(provider: str) -> None:
+    code, rows, err = decode(provider, b"\n")
+    assert (code, rows, err) == (1, [], "decode: empty input\n")
+
+
+def test_unreadable_file_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pcap"
+    code, rows, err = decode("iex", b"", str(missing))
+    assert (code, rows, err) == (
+        2,
+        [],
+        f"decode: cannot read {missing}: No such file or directory\n",
+    )
+    code, rows, err = decode("refinitiv", b"", str(tmp_path))
+    assert (code, rows, err) == (2, [], f"decode: cannot read {tmp_path}: Is a directory\n")
+
+
+def test_codec_helper_modules_are_not_providers() -> None:
+    for name in ("base", "pcap"):
+        code, rows, err = decode(name, b"x")
+        assert (code, rows, err) == (2, [], f"decode: unknown provider {name!r}\n")

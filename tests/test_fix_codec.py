@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import simplefix
@@ -16,8 +15,9 @@ from common.codecs import fix as codec
 from common.codecs.base import CaptureError, DecodeError
 from common.model import DataType, QualityFlag, RawMarketData
 from common.quality import QualityChecker
+from tests import SHARED
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
+FIXTURES = SHARED / "fixtures"
 SESSION_FLOWS = FIXTURES / "fix44_session_flows.txt"
 needs_fixtures = pytest.mark.skipif(
     not SESSION_FLOWS.is_file(), reason=f"shared fixture {SESSION_FLOWS} is absent"
@@ -189,6 +189,42 @@ def test_every_fixture_line_is_a_well_formed_fix44_message() -> None:
                 assert fields_of(raw)[1] == (9, dict((t, v) for t, _, v in pairs)["9"])
             count += 1
     assert count > 60
+
+
+# What our initiator sends for each admin MsgType of the scripts' incoming (I) lines.
+INITIATOR_ENCODERS: dict[str, Callable[[codec.FixSession, dict[int, str]], bytes]] = {
+    "A": lambda s, f: s.logon(T0, reset_seq_num=False),
+    "0": lambda s, f: s.heartbeat(T0, f.get(112)),
+    "1": lambda s, f: s.test_request(T0, f[112]),
+    "2": lambda s, f: s.resend_request(T0, int(f[7]), int(f[16])),
+    "5": lambda s, f: s.logout(T0, f.get(58)),
+}
+
+
+@needs_fixtures
+def test_initiator_messages_match_the_scripts_incoming_lines() -> None:
+    """The I lines are what a counterparty initiator sends QuickFIX: ours must be the same
+    fields in the same order, with the BodyLength those fields give."""
+    seen = set()
+    for lines in load_scripts().values():
+        for line in lines:
+            if not line.startswith("I8="):
+                continue
+            pairs = [(int(t), v) for t, _, v in (p.partition("=") for p in line[1:-1].split("|"))]
+            fields = dict(pairs)
+            encode = INITIATOR_ENCODERS.get(fields[35])
+            if encode is None or 43 in fields:  # application messages and PossDup copies
+                continue
+            session = codec.FixSession(fields[49], fields[56],
+                                       heartbeat_interval=int(fields.get(108, "30")))  # fmt: skip
+            session.next_out_seq = int(fields[34])
+            got = fields_of(encode(session, fields))
+            assert normalized([f for f in got if f[0] != 9]) == normalized(pairs), line
+            # BodyLength: every field after it up to CheckSum, each with its SOH.
+            body = normalized(pairs).split("|", 1)[1]
+            assert got[1] == (9, str(len(body) + 1)), line
+            seen.add(fields[35])
+    assert seen == set(INITIATOR_ENCODERS)
 
 
 # ---------------------------------------------------------------- framing
@@ -829,6 +865,38 @@ def test_real_snapshot_body_gives_top_of_book_quote() -> None:
         2, s.stream, True, T0 + 5, [],
     )  # fmt: skip
     assert s.stream == "VENUE->FEEDFLEET@20240504-17:09:52.462"
+
+
+# Whole frames written out by hand: the real 35=W body above under an LMAX-style header, then
+# an incremental trade and bid change. BodyLength and CheckSum are literal, not computed here.
+LITERAL_MD_CAPTURE = (
+    "8=FIX.4.4|9=161|35=W|34=1042|49=LMXBL|52=20150215-22:01:06.123|56=xxx|55=EUR/USD|262=0|"
+    "268=2|269=0|270=1.11941|271=1000000|299=0|106=1|269=1|270=1.11944|271=1000000|299=0|106=1|"
+    "10=112|\n"
+    "8=FIX.4.4|9=171|35=X|34=1043|49=LMXBL|52=20150215-22:01:06.200|56=xxx|262=0|268=2|279=0|"
+    "269=2|270=1.11942|271=50000|55=EUR/USD|60=20150215-22:01:06.150|279=1|269=0|270=1.1194|"
+    "271=2000000|10=151|\n"
+)
+
+
+def test_literal_market_data_frames_decode_exactly() -> None:
+    items = list(codec.decode_capture(LITERAL_MD_CAPTURE.encode()))
+    records = [r for r in items if isinstance(r, RawMarketData)]
+    assert records == items
+    got = [(r.data_type, r.symbol, r.timestamp_ns, r.price, r.volume, r.bid, r.ask,
+            r.provider_sequence, r.stream) for r in records]  # fmt: skip
+    assert got == [
+        (DataType.QUOTE, "EUR/USD", 1_424_037_666_123_000_000, None, None, 1.11941, 1.11944,
+         1042, "LMXBL->xxx"),
+        # The trade's own TransactTime (60); the entry after it has no 55 and keeps EUR/USD.
+        (DataType.TRADE, "EUR/USD", 1_424_037_666_150_000_000, 1.11942, 50000.0, None, None,
+         1043, "LMXBL->xxx"),
+        (DataType.QUOTE, "EUR/USD", 1_424_037_666_200_000_000, None, None, 1.1194, 1.11944,
+         1043, "LMXBL->xxx#2"),
+    ]  # fmt: skip
+    assert records[2].provider_specific == {
+        "MsgType": "X", "MDReqID": "0", "BidSize": 2000000.0, "OfferSize": 1000000.0,
+    }  # fmt: skip
 
 
 def test_binance_style_incremental_trades_default_symbol_to_previous_entry() -> None:

@@ -17,14 +17,48 @@ from common.model import DataType, QualityFlag, RawMarketData
 from common.quality import QualityChecker
 from simulators.iex import IexSimConfig, build_capture
 from simulators.market import Faults
+from tests import SHARED
 
-SHARED = Path(__file__).parents[2] / "shared"
+SAMPLES = Path(__file__).parent / "samples"
 TS = 1_471_980_632_572_715_948  # the spec example's timestamp, 2016-08-23 19:30:32.572715948
 # Quote Update example from the IEX TOPS specification (protocols.md 3.2).
 SPEC_QUOTE_HEX = (
     "51 00 ac63c02096866d14 5a49455854202020 e4250000 241d0f0000000000 ec1d0f0000000000 e8030000"
 )
 SPEC_QUOTE = bytes.fromhex(SPEC_QUOTE_HEX.replace(" ", ""))
+# Written field by field from the documented layouts (protocols.md 3.2: little-endian, prices
+# int64 with 4 implied decimals, times ns since the epoch), not by our encoder, so a mistake
+# made alike in the encoder and the decoder shows here.
+TRADE_TS = 1_471_980_632_600_012_345
+TRADE_REPORT = bytes.fromhex(
+    "54"  # type 'T'
+    "60"  # sale condition flags: 0x40 extended hours | 0x20 odd lot
+    "39e6602296866d14"  # timestamp 1471980632600012345
+    "5a49455854202020"  # symbol "ZIEXT   "
+    "25000000"  # size 37
+    "3d1d0f0000000000"  # price 990525 = 99.0525
+    "968f060000000000"  # trade id 429974
+)
+SEND_TS = 1_471_980_632_600_020_000
+SEGMENT_HEADER = bytes.fromhex(
+    "01"  # version 1
+    "00"  # reserved
+    "0380"  # message protocol id 0x8003 (TOPS 1.6)
+    "01000000"  # channel id 1
+    "0000c744"  # session id 0x44C70000
+    "5400"  # payload length 84 = 2 + 42 + 2 + 38
+    "0200"  # message count 2
+    "87d6120000000000"  # stream offset 1234567
+    "e803000000000000"  # first message sequence number 1000
+    "2004612296866d14"  # send time 1471980632600020000
+)
+SEGMENT = SEGMENT_HEADER + b"\x2a\x00" + SPEC_QUOTE + b"\x26\x00" + TRADE_REPORT
+
+
+def read_hex_sample(path: Path) -> bytes:
+    """A hex dump with ``#`` comments (tests/samples/*.hex) as bytes."""
+    lines = (line.partition("#")[0] for line in path.read_text().splitlines())
+    return bytes.fromhex("".join("".join(line.split()) for line in lines))
 
 
 def segment(messages: list[bytes], first: int = 1, session: int = 7) -> bytes:
@@ -59,16 +93,95 @@ def test_spec_example_is_the_one_in_protocols_md() -> None:
     assert SPEC_QUOTE_HEX in doc.read_text()
 
 
-def test_no_iex_fixture_files() -> None:
-    fixtures = SHARED / "fixtures"
-    if not fixtures.is_dir():
-        pytest.skip(f"{fixtures} not found (shared folder absent)")
-    files = sorted(fixtures.glob("iex*"))
-    if not files:
-        pytest.skip("shared/fixtures has no IEX capture; the spec example bytes are tested")
-    for path in files:  # a capture added later must decode without errors
-        items = list(iex.decode_capture(path.read_bytes()))
-        assert not [i for i in items if isinstance(i, CaptureError)], path
+def test_trade_report_from_the_layout_decodes_exactly() -> None:
+    out = iex.decode_segment(segment([TRADE_REPORT], first=42), receive_ns=7)
+    assert out.errors == [] and out.unknown == 0 and out.events == []
+    (trade,) = out.records
+    assert trade == RawMarketData(
+        symbol="ZIEXT", provider="iex", timestamp_ns=TRADE_TS, data_type=DataType.TRADE,
+        price=99.0525, volume=37.0, bid=None, ask=None,
+        provider_specific={"trade_id": 429974, "sale_condition_flags": 0x60,
+                           "sale_conditions": ["extended_hours", "odd_lot"]},
+        provider_sequence=42, stream="1:7", sequence_contiguous=True, receive_ns=7,
+    )  # fmt: skip
+
+
+def test_trade_report_encodes_to_the_same_bytes() -> None:
+    assert iex.encode_trade_report("ZIEXT", TRADE_TS, 99.0525, 37, 429974, flags=0x60) == (
+        TRADE_REPORT
+    )
+
+
+def test_segment_from_the_layout_decodes_exactly() -> None:
+    out = iex.decode_segment(SEGMENT, receive_ns=9)
+    assert out.errors == [] and out.skipped == 0 and out.unknown == 0
+    assert out.header == iex.SegmentHeader(
+        version=1, protocol_id=0x8003, channel_id=1, session_id=0x44C70000, payload_length=84,
+        message_count=2, stream_offset=1234567, first_sequence=1000, send_time_ns=SEND_TS,
+    )  # fmt: skip
+    quote, trade = out.records
+    assert (quote.data_type, quote.symbol, quote.timestamp_ns) == (DataType.QUOTE, "ZIEXT", TS)
+    assert (quote.bid, quote.ask) == (99.05, 99.07)
+    assert (trade.data_type, trade.timestamp_ns, trade.price, trade.volume) == (
+        DataType.TRADE, TRADE_TS, 99.0525, 37.0,
+    )  # fmt: skip
+    # Sequence numbers are First Message Sequence Number + index, per channel:session.
+    assert [(r.provider_sequence, r.stream) for r in out.records] == [
+        (1000, "1:1153892352"), (1001, "1:1153892352"),
+    ]  # fmt: skip
+
+
+def test_segment_encodes_to_the_same_bytes() -> None:
+    encoded = iex.encode_segment(
+        [SPEC_QUOTE, TRADE_REPORT], channel_id=1, session_id=0x44C70000,
+        stream_offset=1234567, first_sequence=1000, send_time_ns=SEND_TS,
+    )  # fmt: skip
+    assert encoded == SEGMENT
+
+
+def capture_files() -> list[Path]:
+    """IEX captures in shared/fixtures when that folder has any, and our samples always."""
+    shared = sorted((SHARED / "fixtures").glob("iex*")) if (SHARED / "fixtures").is_dir() else []
+    return shared + sorted(SAMPLES.glob("iex*"))
+
+
+# What each sample in tests/samples decodes to: (type, symbol, ts, price, volume, bid, ask,
+# sequence, stream, receive_ns).
+SAMPLE_RECORDS = {
+    "iex_tops16.pcap.hex": [
+        (DataType.QUOTE, "ZIEXT", TS, None, None, 99.05, 99.07, 1000, "1:1153892352",
+         1_471_980_632_600_030_000),
+        (DataType.TRADE, "ZIEXT", TRADE_TS, 99.0525, 37.0, None, None, 1001, "1:1153892352",
+         1_471_980_632_600_030_000),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", capture_files(), ids=lambda p: p.name)
+def test_capture_files_decode(path: Path) -> None:
+    data = read_hex_sample(path) if path.suffix == ".hex" else path.read_bytes()
+    items = list(iex.decode_capture(data))
+    assert [i for i in items if isinstance(i, CaptureError)] == [], path
+    records = [i for i in items if isinstance(i, RawMarketData)]
+    assert records, path
+    if path.parent == SAMPLES:
+        got = [(r.data_type, r.symbol, r.timestamp_ns, r.price, r.volume, r.bid, r.ask,
+                r.provider_sequence, r.stream, r.receive_ns) for r in records]  # fmt: skip
+        assert got == SAMPLE_RECORDS[path.name]
+
+
+def test_every_sample_has_expected_records() -> None:
+    assert sorted(p.name for p in SAMPLES.glob("iex*")) == sorted(SAMPLE_RECORDS)
+
+
+def test_sample_capture_carries_the_segment_written_above() -> None:
+    (first, heartbeat) = pcap.read_udp(read_hex_sample(SAMPLES / "iex_tops16.pcap.hex"))
+    assert isinstance(first, pcap.UdpDatagram) and isinstance(heartbeat, pcap.UdpDatagram)
+    assert first.payload == SEGMENT
+    assert (first.src, first.dst) == (("10.1.2.3", 10378), ("233.215.21.4", 10378))
+    out = iex.decode_segment(heartbeat.payload, 0)
+    assert out.heartbeat and out.header is not None
+    assert (out.header.first_sequence, out.header.stream_offset) == (1002, 1234567 + 84)
 
 
 def test_header_layout() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
 import pytest
 
 from common.codecs import polygon as codec
@@ -32,27 +31,54 @@ def test_official_ws_samples_decode(fixtures_dir: Path) -> None:
     amzn = frames[4].records
     assert [r.provider_sequence for r in amzn] == [4009408, 4009434]
     assert "c" not in amzn[1].provider_specific
-    quote = frames[7].records[0]
-    assert (quote.data_type, quote.bid, quote.ask) == (DataType.QUOTE, 114.125, 114.128)
-    assert quote.provider_specific["bs"] == 100 and quote.provider_specific["as"] == 160
+    # The specification's examples (lines 7-12).
+    [spec_trade] = frames[6].records
+    assert (spec_trade.symbol, spec_trade.price, spec_trade.volume) == ("MSFT", 114.125, 100)
+    assert (spec_trade.timestamp_ns, spec_trade.provider_sequence) == (
+        1536036818784 * 1_000_000, 3681328,
+    )  # fmt: skip
+    assert spec_trade.provider_specific == {"x": 4, "i": "12345", "z": 3, "c": [0, 12]}
+    [quote] = frames[7].records
+    assert (quote.symbol, quote.data_type, quote.bid, quote.ask) == (
+        "MSFT", DataType.QUOTE, 114.125, 114.128,
+    )  # fmt: skip
+    assert quote.price is None and quote.volume is None
+    assert (quote.timestamp_ns, quote.provider_sequence, quote.stream) == (
+        1536036818784 * 1_000_000, 50385480, "Q.MSFT",
+    )  # fmt: skip
+    # Sizes are in round lots, kept as sent.
+    assert quote.provider_specific == {"bx": 4, "bs": 100, "ax": 7, "as": 160, "c": 0,
+                                       "i": [604], "z": 3}  # fmt: skip
     for idx, ev in ((8, "A"), (9, "AM")):
         bar = frames[idx].records[0]
         assert bar.data_type == DataType.AGGREGATE and bar.provider_specific["ev"] == ev
+    second = frames[8].records[0]
+    assert (second.symbol, second.price, second.volume, second.stream) == (
+        "SPCE", 25.39, 200, "A.SPCE",
+    )  # fmt: skip
+    assert second.timestamp_ns == 1610144868000 * 1_000_000
     am = frames[9].records[0]
     assert (am.symbol, am.price, am.volume) == ("GTE", 0.4486, 4110)
     assert am.timestamp_ns == 1610144640000 * 1_000_000
+    assert (am.provider_sequence, am.stream) == (None, "AM.GTE")
+    assert am.provider_specific == {
+        "ev": "AM", "o": 0.4488, "h": 0.4489, "l": 0.4486, "c": 0.4486, "vw": 0.4488,
+        "av": 9470157, "op": 0.4372, "a": 0.4352, "z": 685, "s": 1610144640000,
+        "e": 1610144700000,
+    }  # fmt: skip
     # LULD and NOI are known kinds we do not store: skipped, not errors.
     assert frames[10].skipped == 1 and frames[11].skipped == 1
     assert all(not f.errors for f in frames)
 
 
 def test_client_frames_match_official_client(fixtures_dir: Path) -> None:
-    text = (fixtures_dir / "polygon_ws_client.jsonl").read_text()
-    lines = [orjson.loads(x) for x in text.splitlines()]
-    assert orjson.loads(codec.encode_subscribe(["T.*", "Q.*", "AM.*"])) == lines[1]
-    assert orjson.loads(codec.encode_subscribe(["T.AAPL"])) == lines[2]
-    assert orjson.loads(codec.encode_unsubscribe(["T.AAPL"])) == lines[3]
-    assert orjson.loads(codec.encode_auth("*****")) == lines[0]
+    # Byte for byte: the fixture is compact JSON with the official client's key order.
+    lines = (fixtures_dir / "polygon_ws_client.jsonl").read_text().splitlines()
+    assert codec.encode_auth("*****") == lines[0]
+    assert codec.encode_subscribe(["T.*", "Q.*", "AM.*"]) == lines[1]
+    assert codec.encode_subscribe(["T.AAPL"]) == lines[2]
+    assert codec.encode_unsubscribe(["T.AAPL"]) == lines[3]
+    assert len(lines) == 4
 
 
 def test_channels_for_data_types() -> None:

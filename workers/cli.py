@@ -40,19 +40,36 @@ async def _db_init() -> None:
 
 
 def decode_main(provider: str, path: str | None, symbol: str | None) -> int:
-    """Print one JSON object per record; errors to stderr; exit 1 if anything failed."""
+    """Print one JSON object per record; errors to stderr. Exit 1 if anything failed to
+    decode (an empty input included), 2 for an unknown provider or an unreadable file."""
     from common.codecs.base import CaptureError
     from common.model import iso_ns
 
     try:
         codec = importlib.import_module(f"common.codecs.{provider}")
     except ModuleNotFoundError:
+        codec = None
+    # common.codecs also holds modules that are not a provider's codec (base, pcap).
+    decode_capture = getattr(codec, "decode_capture", None)
+    if decode_capture is None:
         print(f"decode: unknown provider {provider!r}", file=sys.stderr)
         return 2
-    data = sys.stdin.buffer.read() if path in (None, "-") else open(path, "rb").read()  # noqa: SIM115
+    try:
+        if path in (None, "-"):
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as exc:
+        print(f"decode: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if not data.strip():
+        # Some codecs find nothing wrong in no data; an empty capture is still a failed one.
+        print("decode: empty input", file=sys.stderr)
+        return 1
     failed = False
     out = sys.stdout.buffer
-    for item in codec.decode_capture(data, symbol=symbol):
+    for item in decode_capture(data, symbol=symbol):
         if isinstance(item, CaptureError):
             failed = True
             print(f"{item.location}: {item.reason}", file=sys.stderr)
