@@ -2,35 +2,69 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
-from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from psycopg.conninfo import make_conninfo
 
 from common import db
-from common.model import ConnectionStatus, ProviderStatus, iso_ns
-from common.redis_keys import provider_status_key
+from common.config import Settings
+from common.model import ConnectionStatus, DataType, RawMarketData
 from tests.conftest import Services
 from workers.api import build_app
+from workers.worker import WorkerParts, build_parts
 
 
-async def _report_status(
-    redis_client: aioredis.Redis, pid: str, name: str, received: int, throughput: float,
-    metrics: dict[str, Any],
-) -> None:  # fmt: skip
-    """Write what a connected worker's status loop writes (``Worker._publish_status``)."""
-    status = ProviderStatus(
-        pid, name, ConnectionStatus.CONNECTED, iso_ns(time.time_ns()),
-        messages_received=received, throughput_per_sec=throughput,
-    )  # fmt: skip
-    doc = asdict(status) | {"metrics": metrics}
-    await redis_client.set(provider_status_key(pid), orjson.dumps(doc), ex=30)
+@contextlib.asynccontextmanager
+async def reporting_worker(
+    settings: Settings, pid: str, received: int
+) -> AsyncIterator[WorkerParts]:
+    """A worker's own parts, connected with ``received`` trades taken in (not yet delivered:
+    its sinks do not run), after its status loop's Redis write (``StatusReporter.publish``).
+    The document is the worker's own, so a change of its shape shows here."""
+    conn = await db.connect(settings.database_url)
+    try:
+        provider = await db.find_provider(conn, pid)
+    finally:
+        await conn.close()
+    assert provider is not None
+    parts = build_parts(settings, provider, {}, f"{provider.name}@api-test:1")
+    try:
+        parts.session.status = ConnectionStatus.CONNECTED
+        now = time.time_ns()
+        parts.pipeline.process([
+            RawMarketData("AAPL", provider.name, now + i, DataType.TRADE, price=100.0 + i,
+                          volume=1.0, provider_sequence=i + 1, stream="T.AAPL", receive_ns=now)
+            for i in range(received)
+        ])  # fmt: skip
+        parts.status.throughput = 7.0  # what its loop measured over the last second
+        await parts.status.publish()
+        yield parts
+    finally:
+        parts.journal.close()
+        await parts.redis.aclose()
+
+
+@pytest.fixture
+async def alone(services: Services, conn: db.Conn) -> AsyncIterator[tuple[Settings, db.Conn]]:
+    """Settings and a connection for tables of the test's alone (a schema of its own, alone
+    on the search path): /health judges every provider it finds, so the test knows them all.
+    A schema rather than a database: dropping a database waits for a checkpoint."""
+    schema = f"alone_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = make_conninfo(services.database_url, options=f"-c search_path={schema}")
+    own = await db.connect(url)
+    try:
+        await db.apply_schema(own)
+        yield services.settings(database_url=url), own
+    finally:
+        await own.close()
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture
@@ -117,16 +151,19 @@ async def test_unknown_provider_is_404(client: TestClient, method: str, path: st
 
 
 async def test_status_reads_the_worker_status_from_redis(
-    client: TestClient, provider: tuple[str, str], redis_client: aioredis.Redis, conn: db.Conn
+    client: TestClient, provider: tuple[str, str], services: Services, conn: db.Conn
 ) -> None:
     name, pid = provider
     resp = await client.get(f"/api/v1/providers/{name}/status")
     doc = await resp.json()
     assert resp.status == 200 and doc["status"] == "DISCONNECTED"  # no worker has reported
     await db.set_provider_enabled(conn, pid, True)
-    await _report_status(redis_client, pid, name, 99, 12.5, {"received": 99})
-    doc = await (await client.get(f"/api/v1/providers/{pid}/status")).json()
+    async with reporting_worker(services.settings(), pid, 99):
+        doc = await (await client.get(f"/api/v1/providers/{pid}/status")).json()
     assert doc["status"] == "CONNECTED" and doc["messages_received"] == 99
+    assert doc["provider_id"] == pid and doc["provider_name"] == name
+    assert doc["instance_id"] == f"{name}@api-test:1"
+    assert doc["throughput_per_sec"] == 7.0
     assert "metrics" not in doc
 
 
@@ -141,23 +178,38 @@ async def test_connect_enables_the_provider(
     assert found is not None and found.enabled
 
 
-async def test_health_and_metrics(
-    client: TestClient, provider: tuple[str, str], redis_client: aioredis.Redis
-) -> None:
-    name, pid = provider
-    metrics = {"received": 70, "published": 70, "stored": 69, "throughput_per_sec": 7.0}
-    await _report_status(redis_client, pid, name, 70, 7.0, metrics)
-    resp = await client.get("/health")
-    assert resp.status == 200
-    doc = await resp.json()
-    assert doc["components"] == {"database": "up", "redis": "up"}
-    assert doc["status"] in ("healthy", "degraded")
-    assert doc["providers"][name]["throughput_per_sec"] == 7.0
-    doc = await (await client.get("/metrics")).json()
-    assert doc["providers"][name]["stored"] == 69
-    assert doc["totals"]["received"] >= 70
-    page = await client.get("/")
-    assert page.status == 200 and name in await page.text()
+async def test_health_and_metrics(alone: tuple[Settings, db.Conn]) -> None:
+    settings, conn = alone
+    name = f"api-{uuid.uuid4().hex[:6]}"
+    pid = await db.upsert_provider(conn, name, "polygon", {"url": "ws://x"})
+    async with TestClient(TestServer(build_app(settings))) as client:
+        # Its one provider enabled, and no worker has reported: degraded.
+        resp = await client.get("/health")
+        doc = await resp.json()
+        assert resp.status == 200 and doc["status"] == "degraded"
+        assert doc["components"] == {"database": "up", "redis": "up"}
+        assert doc["providers"][name]["status"] == "DISCONNECTED"
+
+        async with reporting_worker(settings, pid, 70) as parts:
+            metrics = orjson.loads(orjson.dumps(parts.status.metrics()))
+            # Every enabled provider connected: healthy.
+            resp = await client.get("/health")
+            doc = await resp.json()
+            assert resp.status == 200 and doc["status"] == "healthy"
+            mine = doc["providers"][name]
+            assert mine["status"] == "CONNECTED" and mine["enabled"] is True
+            assert mine["messages_received"] == 70 and mine["throughput_per_sec"] == 7.0
+            # The worker's figures as it wrote them, and the totals over its one provider.
+            doc = await (await client.get("/metrics")).json()
+            assert doc["providers"] == {name: metrics}
+            assert metrics["received"] == metrics["journaled"] == 70
+            assert metrics["published"] == metrics["stored"] == 0
+            totals = doc["totals"]
+            assert (totals["received"], totals["journaled"]) == (70, 70)
+            assert (totals["published"], totals["stored"]) == (0, 0)
+            assert totals["throughput_per_sec"] == 7.0
+            page = await client.get("/")
+            assert page.status == 200 and name in await page.text()
 
 
 async def test_token_guards_writes(services: Services, provider: tuple[str, str]) -> None:

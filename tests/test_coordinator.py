@@ -236,25 +236,50 @@ async def test_only_one_coordinator_is_active(services: Services, conn: db.Conn)
 async def test_standby_takes_over_when_the_active_ones_connection_is_killed(
     services: Services, conn: db.Conn
 ) -> None:
-    first, second = Coordinator(services.settings()), Coordinator(services.settings())
+    tag = uuid.uuid4().hex[:6].upper()
+    pid = await db.upsert_provider(conn, f"takeover-{tag.lower()}", "polygon", {})
+    instance = f"w-{tag}"
+    before, after = f"B{tag}", f"A{tag}"
+    await db.subscribe(conn, pid, [before], [DataType.TRADE])
+    await db.register_instance(conn, instance, pid, "h1", 1)
+    # The instance does not heartbeat: keep it live however slow the machine is.
+    first = Coordinator(services.settings(), instance_timeout_s=300)
+    second = Coordinator(services.settings(), instance_timeout_s=300)
 
     async def states() -> tuple[State, State]:
         return first.state, second.state
 
-    async with running(first):
-        await eventually(states, lambda s: s[0] is State.ACTIVE, "the first to take the lock")
-        async with running(second):
-            await eventually(states, lambda s: s == (State.ACTIVE, State.STANDBY),
-                             "one active, one standing by")  # fmt: skip
-            killed = first.backend_pid
-            await eventually(lambda: lock_queue(conn),
-                             lambda q: q == {killed: True, second.backend_pid: False},
-                             "the standby queued for the lock")  # fmt: skip
-            await conn.execute("SELECT pg_terminate_backend(%s)", (killed,))
-            # The lock went with the killed connection; the first reconnects and queues behind.
-            await eventually(states, lambda s: s == (State.STANDBY, State.ACTIVE),
-                             "the standby active and the first standing by")  # fmt: skip
-            assert first.backend_pid != killed
-            await eventually(lambda: lock_queue(conn),
-                             lambda q: q == {second.backend_pid: True, first.backend_pid: False},
-                             "the first queued behind the new active one")  # fmt: skip
+    async def assigned() -> set[str]:
+        return set(await db.assigned_instruments(conn, instance))
+
+    try:
+        async with running(first):
+            await eventually(states, lambda s: s[0] is State.ACTIVE, "the first to take the lock")
+            await eventually(assigned, lambda a: a == {before}, "the first to assign the symbol")
+            async with running(second):
+                await eventually(states, lambda s: s == (State.ACTIVE, State.STANDBY),
+                                 "one active, one standing by")  # fmt: skip
+                killed = first.backend_pid
+                await eventually(lambda: lock_queue(conn),
+                                 lambda q: q == {killed: True, second.backend_pid: False},
+                                 "the standby queued for the lock")  # fmt: skip
+                await conn.execute("SELECT pg_terminate_backend(%s)", (killed,))
+                # The lock went with the killed connection; the first reconnects and queues.
+                await eventually(states, lambda s: s == (State.STANDBY, State.ACTIVE),
+                                 "the standby active and the first standing by")  # fmt: skip
+                assert first.backend_pid != killed
+                await eventually(
+                    lambda: lock_queue(conn),
+                    lambda q: q == {second.backend_pid: True, first.backend_pid: False},
+                    "the first queued behind the new active one",
+                )
+                # Only the active one writes assignments: a symbol subscribed now is the
+                # new active one's work.
+                await db.subscribe(conn, pid, [after], [DataType.TRADE])
+                await eventually(assigned, lambda a: a == {before, after},
+                                 "the new active one to assign a symbol subscribed after the "
+                                 "takeover")  # fmt: skip
+                assert await states() == (State.STANDBY, State.ACTIVE)
+    finally:
+        await db.remove_instance(conn, instance)
+        await db.set_provider_enabled(conn, pid, False)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import pytest
@@ -16,12 +17,14 @@ import redis.asyncio as aioredis
 from common import db
 from common.config import Settings
 from common.model import DataType
+from common.redis_keys import LATEST_TTL_S, latest_key
 from common.sinks.pulsar import PulsarSink
 from simulators.market import Faults
 from simulators.polygon import PolygonSimConfig, PolygonSimulator
 from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
 from tests.running import RunningWorker, until
+from tests.test_coordinator import eventually
 from workers.worker import Worker
 
 KEY_ENV = "FEEDFLEET_TEST_POLYGON_KEY"
@@ -40,6 +43,67 @@ class Fleet:
     @property
     def worker(self) -> Worker:
         return self.running.worker
+
+
+@dataclass
+class LatestWatch:
+    """Reads ``latest:{symbol}`` for each symbol every 50 ms until stopped, keeping the
+    newest value each key had and its time to live when that value was first read.
+
+    The key lives 5 s after its last write, and knowing which event is the newest (the
+    consumer has every event) may take longer: started before the source stops, the
+    watch has the final value whenever the test gets to compare it.
+    """
+
+    redis: aioredis.Redis
+    symbols: list[str]
+    seen: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> LatestWatch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for symbol in self.symbols:
+                    pipe.get(latest_key(symbol))
+                    pipe.pttl(latest_key(symbol))
+                replies = await pipe.execute()
+            for symbol, raw, pttl in zip(self.symbols, replies[::2], replies[1::2], strict=True):
+                if raw is None:
+                    continue  # expired: the last value read stays
+                doc = orjson.loads(raw)
+                last = self.seen.get(symbol)
+                if last is None or last[0] != doc:
+                    self.seen[symbol] = (doc, pttl)
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def assert_latest_is_newest(
+    watch: LatestWatch, collector: PulsarCollector, symbols: Iterable[str]
+) -> None:
+    """``latest:{symbol}`` held each symbol's newest event: the last one Pulsar delivered
+    for it (one producer, so in the order the worker took them in), whole, with the TTL."""
+    newest: dict[str, dict[str, Any]] = {}
+    for event in list(collector.events.values()):  # in the order received
+        newest[event.doc["raw_data"]["symbol"]] = event.doc
+    wanted = {s: newest[s]["event_id"] for s in symbols}
+
+    async def cached() -> dict[str, str | None]:
+        return {s: watch.seen[s][0]["event_id"] if s in watch.seen else None for s in wanted}
+
+    await eventually(cached, lambda c: c == wanted, f"latest:{{symbol}} to hold {wanted}")
+    for symbol in wanted:
+        doc, pttl = watch.seen[symbol]
+        assert doc == newest[symbol], symbol
+        assert 0 < pttl <= LATEST_TTL_S * 1000, (symbol, pttl)
 
 
 @pytest.fixture
@@ -68,8 +132,16 @@ async def fleet(services: Services, conn: db.Conn) -> AsyncIterator[Fleet]:
         await db.set_provider_enabled(conn, provider_id, False)
 
 
+@pytest.fixture
+async def latest(fleet: Fleet, redis_client: aioredis.Redis) -> AsyncIterator[LatestWatch]:
+    """``latest:{symbol}`` of the fleet's symbols, watched from before the source stops."""
+    watch = LatestWatch(redis_client, fleet.symbols).start()
+    yield watch
+    await watch.stop()
+
+
 async def test_received_equals_published_equals_stored(
-    fleet: Fleet, conn: db.Conn, redis_client: aioredis.Redis
+    fleet: Fleet, conn: db.Conn, latest: LatestWatch
 ) -> None:
     await until(
         lambda: fleet.worker.pipeline is not None and fleet.worker.pipeline.received >= 3000,
@@ -123,13 +195,7 @@ async def test_received_equals_published_equals_stored(
         doc["metadata"]["provider_sequence"],
     )  # fmt: skip
 
-    for symbol in fleet.symbols:
-        cached = await redis_client.get(f"latest:{symbol}")
-        assert cached is not None, symbol
-        latest = orjson.loads(cached)
-        assert latest["raw_data"]["symbol"] == symbol
-        ttl = await redis_client.ttl(f"latest:{symbol}")
-        assert 0 < ttl <= 5
+    await assert_latest_is_newest(latest, fleet.collector, fleet.symbols)
 
 
 async def test_status_and_connection_rows(
@@ -137,14 +203,26 @@ async def test_status_and_connection_rows(
 ) -> None:
     await until(lambda: fleet.worker.status.value == "CONNECTED", 20, "CONNECTED")
     await until(lambda: fleet.worker.throughput > 0, 20, "throughput")
-    await asyncio.sleep(1.2)
-    raw = await redis_client.get(f"provider:{fleet.provider_id}:status")
-    assert raw is not None
-    status = orjson.loads(raw)
-    assert status["status"] == "CONNECTED" and status["provider_name"] == fleet.provider_name
-    assert status["subscribed_symbols"] == len(fleet.symbols)
-    assert 0 < await redis_client.ttl(f"provider:{fleet.provider_id}:status") <= 30
-    row = await db.latest_connection(conn, fleet.provider_id)
+    key = f"provider:{fleet.provider_id}:status"
+
+    async def reported() -> dict[str, Any] | None:
+        raw = await redis_client.get(key)
+        return orjson.loads(raw) if raw else None
+
+    # Written about once a second: wait for one written since every symbol streams.
+    status = await eventually(
+        reported,
+        lambda d: d is not None and d["status"] == "CONNECTED" and d["throughput_per_sec"] > 0
+        and d["subscribed_symbols"] == len(fleet.symbols),
+        "a CONNECTED status document with every symbol subscribed and a throughput",
+    )  # fmt: skip
+    assert status["provider_id"] == fleet.provider_id
+    assert status["provider_name"] == fleet.provider_name
+    assert status["instance_id"] == fleet.worker.instance_id
+    assert 0 < await redis_client.ttl(key) <= 30
+    row = await eventually(lambda: db.latest_connection(conn, fleet.provider_id),
+                           lambda r: r is not None and r[0] == "CONNECTED",
+                           "a CONNECTED provider_connections row")  # fmt: skip
     assert row is not None and row[0] == "CONNECTED"
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -29,7 +28,8 @@ from simulators.refinitiv import RefinitivSimConfig, RefinitivSimulator
 from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
 from tests.running import RunningWorker, until
-from tests.test_pipeline_integration import KEY_ENV
+from tests.test_coordinator import eventually
+from tests.test_pipeline_integration import KEY_ENV, LatestWatch, assert_latest_is_newest
 
 
 @dataclass
@@ -92,6 +92,11 @@ CASES = [
 ]  # fmt: skip
 
 
+async def _requests_mirrored(redis_client: aioredis.Redis, provider_name: str) -> int:
+    keys = await redis_client.keys(f"ratelimit:{provider_name}:*")
+    return sum([int(await redis_client.get(k) or 0) for k in keys])
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.provider_type for c in CASES])
 async def test_provider_worker_reaches_every_sink(
     case: Case, services: Services, conn: db.Conn, redis_client: aioredis.Redis
@@ -110,6 +115,7 @@ async def test_provider_worker_reaches_every_sink(
     collector = PulsarCollector(settings.pulsar_url, settings.pulsar_topic)
     running = RunningWorker.start(settings, name)
     worker = running.worker
+    watch = LatestWatch(redis_client, symbols)
     try:
         await until(
             lambda: worker.pipeline is not None and worker.pipeline.received >= case.min_records,
@@ -118,20 +124,22 @@ async def test_provider_worker_reaches_every_sink(
         assert worker.status.value in ("CONNECTED", "RATE_LIMITED")
         if case.provider_type == "alphavantage":
             # The worker mirrors its request count to ratelimit:{provider}:{minute}.
-            await asyncio.sleep(1.5)
+            await eventually(lambda: _requests_mirrored(redis_client, name), lambda n: n > 0,
+                             "the request count in ratelimit:{provider}:{minute}")  # fmt: skip
             minute_keys = await redis_client.keys(f"ratelimit:{name}:*")
-            assert minute_keys
-            counts = [int(await redis_client.get(k) or 0) for k in minute_keys]
-            assert sum(counts) > 0
             assert 0 < await redis_client.ttl(minute_keys[0]) <= 60
+        watch.start()
         await sim.stop()
+        # Stopping the worker ends its intake at a known point (what it had read by then);
+        # it then drains its sinks, flushes the cache and writes its last status.
+        worker.stop()
+        await asyncio.wait_for(running.worker_task, 60)
         pipeline = worker.pipeline
         assert pipeline is not None
-        assert await pipeline.drained(timeout=20)
-        await asyncio.sleep(0.3)  # records already read when the simulator stopped
-        assert await pipeline.drained(timeout=20)
         totals = pipeline.counts()
+        assert totals.received >= case.min_records
         assert totals.received == totals.published == totals.stored
+        assert totals.spooled == 0
         cur = await conn.execute(
             "SELECT count(DISTINCT event_id), count(*) FILTER (WHERE symbol <> ALL(%s)) "
             "FROM raw_market_data WHERE provider = %s",
@@ -141,9 +149,14 @@ async def test_provider_worker_reaches_every_sink(
         assert await collector.wait_for(totals.received, timeout=30) == totals.received
         seen = {e.doc["raw_data"]["symbol"] for e in collector.events.values()}
         assert seen <= set(symbols) and seen
-        cached = await redis_client.get(f"latest:{next(iter(seen))}")
-        assert cached is not None and orjson.loads(cached)["provider"] == name
+        await assert_latest_is_newest(watch, collector, seen)
+        if case.provider_type == "alphavantage":
+            # Its last status mirrored every request the adapter made.
+            adapter = worker.adapter
+            assert adapter is not None
+            assert await _requests_mirrored(redis_client, name) == adapter.requests_sent()
     finally:
+        await watch.stop()
         await running.stop()
         collector.close()
         await sim.stop()

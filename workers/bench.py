@@ -446,6 +446,8 @@ class StepResult:
     consumed_unique: int = 0
     consumer_deliveries: int = 0
     spooled_max: int = 0
+    # events still waiting in the journal for a sink once the step drained (0: none left)
+    spooled_end: int = 0
     backlog_start: int = 0
     backlog_end: int = 0
     # provider -> receipt p99 of the events acknowledged within the window itself
@@ -766,6 +768,7 @@ class Bench:
         result.received, result.published, result.stored = (
             final.received, final.published, final.stored,
         )  # fmt: skip
+        result.spooled_end = final.spooled
         assert self.conn is not None
         cur = await self.conn.execute(
             "SELECT count(*) FROM raw_market_data WHERE provider = %s", (lane.name,)
