@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint bench chaos clean
+.PHONY: setup run test test-fast lint bench chaos mutate mutate-quick clean
 
 setup: $(STAMP)
 
@@ -35,5 +35,12 @@ bench: setup
 chaos: setup
 	$(BIN)/feedfleet chaos
 
+# Mutation testing of the core modules; scores per module against the 85% target.
+mutate: setup
+	$(BIN)/python -m tests.mutate
+
+mutate-quick: setup
+	$(BIN)/python -m tests.mutate --quick
+
 clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var mutants .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,365 @@
+"""Mutation testing of the core: `make mutate` (or `python -m tests.mutate`).
+
+mutmut plants one small bug at a time (a flipped comparison, a changed constant, a dropped
+call) in the modules below and runs the tests that cover the mutated function; a mutant the
+tests do not notice "survived". This prints the share killed per module against the 85%
+target, and lists every survivor that `tests/mutation_survivors.md` does not explain.
+
+PostgreSQL, Redis and the broker come from ``FEEDFLEET_DATABASE_URL`` /
+``FEEDFLEET_REDIS_URL`` / ``FEEDFLEET_PULSAR_URL`` when set, else embedded ones are started
+once here, so each mutant's test run only creates its own database instead of a server.
+
+    python -m tests.mutate               # every module (about 40 minutes on 2 cores)
+    python -m tests.mutate --quick       # the small pure modules (about a minute)
+    python -m tests.mutate quality fix   # chosen modules, by the names in MODULES
+    python -m tests.mutate --report      # scores of the last run, without running
+
+Results are cached in ``mutants/`` (ignored by git): a re-run tests only functions whose
+code or tests changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.embedded import (
+    EmbeddedPostgres,
+    EmbeddedProcess,
+    free_port,
+    pulsar_command,
+    redis_command,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SURVIVORS_FILE = ROOT / "tests" / "mutation_survivors.md"
+TARGET = 0.85
+
+# mutmut's exit-code verdicts (mutmut.stats.status_by_exit_code): 1 and 3 are test
+# failures, 36/24/-24/152/255 timeouts, 37 a type-check kill.
+KILLED_CODES = {1, 3, 36, 24, -24, 152, 255, 37}
+NOT_RUN_CODES = {None, 2, 34}
+
+
+@dataclass(frozen=True)
+class Module:
+    """A module under mutation: its file, the mutant names that count (fnmatch patterns
+    over mutmut's ``module.x_function`` / ``module.xǁClassǁmethod`` names), and the ones
+    left out because they are I/O loops that tests exercise end to end instead."""
+
+    path: str
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    quick: bool = False
+
+    @property
+    def dotted(self) -> str:
+        return self.path.removesuffix(".py").replace("/", ".")
+
+    def patterns(self) -> list[str]:
+        return [f"{self.dotted}.{p}" for p in self.include]
+
+    def counts(self, name: str) -> bool:
+        local = name.removeprefix(self.dotted + ".")
+        return any(fnmatch.fnmatch(local, p) for p in self.include) and not any(
+            fnmatch.fnmatch(local, p) for p in self.exclude
+        )
+
+
+def fns(*names: str) -> tuple[str, ...]:
+    """Patterns for module-level functions by name."""
+    return tuple(f"x_{name}__mutmut_*" for name in names)
+
+
+def methods(*classes: str) -> tuple[str, ...]:
+    """Patterns for every method of the classes."""
+    return tuple(f"xǁ{name}ǁ*" for name in classes)
+
+
+MODULES: dict[str, Module] = {
+    "quality": Module("common/quality.py", quick=True),
+    "circuit": Module("common/circuit.py", quick=True),
+    "ratelimit": Module("common/ratelimit.py", quick=True),
+    "log": Module("common/log.py", quick=True),
+    "events": Module("common/events.py"),
+    "journal": Module("common/journal.py"),
+    "sink_base": Module("common/sinks/base.py"),
+    "sink_postgres": Module("common/sinks/postgres.py"),
+    "sink_pulsar": Module("common/sinks/pulsar.py"),
+    # The assignment planner; the Coordinator class around it is the LISTEN/lock loop.
+    "coordinator": Module(
+        "workers/coordinator.py", exclude=("xǁCoordinatorǁ*", "x_run_coordinator*")
+    ),
+    # Codecs: the receiving side, bytes to events. Encoders that only the simulators use
+    # and the blpapi-object snapshots (real library only) are left out.
+    "codec_polygon": Module(
+        "common/codecs/polygon.py",
+        fns(
+            "decode_frame",
+            "_symbol",
+            "_time_ms",
+            "_number",
+            "_sequence",
+            "_decode_trade",
+            "_decode_quote",
+            "_decode_aggregate",
+            "encode_auth",
+            "encode_subscribe",
+            "encode_unsubscribe",
+            "channels_for",
+        ),
+    ),
+    "codec_refinitiv": Module(
+        "common/codecs/refinitiv.py",
+        methods("ConsumerProtocol", "LoginEvent", "State")
+        + fns(
+            "_login_event",
+            "_state",
+            "_number",
+            "time_of_day_ns",
+            "_date_ns",
+            "nearest_day",
+            "encode_login",
+            "encode_item_request",
+            "encode_close",
+            "encode_login_close",
+            "encode_pong",
+        ),
+    ),
+    "codec_fix": Module(
+        "common/codecs/fix.py",
+        methods("FixFramer", "MarketDataDecoder")
+        + fns(
+            "_civil_from_days",
+            "_uint",
+            "parse_utc_date",
+            "parse_utc_time_only",
+            "parse_utc_timestamp",
+            "format_utc_timestamp",
+            "parse_frame",
+            "_pairs",
+            "_number",
+            "_entry_text",
+            "_entry_time",
+            "_add_entry_fields",
+        ),
+    ),
+    "codec_iex": Module(
+        "common/codecs/iex.py",
+        methods("SequenceTracker", "SegmentHeader", "DecodedSegment")
+        + fns(
+            "decode_segment",
+            "_decode_*",
+            "_symbol",
+            "_char",
+            "_text",
+            "_timestamp",
+            "_price",
+            "sale_conditions",
+        ),
+    ),
+    "codec_pcap": Module(
+        "common/codecs/pcap.py",
+        methods("PcapReader") + fns("_pcapng_time_ns", "_udp_from_frame", "read_udp"),
+    ),
+    "codec_alphavantage": Module(
+        "common/codecs/alphavantage.py",
+        fns(
+            "classify_message",
+            "decode_response",
+            "_decode_json",
+            "_find_series",
+            "_read_csv",
+            "_decode_quote_csv",
+            "_quote_record",
+            "_series_frame",
+            "_decode_bars_csv",
+            "_bar_records",
+            "local_to_us_expr",
+            "eastern_to_ns",
+            "to_float",
+            "missing_bars",
+            "_in_regular_session",
+            "encode_query",
+        ),
+    ),
+    "codec_bloomberg": Module(
+        "common/codecs/bloomberg.py",
+        fns(
+            "decode_messages",
+            "_snapshot_text",
+            "_symbol",
+            "_number",
+            "_optional_number",
+            "_decode_market_data",
+            "_provider_specific",
+            "_jsonable",
+            "_event_time",
+            "time_ns",
+            "_reason",
+            "_decode_status",
+            "failure_kind",
+            "_untag",
+            "decode_event_line",
+            "topic_for",
+            "symbol_for_topic",
+            "fields_for",
+            "subscription_options",
+        ),
+    ),
+}
+
+
+@dataclass
+class Score:
+    module: str
+    killed: int = 0
+    survived: list[str] = field(default_factory=list)
+    not_run: int = 0
+
+    @property
+    def tested(self) -> int:
+        return self.killed + len(self.survived)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.killed / self.tested if self.tested else None
+
+
+def explained_survivors(path: Path = SURVIVORS_FILE) -> dict[str, str]:
+    """``| mutant name | reason |`` rows of the survivors file."""
+    rows: dict[str, str] = {}
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        m = re.match(r"\|\s*`?([\w.ǁ]+__mutmut_\d+)`?\s*\|\s*(.+?)\s*\|\s*$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def score(modules: list[str], mutants_dir: Path = ROOT / "mutants") -> list[Score]:
+    scores = []
+    for name in modules:
+        module = MODULES[name]
+        result = Score(name)
+        meta = mutants_dir / f"{module.path}.meta"
+        codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+        for key, code in codes.items():
+            if not module.counts(key):
+                continue
+            if code in NOT_RUN_CODES:
+                result.not_run += 1
+            elif code in KILLED_CODES:
+                result.killed += 1
+            else:  # survived (0), no tests (5, 33), suspicious, segfault
+                result.survived.append(key)
+        scores.append(result)
+    return scores
+
+
+def report(scores: list[Score]) -> bool:
+    explained = explained_survivors()
+    print(f"\n{'module':<20}{'mutants':>8}{'killed':>8}{'score':>8}  target {TARGET:.0%}")
+    ok = True
+    unexplained: list[str] = []
+    for s in scores:
+        ratio = s.ratio
+        shown = "-" if ratio is None else f"{ratio:.1%}"
+        met = ratio is not None and ratio >= TARGET
+        ok &= met
+        note = "" if met else "  below target"
+        if s.not_run:
+            note += f"  ({s.not_run} not run)"
+        print(f"{s.module:<20}{s.tested:>8}{s.killed:>8}{shown:>8}{note}")
+        unexplained += [k for k in s.survived if k not in explained]
+    total_killed = sum(s.killed for s in scores)
+    total = sum(s.tested for s in scores)
+    if total:
+        print(f"{'all':<20}{total:>8}{total_killed:>8}{total_killed / total:>8.1%}")
+    if unexplained:
+        print(f"\n{len(unexplained)} survivors not in {SURVIVORS_FILE.relative_to(ROOT)}:")
+        for key in unexplained:
+            print(f"  {key}")
+        print("see one with: .venv/bin/mutmut show NAME")
+    return ok
+
+
+@contextlib.contextmanager
+def services(work: Path) -> Iterator[dict[str, str]]:
+    """Service URLs for the tests: the environment's, else embedded servers."""
+    env: dict[str, str] = {}
+    started: list[EmbeddedProcess] = []
+    postgres: EmbeddedPostgres | None = None
+    try:
+        if not os.environ.get("FEEDFLEET_DATABASE_URL"):
+            postgres = EmbeddedPostgres(work / "pg")
+            postgres.start()
+            env["FEEDFLEET_DATABASE_URL"] = postgres.url()
+        if not os.environ.get("FEEDFLEET_REDIS_URL"):
+            port = free_port()
+            started.append(EmbeddedProcess(redis_command(port, work / "redis"), port, work / "r"))
+            env["FEEDFLEET_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        if not os.environ.get("FEEDFLEET_PULSAR_URL"):
+            port = free_port()
+            started.append(EmbeddedProcess(pulsar_command(port, work / "pulsar"), port, work / "p"))
+            env["FEEDFLEET_PULSAR_URL"] = f"pulsar://127.0.0.1:{port}"
+        for proc in started:
+            proc.start()
+        yield env
+    finally:
+        for proc in started:
+            proc.stop()
+        if postgres is not None:
+            postgres.stop()
+
+
+def run_mutmut(patterns: list[str], env: dict[str, str], log: Path) -> int:
+    mutmut = Path(sys.executable).with_name("mutmut")
+    # The tests run from the copy under mutants/, so they cannot find ../shared themselves.
+    env = {"FEEDFLEET_SHARED_DIR": str(ROOT.parent / "shared")} | env
+    print(f"mutmut run over {len(patterns)} pattern(s); progress in {log}", flush=True)
+    with open(log, "wb") as out:
+        return subprocess.run(
+            [str(mutmut), "run", *patterns], cwd=ROOT, env=os.environ | env, stdout=out,
+            stderr=subprocess.STDOUT,
+        ).returncode  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutate", description=__doc__)
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=", ".join(MODULES))
+    parser.add_argument("--quick", action="store_true", help="only the small pure modules")
+    parser.add_argument("--report", action="store_true", help="scores of the last run")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
+    names = args.modules or [n for n, m in MODULES.items() if m.quick or not args.quick]
+
+    if not args.report:
+        patterns = [p for n in names for p in MODULES[n].patterns()]
+        (ROOT / "mutants").mkdir(exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(prefix="feedfleet-mutate-") as tmp,
+            services(Path(tmp)) as env,
+        ):
+            code = run_mutmut(patterns, env, ROOT / "mutants" / "run.log")
+        if code != 0:
+            print(f"mutmut failed (exit {code}); see mutants/run.log", file=sys.stderr)
+            return code
+    return 0 if report(score(names)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
