@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -25,6 +26,7 @@ from common.provider import (
 from common.quality import QualityChecker
 from simulators.alphavantage import AlphaVantageSimConfig, AlphaVantageSimulator
 from simulators.market import Faults
+from tests.running import until
 from workers.alphavantage import AlphaVantageAdapter
 
 KEY_ENV = "FEEDFLEET_TEST_AV_KEY"
@@ -75,7 +77,7 @@ async def connected(
 
 
 async def collect(
-    adapter: AlphaVantageAdapter, done: Callable[[Records], bool], timeout: float = 5.0
+    adapter: AlphaVantageAdapter, done: Callable[[Records], bool], timeout: float = 20.0
 ) -> Records:
     out: Records = []
     stream: AsyncIterator[Records] = adapter.stream_batches()
@@ -224,7 +226,7 @@ async def test_throttle_sets_rate_limited_backs_off_and_resumes() -> None:
 
     watcher = asyncio.create_task(watch())
     try:
-        records = await collect(adapter, has_bars(12), timeout=8)
+        records = await collect(adapter, has_bars(12))
     finally:
         watcher.cancel()
         await adapter.disconnect()
@@ -270,7 +272,7 @@ async def test_drop_disconnects_then_reconnect_restores_subscriptions() -> None:
     before: Records = []
     try:
         with pytest.raises(ProviderDisconnected):
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(20):
                 async for batch in adapter.stream_batches():
                     before.extend(batch)
         assert adapter.connection_status is ConnectionStatus.DISCONNECTED
@@ -291,15 +293,19 @@ async def test_drop_disconnects_then_reconnect_restores_subscriptions() -> None:
 async def test_silent_server_times_out_into_disconnected() -> None:
     sim = await start_sim("silent_after=2")
     adapter = await connected(sim, request_timeout_s=0.2, max_failures=2)
-    started = time.monotonic()
     try:
+        # 15 s is below two of the default 10 s request timeouts: only request_timeout_s
+        # ends this in time.
         with pytest.raises(ProviderDisconnected, match="2 failed requests in a row"):
-            await collect(adapter, lambda _: False)
+            await collect(adapter, lambda _: False, timeout=15)
     finally:
         await adapter.disconnect()
         await sim.stop()
-    assert time.monotonic() - started < 2.0
     assert adapter.timeouts == 2
+    # AAPL's two answers, then MSFT's quote and bars requests held until they timed out.
+    assert adapter.requests == sim.requests == 4
+    assert adapter.last_error == "2 failed requests in a row (request timed out)"
+    assert adapter.connection_status is ConnectionStatus.DISCONNECTED
 
 
 async def test_malformed_answers_are_counted_and_polling_goes_on() -> None:
@@ -371,19 +377,26 @@ async def test_premium_function_is_dropped_and_symbol_errors_counted() -> None:
 
 async def test_subscribe_while_idle_starts_polling_at_once() -> None:
     sim = await start_sim()
-    adapter = make_adapter(sim, poll_interval_s=30)
+    # A cycle far longer than the wait below: IBM is polled on subscribe or not at all.
+    adapter = make_adapter(sim, poll_interval_s=300)
     await adapter.connect()
+    records: Records = []
+    stream = cast(AsyncGenerator[Records, None], adapter.stream_batches())
 
-    async def later() -> None:
-        await asyncio.sleep(0.1)
-        await adapter.subscribe([Instrument("IBM")])
+    async def consume() -> None:
+        async for batch in stream:
+            records.extend(batch)
+            if any(r.symbol == "IBM" for r in records):
+                return
 
-    task = asyncio.create_task(later())
-    started = time.monotonic()
+    task = asyncio.create_task(consume())
     try:
-        records = await collect(adapter, lambda rs: any(r.symbol == "IBM" for r in rs))
+        # With nothing subscribed the loop's only await is its idle wait for a subscribe.
+        await until(lambda: stream.ag_await is not None, 10, "the poll loop to go idle")
+        assert sim.requests == 0
+        await adapter.subscribe([Instrument("IBM")])
+        await until(task.done, 20, "IBM polled without waiting for the 300 s cycle")
         await task
-        assert time.monotonic() - started < 0.9  # not the 1 s idle wait, nor the 30 s cycle
         assert {r.symbol for r in records} == {"IBM"}
         assert records[0].data_type is DataType.TRADE  # GLOBAL_QUOTE is polled first
         assert "GLOBAL_QUOTE:IBM" in adapter._last_quote
@@ -391,5 +404,9 @@ async def test_subscribe_while_idle_starts_polling_at_once() -> None:
         assert adapter.subscribed == {}
         assert not any(":IBM" in s for s in [*adapter._last_bar, *adapter._last_quote])
     finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await stream.aclose()
         await adapter.disconnect()
         await sim.stop()

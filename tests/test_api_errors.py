@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from common import db
-from common.embedded import free_port
 from common.model import ConnectionStatus, ProviderStatus, iso_ns
 from common.redis_keys import provider_status_key
 from tests.conftest import Services
@@ -323,11 +322,25 @@ async def test_redis_down_makes_status_unknown_not_disconnected(
     await db.set_provider_enabled(conn, pid, True)
     off_name = f"off-{uuid.uuid4().hex[:6]}"
     await db.upsert_provider(conn, off_name, "polygon", {}, enabled=False)
-    settings_ = services.settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    async with TestClient(ApiTestServer(build_app(settings_))) as c:
-        started = time.monotonic()
+    # A Redis that is down: it hangs up on every connection, and counts them.
+    attempts = 0
+
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    dead_redis = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = dead_redis.sockets[0].getsockname()[1]
+    settings_ = services.settings(redis_url=f"redis://127.0.0.1:{port}/0")
+    async with dead_redis, TestClient(ApiTestServer(build_app(settings_))) as c:
+        resp = await c.get(f"/api/v1/providers/{name}/status")
+        assert (await resp.json())["reason"] == "redis unavailable"
+        per_read, attempts = attempts, 0
+        assert per_read >= 1
         resp = await c.get("/health")
-        assert time.monotonic() - started < 3
+        # Its PING found Redis down, so no status was read from it after that.
+        assert attempts == per_read
         assert resp.status == 200
         doc = await resp.json()
         assert doc["components"] == {"database": "up", "redis": "down"}

@@ -28,6 +28,7 @@ from common.provider import (
 from common.quality import QualityChecker
 from simulators.bloomberg import BloombergSimConfig, BloombergSimulator
 from simulators.market import Faults
+from tests.running import until
 from workers.bloomberg import BloombergAdapter
 
 SYMBOLS = ["AAPL", "MSFT", "JPM"]
@@ -55,7 +56,7 @@ async def running(
         await simulator.stop()
 
 
-async def take(adapter: BloombergAdapter, count: int, timeout: float = 5.0) -> list[RawMarketData]:
+async def take(adapter: BloombergAdapter, count: int, timeout: float = 20.0) -> list[RawMarketData]:
     out: list[RawMarketData] = []
     async with asyncio.timeout(timeout), aclosing(stream(adapter)) as batches:
         async for batch in batches:
@@ -75,6 +76,7 @@ def instruments(*symbols: str) -> list[Instrument]:
 
 
 async def test_happy_path_yields_typed_records() -> None:
+    before = time.time_ns()
     async with running() as (_sim, adapter):
         await adapter.connect()
         assert adapter.connection_status is ConnectionStatus.CONNECTED
@@ -95,8 +97,8 @@ async def test_happy_path_yields_typed_records() -> None:
             assert q.stream == "Q." + q.symbol
         for r in records:
             assert r.provider == "bbg-test" and r.provider_sequence is None
-            assert abs(now - r.timestamp_ns) < 5_000_000_000
-            assert r.receive_ns >= r.timestamp_ns
+            # The stand-in's clock in whole microseconds, then ours.
+            assert before - 1_000 <= r.timestamp_ns <= r.receive_ns <= now
             assert r.quality_flags == []
         # The first record per symbol is the initial paint, taken as a quote.
         first = next(r for r in records if r.symbol == "AAPL")
@@ -157,7 +159,7 @@ async def test_slow_consumer_warning_sets_rate_limited_then_clears() -> None:
         await adapter.subscribe(instruments("AAPL"))
         seen: list[ConnectionStatus] = []
         total = 0
-        async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+        async with asyncio.timeout(20), aclosing(stream(adapter)) as batches:
             async for batch in batches:
                 total += len(batch)
                 seen.append(adapter.connection_status)
@@ -175,7 +177,7 @@ async def test_drop_raises_disconnected_and_reconnect_restores_subscriptions() -
         await adapter.subscribe(instruments("AAPL", "MSFT"))
         got: list[RawMarketData] = []
         with pytest.raises(ProviderDisconnected, match="SessionTerminated"):
-            async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+            async with asyncio.timeout(20), aclosing(stream(adapter)) as batches:
                 async for batch in batches:
                     got.extend(batch)
         assert len(got) >= 40
@@ -195,14 +197,16 @@ async def test_silence_raises_disconnected_within_timeout() -> None:
         await adapter.subscribe(instruments("AAPL"))
         last = time.monotonic()
         got = 0
+        # 20 s is far below the 60 s default: only silence_timeout_s ends this in time.
         with pytest.raises(ProviderDisconnected, match="no events"):
-            async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+            async with asyncio.timeout(20), aclosing(stream(adapter)) as batches:
                 async for batch in batches:
                     got += len(batch)
                     last = time.monotonic()
         waited = time.monotonic() - last
         assert got >= 20
-        assert 0.4 <= waited < 2.0
+        assert waited >= 0.4  # not before the timeout
+        assert adapter.last_error == "no events from blpapi for 0.5s"
         assert adapter.connection_status is ConnectionStatus.DISCONNECTED
 
 
@@ -243,7 +247,7 @@ async def test_bad_security_is_a_per_symbol_error_and_unsubscribe_stops_data() -
         await adapter.unsubscribe(instruments("AAPL"))
         await adapter.subscribe(instruments("MSFT"))
         later: list[RawMarketData] = []
-        async with asyncio.timeout(5), aclosing(stream(adapter)) as batches:
+        async with asyncio.timeout(20), aclosing(stream(adapter)) as batches:
             async for batch in batches:
                 later.extend(batch)
                 msft_at = next((i for i, r in enumerate(later) if r.symbol == "MSFT"), None)
@@ -270,14 +274,16 @@ async def test_disconnect_wakes_a_waiting_stream() -> None:
     async with running() as (_sim, adapter):
         await adapter.connect()  # nothing subscribed: no data will come
 
+        batches = stream(adapter)
+
         async def consume() -> None:
-            async with aclosing(stream(adapter)) as batches:
+            async with aclosing(batches):
                 async for _batch in batches:
                     pass
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
+        await until(lambda: batches.ag_await is not None, 10, "the stream to wait for events")
         await adapter.disconnect()
         with pytest.raises(ProviderDisconnected, match="disconnected by the worker"):
-            await asyncio.wait_for(task, 1.0)
+            await asyncio.wait_for(task, 20)
         assert adapter.connection_status is ConnectionStatus.DISCONNECTED

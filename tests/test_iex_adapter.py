@@ -23,6 +23,7 @@ from common.provider import (
 from common.quality import QualityChecker
 from simulators.iex import IexSimConfig, IexSimulator, build_capture
 from simulators.market import Faults
+from tests.running import until
 from workers.adapters import adapter_class
 from workers.iex import IexAdapter
 
@@ -60,7 +61,7 @@ async def running(
         await sim.stop()
 
 
-async def collect(adapter: IexAdapter, count: int, timeout: float = 5.0) -> list[RawMarketData]:
+async def collect(adapter: IexAdapter, count: int, timeout: float = 20.0) -> list[RawMarketData]:
     out: list[RawMarketData] = []
     stream = adapter.stream_batches()
 
@@ -95,6 +96,7 @@ async def test_happy_path() -> None:
     port = free_udp_port()
     adapter = await connected(port)
     assert adapter.connection_status is ConnectionStatus.CONNECTED
+    before = time.time_ns()
     try:
         async with running(port=port) as sim:
             records = await collect(adapter, 60)
@@ -112,7 +114,7 @@ async def test_happy_path() -> None:
         # Records after messages that were received but filtered out are not contiguous.
         assert r.sequence_contiguous is (r.provider_sequence == previous + 1)
         previous = r.provider_sequence
-        assert now - 5e9 < r.timestamp_ns <= r.receive_ns <= now
+        assert before <= r.timestamp_ns <= r.receive_ns <= now
         if r.data_type is DataType.QUOTE:
             assert r.bid is not None and r.ask is not None and 0 < r.bid < r.ask
             assert r.provider_specific["bid_size"] % 100 == 0 and r.price is None
@@ -133,13 +135,27 @@ async def test_heartbeats_keep_an_idle_feed_alive() -> None:
     port = free_udp_port()
     adapter = await connected(port)
     adapter.heartbeat_timeout_s = 0.5
+    got: list[RawMarketData] = []
+
+    async def consume() -> None:
+        async for batch in adapter.stream_batches():
+            got.extend(batch)
+
     try:
         async with running(port=port, rate=0.0, heartbeat_s=0.1):
-            with pytest.raises(TimeoutError):
-                await collect(adapter, 1, timeout=1.2)
+            task = asyncio.create_task(consume())
+            try:
+                # Ten heartbeats 0.1 s apart span about twice the 0.5 s timeout.
+                await until(lambda: adapter.heartbeats_received >= 10 or task.done(), 20,
+                            "ten heartbeats")  # fmt: skip
+                assert not task.done(), f"the idle feed was given up: {task.exception()!r}"
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     finally:
         await adapter.disconnect()
-    assert adapter.heartbeats_received >= 5
+    assert got == []
     assert adapter.segments_received > adapter.heartbeats_received  # plus the session open
 
 
@@ -148,10 +164,9 @@ async def test_drop_ends_session_then_reconnect_gets_the_next_session() -> None:
     adapter = await connected(port)
     async with running("drop_after=40", port=port, session_pause_s=0.3) as sim:
         first_session = sim.feed.session_id
-        started = time.monotonic()
+        # Ended by System Event C, not by the 2 s heartbeat timeout of a silent feed.
         with pytest.raises(ProviderDisconnected, match="end of messages"):
             await collect(adapter, 10_000)
-        assert time.monotonic() - started < 3
         assert adapter.connection_status is ConnectionStatus.DISCONNECTED
         assert adapter.session_ended
         # What the worker does on ProviderDisconnected.
@@ -173,15 +188,16 @@ async def test_silence_past_heartbeat_timeout_disconnects() -> None:
     got: list[RawMarketData] = []
     try:
         async with running("silent_after=30", port=port) as sim:
-            started = time.monotonic()
             with pytest.raises(ProviderDisconnected, match="not even a heartbeat"):
-                async for batch in adapter.stream_batches():
-                    got.extend(batch)
-            elapsed = time.monotonic() - started
+                async with asyncio.timeout(20):
+                    async for batch in adapter.stream_batches():
+                        got.extend(batch)
             assert sim.silent
     finally:
         await adapter.disconnect()
-    assert got and elapsed < 2.0
+    assert got
+    # The timeout set on the adapter, not the 2 s it was created with.
+    assert adapter.last_error == "no IEX-TP segment, not even a heartbeat, for 0.4s"
     assert adapter.connection_status is ConnectionStatus.DISCONNECTED
 
 
@@ -249,16 +265,17 @@ async def test_simulator_pcap_matches_what_the_adapter_received(tmp_path: Path) 
 async def test_pcap_replay_at_max_speed(tmp_path: Path) -> None:
     cfg = IexSimConfig(symbols=SYMBOLS, batch=10, session_id=5)
     path = tmp_path / "session.pcap"
-    path.write_bytes(build_capture(cfg, 200, start_ns=1_700_000_000_000_000_000))
+    # Segments 10 s apart: played at the recorded pace, this would take over 200 s.
+    capture = build_capture(cfg, 200, start_ns=1_700_000_000_000_000_000, interval_ns=10**10)
+    path.write_bytes(capture)
     adapter = make_adapter(pcap_path=str(path), replay_speed="max")
     await adapter.subscribe([Instrument("AAPL", BOTH)])
     await adapter.connect()
     got: list[RawMarketData] = []
-    started = time.monotonic()
     with pytest.raises(ProviderDisconnected, match="pcap replay finished"):
-        async for batch in adapter.stream_batches():
-            got.extend(batch)
-    assert time.monotonic() - started < 2
+        async with asyncio.timeout(20):
+            async for batch in adapter.stream_batches():
+                got.extend(batch)
     await adapter.disconnect()
     expected = [r for r in codec.decode_capture(path.read_bytes(), symbol="AAPL")]
     assert [(r.provider_sequence, r.timestamp_ns) for r in got] == [
@@ -283,7 +300,8 @@ async def test_pcap_replay_at_recorded_speed(tmp_path: Path) -> None:
             got.extend(batch)
     elapsed = time.monotonic() - started
     await adapter.disconnect()
-    assert len(got) == 20 and 0.38 < elapsed < 1.5
+    assert len(got) == 20
+    assert elapsed > 0.38  # paced: the close comes 0.4 s after the open
 
 
 @pytest.mark.parametrize(
@@ -314,7 +332,7 @@ async def test_multicast_on_loopback() -> None:
         pytest.skip(f"multicast join not possible here: {exc}")
     try:
         async with running(port=port, dest_host=group, multicast_interface="127.0.0.1"):
-            records = await collect(adapter, 10, timeout=3.0)
+            records = await collect(adapter, 10)
     except ProviderDisconnected as exc:
         pytest.skip(f"no multicast route on loopback here: {exc}")
     finally:

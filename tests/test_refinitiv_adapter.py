@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,6 +23,7 @@ from common.provider import (
 from common.quality import QualityChecker
 from simulators.market import Faults
 from simulators.refinitiv import SEQ_STEP, RefinitivSimConfig, RefinitivSimulator
+from tests.running import until
 from workers.refinitiv import RefinitivAdapter
 
 RICS = ["TRI.N", "IBM.N", "T.N"]
@@ -50,7 +52,7 @@ def make_adapter(url: str, **extra: Any) -> RefinitivAdapter:
 async def collect(
     adapter: RefinitivAdapter,
     until: Callable[[list[RawMarketData]], bool],
-    timeout: float = 5.0,
+    timeout: float = 20.0,
 ) -> list[RawMarketData]:
     out: list[RawMarketData] = []
     async with asyncio.timeout(timeout):
@@ -70,6 +72,7 @@ def instruments(*names: str) -> list[Instrument]:
 
 
 async def test_happy_path_login_batch_view_and_typed_records() -> None:
+    before = time.time_ns()
     async with running() as (sim, url):
         adapter = make_adapter(url)
         await adapter.connect()
@@ -81,8 +84,8 @@ async def test_happy_path_login_batch_view_and_typed_records() -> None:
             kinds = {(r.symbol, r.data_type) for r in records}
             return len(kinds) == 6 and len(records) >= 60
 
-        started = time.time_ns()
         records = await collect(adapter, complete)
+        after = time.time_ns()
         await adapter.disconnect()
         assert adapter.connection_status is ConnectionStatus.DISCONNECTED
 
@@ -94,8 +97,9 @@ async def test_happy_path_login_batch_view_and_typed_records() -> None:
     assert {r.symbol for r in records} == set(RICS)
     for r in records:
         assert r.provider == "refinitiv-test"
-        assert abs(r.timestamp_ns - started) < 5_000_000_000
-        assert r.receive_ns >= r.timestamp_ns - 5_000_000
+        # The simulator's clock, in whole milliseconds (QUOTIM_MS), then ours.
+        assert before - 1_000_000 <= r.timestamp_ns <= r.receive_ns + 5_000_000
+        assert r.receive_ns <= after
         assert isinstance(r.provider_sequence, int) and r.provider_sequence % SEQ_STEP == 0
         assert r.sequence_contiguous is False
         if r.data_type is DataType.TRADE:
@@ -118,16 +122,19 @@ async def test_unsubscribe_closes_the_item_stream() -> None:
         await adapter.subscribe(instruments("TRI.N", "IBM.N"))
         await collect(adapter, lambda rs: {r.symbol for r in rs} == {"TRI.N", "IBM.N"})
         await adapter.unsubscribe(instruments("IBM.N"))
-        for _ in range(100):
-            if sim.open_items() == ["TRI.N"]:
-                break
-            await asyncio.sleep(0.01)
-        assert sim.open_items() == ["TRI.N"]
+        await until(lambda: sim.open_items() == ["TRI.N"], 10, "the simulator to close IBM.N")
         assert list(adapter.subscribed) == ["TRI.N"]
-        # Whatever was in flight drains; after that only TRI.N arrives.
-        await asyncio.sleep(0.05)
-        records = await collect(adapter, lambda rs: len(rs) >= 200)
-        assert {r.symbol for r in records[-50:]} == {"TRI.N"}
+        # One connection sends in order: every TRI.N update numbered past this was sent after
+        # the Close, and so was everything behind it. What was in flight comes before it.
+        closed_at = sim.walk.states["TRI.N"].sequence * SEQ_STEP
+
+        def sent_after_close(rs: list[RawMarketData]) -> list[RawMarketData]:
+            later = (i for i, r in enumerate(rs) if r.symbol == "TRI.N"
+                     and (r.provider_sequence or 0) > closed_at)  # fmt: skip
+            return rs[next(later, len(rs)) :]
+
+        records = await collect(adapter, lambda rs: len(sent_after_close(rs)) >= 100)
+        assert {r.symbol for r in sent_after_close(records)} == {"TRI.N"}
         closes = [r for r in sim.requests if r.kind == "Close"]
         # Batch ID 2 streamed TRI.N on ID 3 and IBM.N on ID 4.
         assert [c.ids for c in closes] == [[4]]
@@ -138,11 +145,18 @@ async def test_ping_is_answered_with_pong_and_the_connection_stays_up() -> None:
     async with running(ping_interval_s=0.1, ping_timeout_s=0.5) as (sim, url):
         adapter = make_adapter(url, heartbeat_timeout_s=5)
         await adapter.connect()
-        with pytest.raises(TimeoutError):
-            await collect(adapter, lambda rs: False, timeout=1.2)
-        assert sim.pongs_received >= 3
+        task = asyncio.create_task(collect(adapter, lambda rs: False, timeout=60))
+        try:
+            # The simulator drops the connection when a Ping has no Pong within 0.5 s.
+            await until(lambda: sim.pongs_received >= 3 or task.done(), 20, "three Pongs")
+            assert not task.done(), f"the stream ended: {task.exception()!r}"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         assert adapter.pings_answered >= 3
         assert len(sim.connections) == 1  # not dropped for a missing Pong
+        assert not sim.connections[0].ws.closed
         await adapter.disconnect()
 
 
@@ -239,11 +253,12 @@ async def test_silent_server_is_detected_within_the_heartbeat_timeout() -> None:
             seen[:] = records
             return False
 
-        started = time.monotonic()
-        with pytest.raises(ProviderDisconnected, match="heartbeat timeout"):
-            await collect(adapter, keep, timeout=5.0)
-        elapsed = time.monotonic() - started
-        assert 0.5 < elapsed < 2.0
+        # Below the 30 s PingTimeout of the Login Refresh: only heartbeat_timeout_s ends it.
+        assert adapter.ping_timeout_s == 30.0
+        with pytest.raises(ProviderDisconnected, match="heartbeat timeout") as info:
+            await collect(adapter, keep, timeout=20)
+        idle = re.fullmatch(r"no traffic for (\d+\.\d)s \(heartbeat timeout\)", str(info.value))
+        assert idle is not None and float(idle[1]) >= 0.6  # it waited the whole timeout
         assert len(seen) >= 30  # data flowed before the server went quiet
         assert adapter.connection_status is ConnectionStatus.DISCONNECTED
         await adapter.disconnect()
