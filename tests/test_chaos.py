@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -277,15 +278,22 @@ def test_supervisord_config_is_made_from_the_projects(tmp_path: Path) -> None:
 async def test_faults_file_switches_a_running_simulators_faults(tmp_path: Path) -> None:
     path = tmp_path / "f"
     faults = Faults.parse("drop_after=5")
+
+    async def until(check: Callable[[], bool], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not check():
+            assert asyncio.get_running_loop().time() < deadline, f"faults never became {what}"
+            await asyncio.sleep(0.01)
+
     task = asyncio.create_task(follow_faults_file(str(path), faults, interval_s=0.01))
     try:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # several re-reads of a file that is not there
         assert faults.drop_after == 5  # no file yet: the command line's faults stand
         path.write_text("silent_after=1,refuse_auth")
-        await asyncio.sleep(0.1)
+        await until(lambda: faults.refuse_auth, "the file's")
         assert (faults.silent_after, faults.refuse_auth, faults.drop_after) == (1, True, 0)
         path.write_text("")
-        await asyncio.sleep(0.1)
+        await until(lambda: not faults.refuse_auth, "the defaults")
         assert faults == Faults()
     finally:
         task.cancel()
