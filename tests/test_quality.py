@@ -12,9 +12,11 @@ def rec(
     seq: int | None = 1, *, price: float | None = 100.0, bid: float | None = None,
     ask: float | None = None, dt: DataType = DataType.TRADE, ts: int = T0,
     recv: int = T0 + 1_000_000, contiguous: bool = False, symbol: str = "AAPL",
+    stream: str | None = None,
 ) -> RawMarketData:  # fmt: skip
+    stream = f"S.{symbol}" if stream is None else stream
     return RawMarketData(
-        symbol, "p", ts, dt, price, 10, bid, ask, {}, seq, f"S.{symbol}", contiguous, recv
+        symbol, "p", ts, dt, price, 10, bid, ask, {}, seq, stream, contiguous, recv
     )
 
 
@@ -153,3 +155,87 @@ def test_an_outlier_is_strictly_past_the_fraction_either_way() -> None:
                             (89.5, [QualityFlag.PRICE_OUTLIER])):  # fmt: skip
         got = flags(QualityChecker(outlier_fraction=0.1), rec(1, price=100.0), rec(2, price=price))
         assert got == [[], expected], price
+
+
+def test_the_default_outlier_fraction_is_ten_percent() -> None:
+    # The worker builds its checker without an outlier_fraction: the default is what runs.
+    for price, expected in ((110.0, []), (110.5, [QualityFlag.PRICE_OUTLIER])):
+        assert flags(QualityChecker(), rec(1, price=100.0), rec(2, price=price)) == [[], expected]
+
+
+def test_a_locked_quote_is_not_crossed() -> None:
+    locked = rec(1, price=None, bid=10.01, ask=10.01, dt=DataType.QUOTE)
+    assert flags(QualityChecker(), locked) == [[]]
+
+
+def test_flag_counts_add_up_over_batches() -> None:
+    qc = QualityChecker()
+    flags(qc, rec(5), rec(5), rec(5))
+    flags(qc, rec(5), rec(4))
+    assert {k: v for k, v in qc.flag_counts.items() if v} == {"duplicate": 3, "out_of_order": 1}
+
+
+def test_last_seen_holds_each_symbols_last_receive_time() -> None:
+    qc = QualityChecker()
+    flags(qc, rec(1, recv=T0 + 5), rec(1, symbol="MSFT", recv=T0 + 7), rec(2, recv=T0 + 9))
+    assert qc.last_seen == {"AAPL": T0 + 9, "MSFT": T0 + 7}
+
+
+def test_forget_drops_only_the_given_symbols() -> None:
+    def bar(symbol: str, ts: int = T0) -> RawMarketData:
+        return rec(None, dt=DataType.AGGREGATE, ts=ts, symbol=symbol, stream=f"AM.{symbol}")
+
+    qc = QualityChecker()
+    flags(qc, rec(5, price=100.0), rec(5, price=100.0, symbol="MSFT"), bar("AAPL"))
+    flags(qc, bar("MSFT"), rec(6, symbol="MSFT", recv=T0 + 7))
+    qc.forget(["AAPL"])
+    assert qc.sequences() == {"S.MSFT": 6}
+    assert qc.last_seen == {"MSFT": T0 + 7}
+    # AAPL starts clean: a lower number, an older bar or a far price are not flagged ...
+    assert flags(qc, rec(1, price=150.0), bar("AAPL", ts=T0 - 1)) == [[], []]
+    # ... while MSFT keeps its sequence, bar time and last price.
+    assert flags(qc, rec(6, price=150.0, symbol="MSFT"), bar("MSFT")) == [
+        [QualityFlag.DUPLICATE, QualityFlag.PRICE_OUTLIER],
+        [QualityFlag.DUPLICATE],
+    ]
+
+
+def test_forget_a_symbol_whose_name_holds_a_dot() -> None:
+    qc = QualityChecker()
+    flags(qc, rec(7, symbol="BRK.B"))
+    qc.forget(["BRK.B"])
+    assert qc.sequences() == {}
+    assert flags(qc, rec(1, symbol="BRK.B")) == [[]]
+
+
+def test_forget_a_symbol_that_never_traded_or_never_arrived() -> None:
+    qc = QualityChecker()
+    flags(qc, rec(1, price=None, bid=1.0, ask=1.1, dt=DataType.QUOTE, symbol="EURUSD"))
+    # Only quotes (no last trade price), and one subscribed but silent so far.
+    qc.forget(["EURUSD", "SILENT"])
+    assert (qc.sequences(), qc.last_seen) == ({}, {})
+
+
+def test_unsequenced_records_are_ordered_per_stream() -> None:
+    qc = QualityChecker()
+    # A bar stream and a trade stream of one symbol, and records without a stream name
+    # (keyed by symbol): each has its own clock, so an earlier time elsewhere is no disorder.
+    got = flags(
+        qc,
+        rec(None, ts=T0 + 60, stream="AM.AAPL"),
+        rec(None, ts=T0, stream="T.AAPL"),
+        rec(None, ts=T0 + 60, stream=""),
+        rec(None, ts=T0, stream="", symbol="MSFT"),
+        rec(None, ts=T0 + 30, stream="AM.AAPL"),
+    )
+    assert got == [[], [], [], [], [QualityFlag.OUT_OF_ORDER]]
+
+
+def test_after_a_reconnect_only_each_streams_first_record_is_checked_for_a_jump() -> None:
+    qc = QualityChecker()
+    flags(qc, rec(1), rec(1, symbol="MSFT"))
+    qc.resume()
+    # AAPL's first record is next in line; its second jumps, which Polygon's numbers may do
+    # mid-stream, though MSFT has not yet sent its first record since the reconnect.
+    assert flags(qc, rec(2), rec(6)) == [[], []]
+    assert flags(qc, rec(4, symbol="MSFT")) == [[QualityFlag.GAP]]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from common.ratelimit import RateLimiter
+from common.ratelimit import RateLimiter, TokenBucket
 
 
 class FakeClock:
@@ -146,3 +146,33 @@ def test_a_limit_that_is_not_positive_is_refused_by_name(limits: dict, key: str)
 def test_a_limit_set_to_null_is_no_limit() -> None:
     limiter = RateLimiter({"requests_per_second": None, "requests_per_minute": 2}, FakeClock())
     assert [b.capacity for b in limiter.buckets] == [2.0]
+
+
+def test_a_bucket_take_returns_zero_or_the_exact_wait() -> None:
+    bucket = TokenBucket(capacity=4.0, refill_per_s=4.0, tokens=1.0, updated=10.0)
+    assert bucket.take(10.0) == 0.0
+    assert (bucket.tokens, bucket.updated) == (0.0, 10.0)
+    # Half a token refilled: the other half takes 0.125 s, and nothing is taken meanwhile.
+    assert bucket.take(10.125) == 0.125
+    assert (bucket.tokens, bucket.updated) == (0.5, 10.125)
+    assert bucket.take(10.25) == 0.0
+    assert bucket.tokens == 0.0
+
+
+async def test_one_and_a_half_tokens_mean_no_wait() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter({"requests_per_second": 4}, clock)
+    await take(limiter, 4)
+    clock.now += 0.375  # 1.5 tokens back
+    assert limiter.delay() == 0.0
+    await limiter.acquire()
+    assert tokens(limiter) == [0.5]
+    assert limiter.delay() == 0.125
+
+
+async def test_a_limit_of_one_is_allowed() -> None:
+    # Free tiers allow one request per minute or second: the smallest positive whole limit.
+    clock = FakeClock()
+    limiter = RateLimiter({"requests_per_minute": 1}, clock)
+    await take(limiter, 1)
+    assert limiter.delay() == 60.0
