@@ -13,9 +13,10 @@ once here, so each mutant's test run only creates its own database instead of a 
     python -m tests.mutate --quick       # the small pure modules (about a minute)
     python -m tests.mutate quality fix   # chosen modules, by the names in MODULES
     python -m tests.mutate --report      # scores of the last run, without running
+    python -m tests.mutate --recheck     # only last run's survivors, after adding tests
 
-Results are cached in ``mutants/`` (ignored by git): a re-run tests only functions whose
-code or tests changed.
+Verdicts are kept in ``mutants/`` (ignored by git). A plain run tests every mutant of the
+chosen modules again; ``--recheck`` only those no test killed last time.
 """
 
 from __future__ import annotations
@@ -225,7 +226,11 @@ class Score:
     module: str
     killed: int = 0
     survived: list[str] = field(default_factory=list)
-    not_run: int = 0
+    not_run_keys: list[str] = field(default_factory=list)
+
+    @property
+    def not_run(self) -> int:
+        return len(self.not_run_keys)
 
     @property
     def tested(self) -> int:
@@ -259,7 +264,7 @@ def score(modules: list[str], mutants_dir: Path = ROOT / "mutants") -> list[Scor
             if not module.counts(key):
                 continue
             if code in NOT_RUN_CODES:
-                result.not_run += 1
+                result.not_run_keys.append(key)
             elif code in KILLED_CODES:
                 result.killed += 1
             else:  # survived (0), no tests (5, 33), suspicious, segfault
@@ -341,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=", ".join(MODULES))
     parser.add_argument("--quick", action="store_true", help="only the small pure modules")
     parser.add_argument("--report", action="store_true", help="scores of the last run")
+    parser.add_argument(
+        "--recheck", action="store_true",
+        help="run again only the mutants that survived (or did not run) last time",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
@@ -349,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.report:
         patterns = [p for n in names for p in MODULES[n].patterns()]
+        if args.recheck:
+            # mutmut re-runs every mutant named on its command line; naming only the
+            # survivors keeps the verdicts of those already killed.
+            patterns = [k for s in score(names) for k in s.survived + s.not_run_keys]
+            if not patterns:
+                return 0 if report(score(names)) else 1
         (ROOT / "mutants").mkdir(exist_ok=True)
         with (
             tempfile.TemporaryDirectory(prefix="feedfleet-mutate-") as tmp,
