@@ -163,9 +163,10 @@ def format_utc_timestamp(ns: int) -> str:
 
 
 def _civil_from_days(z: int) -> tuple[int, int, int]:
-    # Howard Hinnant's days-to-civil: no datetime objects on the hot path.
+    # Howard Hinnant's days-to-civil: no datetime objects on the hot path. His C++ division
+    # truncates, hence his `z - 146096` for negative z; Python's // already floors.
     z += 719468
-    era = (z if z >= 0 else z - 146096) // 146097
+    era = z // 146097
     doe = z - era * 146097
     yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
     y = yoe + era * 400

@@ -71,7 +71,9 @@ class _BatchReceipt:
     def callback(self, result: Any, _msg_id: Any) -> None:
         # On the pulsar IO thread (one of them, so the count needs no lock): hand over to
         # the event loop once every part is in.
-        if result != _OK:
+        # The first error is the reason: a batch given up after a stall has its reason set
+        # before its producer is closed, which then fails its messages too.
+        if result != _OK and self.error is None:
             self.error = str(result)
         self.parts -= 1
         if self.parts <= 0:
