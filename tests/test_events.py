@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Iterator
+
 import orjson
 import pytest
 
-from common.events import Event, build_events, event_from_journal
+from common.events import INT64_MAX, INT64_MIN, Event, build_events, event_from_journal
 from common.model import DataType, RawMarketData, iso_ns
 
 T0 = 1_700_000_000_123_456_789
@@ -130,3 +134,244 @@ def test_values_at_the_edge_of_the_columns_are_events() -> None:
         price=999_999_999_999.99, volume=9.9e15, symbol="X" * 50, provider_sequence=2**63 - 1
     )
     assert len(build_events([edge], T0, rejected)) == 1 and rejected == []
+
+
+def test_an_event_is_exactly_this_document_and_copy_row() -> None:
+    """Every field of the payload and of the COPY row, by value: consumers read the JSON by
+    these names and ``raw_market_data`` takes the row in ``COPY_COLUMNS`` order."""
+    record = trade(bid=187.2, ask=187.3, quality_flags=["late", "gap"])
+    (event,) = build_events([record], T0 + 3_000_000)
+    assert orjson.loads(event.payload) == {
+        "event_id": "3de345c6-7e5a-fe70-5696-0c097f2e672c",
+        "timestamp": "2023-11-14T22:13:20.126456Z",
+        "provider": "polygon",
+        "raw_data": {
+            "symbol": "AAPL", "price": 187.25, "volume": 300,
+            "timestamp": "2023-11-14T22:13:20.123456Z", "bid": 187.2, "ask": 187.3,
+            "provider_specific": {"x": 4, "c": [12]}, "data_type": "TRADE",
+        },
+        "metadata": {
+            "ingestion_latency_ms": 0.5, "provider_sequence": 7, "quality_flags": ["late", "gap"],
+        },
+    }  # fmt: skip
+    assert event.copy_row == (
+        b"3de345c6-7e5a-fe70-5696-0c097f2e672c\tAAPL\tpolygon\t2023-11-14T22:13:20.123456Z\t"
+        b'TRADE\t187.25\t300\t187.2\t187.3\t{"x":4,"c":[12]}\t7\t{late,gap}\t'
+        b"2023-11-14T22:13:20.125956Z\n"
+    )
+    assert (event.symbol, event.receive_ns, event.origin_ns, event.stream, event.sequence) == (
+        "AAPL", T0 + 2_500_000, T0, "T.AAPL", 7,
+    )  # fmt: skip
+    assert not event.rejected
+
+
+def test_a_quote_without_price_volume_or_sequence_has_nulls() -> None:
+    record = trade(None, price=None, volume=None, bid=10.5, ask=10.75, data_type=DataType.QUOTE)
+    (event,) = build_events([record], T0 + 2_500_000)
+    doc = orjson.loads(event.payload)
+    assert (doc["raw_data"]["price"], doc["raw_data"]["volume"]) == (None, None)
+    assert (doc["raw_data"]["bid"], doc["raw_data"]["ask"]) == (10.5, 10.75)
+    assert doc["raw_data"]["data_type"] == "QUOTE"
+    assert doc["metadata"] == {
+        "ingestion_latency_ms": 0.0, "provider_sequence": None, "quality_flags": [],
+    }  # fmt: skip
+    cols = event.copy_row.rstrip(b"\n").split(b"\t")
+    assert cols[4:9] == [b"QUOTE", b"\\N", b"\\N", b"10.5", b"10.75"]
+    assert cols[10:] == [b"\\N", b"{}", b"2023-11-14T22:13:20.125956Z"]
+    assert event.sequence is None
+
+
+def test_each_record_of_a_read_keeps_its_own_times() -> None:
+    """Times are formatted once per run of equal values: a change must still show."""
+    s = 1_000_000_000
+    times = [(T0, T0 + 1_000), (T0, T0 + 2_000), (T0 + s, T0 + 2_000), (T0, T0 + 1_000)]
+    records = [trade(i, timestamp_ns=t, receive_ns=r) for i, (t, r) in enumerate(times)]
+    events = build_events(records, T0 + 2 * s)
+    docs = [orjson.loads(e.payload) for e in events]
+    assert [d["raw_data"]["timestamp"] for d in docs] == [
+        "2023-11-14T22:13:20.123456Z", "2023-11-14T22:13:20.123456Z",
+        "2023-11-14T22:13:21.123456Z", "2023-11-14T22:13:20.123456Z",
+    ]  # fmt: skip
+    assert [e.copy_row.rstrip(b"\n").split(b"\t")[12] for e in events] == [
+        b"2023-11-14T22:13:20.123457Z", b"2023-11-14T22:13:20.123458Z",
+        b"2023-11-14T22:13:20.123458Z", b"2023-11-14T22:13:20.123457Z",
+    ]  # fmt: skip
+    assert [d["metadata"]["ingestion_latency_ms"] for d in docs] == [
+        1999.999, 1999.998, 1999.998, 1999.999,
+    ]  # fmt: skip
+    assert [e.origin_ns for e in events] == [t for t, _ in times]
+    assert [e.receive_ns for e in events] == [r for _, r in times]
+
+
+@pytest.fixture
+def non_utc_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The host's local time zone is New York: provider times must not depend on it."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("non_utc_host")
+def test_origin_is_the_send_stamp_else_the_provider_time_also_after_a_replay() -> None:
+    stamped, plain = build_events([trade(1, provider_specific={"ffsend": T0 + 77}), trade(2)], T0)
+    assert (stamped.origin_ns, plain.origin_ns) == (T0 + 77, T0)
+    for event, origin in ((stamped, T0 + 77), (plain, T0 - 789)):  # the JSON keeps microseconds
+        again = event_from_journal(
+            event.payload, event.receive_ns, event.stream, event.sequence, rejected=False
+        )
+        assert again.origin_ns == origin
+        assert (again.receive_ns, again.payload, again.rejected) == (
+            event.receive_ns, event.payload, False,
+        )  # fmt: skip
+
+
+def test_a_replayed_event_is_the_same_event() -> None:
+    """The journal keeps the payload, receive time, stream and sequence; the rest is rebuilt."""
+    record = trade(
+        None, price=None, volume=2.5, bid=1.25, ask=1.5, quality_flags=["stale"],
+        provider_specific={"note": "a\\b"}, data_type=DataType.QUOTE,
+        timestamp_ns=T0 - 789,  # whole microseconds, as the JSON keeps them
+    )  # fmt: skip
+    (event,) = build_events([record], T0 + 10**9)
+    again = event_from_journal(event.payload, event.receive_ns, "T.AAPL", None, rejected=False)
+    assert again == event
+
+
+def test_event_ids_do_not_change_between_releases() -> None:
+    """Sinks de-duplicate on the id: a provider's replay after an upgrade must hash as before.
+
+    Events of one message share a sequence (their ordinal tells them apart); a record without
+    a sequence hashes its values; dead-letters hash a bad sequence or time by its text."""
+    events = build_events(
+        [trade(7), trade(7, price=187.5), trade(8), trade(None, stream="GLOBAL_QUOTE:AAPL")], T0
+    )
+    assert [e.event_id for e in events] == [
+        "3de345c6-7e5a-fe70-5696-0c097f2e672c",
+        "0d7fb4fc-8d81-0e22-0dae-569d84d1fccc",
+        "bacb21b3-1995-6b06-3d64-0c5cc2796775",
+        "30fa1820-4a1b-0823-280f-156082dfc4e2",
+    ]
+    rejected: list[Event] = []
+    bad = [
+        trade(None, symbol=""),
+        trade(2**63),
+        trade(INT64_MAX, symbol=""),
+        trade(INT64_MIN, symbol=""),
+        trade(5, timestamp_ns=9007199254740993 * 10**6),
+        trade(5, symbol="", data_type=DataType.QUOTE),
+        trade(5, symbol=""),
+    ]
+    assert build_events(bad, T0, rejected) == []
+    assert [e.event_id for e in rejected] == [
+        "a49434ca-0c73-a8cf-506a-0038fa445010",
+        "5b1a4fce-62cc-5e26-29d1-31786f262352",
+        "d26ff5da-d36b-2f3a-c037-33929750b405",
+        "4d26fb33-f5fd-e8e8-b68b-963623c5f1eb",
+        "db68c647-2edc-4baa-51d2-c8e5af7830a7",
+        "1081fd60-5d4d-e907-8634-0e45ddce4a97",
+        "976d95bc-761c-9e6a-3203-03019b013e65",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"),
+    [("price", 1e12), ("bid", 1e12), ("ask", 1e12), ("volume", 1e16)],
+)
+def test_a_number_at_its_column_limit_is_refused_and_one_below_is_not(
+    field: str, limit: float
+) -> None:
+    """NUMERIC(20, 8) holds |x| < 1e12 and NUMERIC(24, 8) |x| < 1e16, both bounds open."""
+    inside = math.nextafter(limit, 0)
+    rejected: list[Event] = []
+    records = [trade(i, **{field: v}) for i, v in enumerate((limit, -limit, inside, -inside))]
+    events = build_events(records, T0, rejected)
+    assert [orjson.loads(e.payload)["raw_data"][field] for e in events] == [inside, -inside]
+    assert [orjson.loads(e.payload)["reason"] for e in rejected] == [
+        f"{field} {limit!r} is outside the column's range (|x| < {limit:g})",
+        f"{field} {-limit!r} is outside the column's range (|x| < {limit:g})",
+    ]
+
+
+def test_a_sequence_must_fit_a_bigint() -> None:
+    rejected: list[Event] = []
+    records = [trade(s) for s in (INT64_MIN - 1, INT64_MIN, INT64_MAX, INT64_MAX + 1)]
+    events = build_events(records, T0, rejected)
+    assert [e.sequence for e in events] == [INT64_MIN, INT64_MAX]
+    assert [e.copy_row.split(b"\t")[10] for e in events] == [
+        str(INT64_MIN).encode(), str(INT64_MAX).encode(),
+    ]  # fmt: skip
+    assert [orjson.loads(e.payload)["reason"] for e in rejected] == [
+        f"provider_sequence {INT64_MIN - 1} does not fit 64 bits",
+        f"provider_sequence {INT64_MAX + 1} does not fit 64 bits",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        # Values at the edge of their column are fine: the reason names the bad one.
+        ({"provider_sequence": INT64_MAX, "symbol": ""}, "empty symbol"),
+        ({"provider_sequence": INT64_MIN, "symbol": ""}, "empty symbol"),
+        ({"price": -999_999_999_999.99, "symbol": "Y" * 60}, "symbol of 60 characters"),
+        ({"bid": 1.0, "ask": 1e12}, "ask 1000000000000.0 is outside"),
+        ({"volume": -1e16, "price": 1.0}, "volume -1e+16 is outside"),
+        ({"provider_sequence": None, "symbol": "A\x00"}, "symbol holds a NUL character"),
+    ],
+)
+def test_the_reason_names_the_value_that_is_wrong(change: dict[str, object], reason: str) -> None:
+    rejected: list[Event] = []
+    assert build_events([trade(**change)], T0, rejected) == []
+    assert orjson.loads(rejected[0].payload)["reason"].startswith(reason)
+
+
+def test_a_dead_letter_keeps_the_record_as_received() -> None:
+    """Whatever JSON cannot carry exactly (NaN, infinities, huge integers) is kept as text;
+    the rest keeps its own type, so the record can be fixed and sent again."""
+    record = trade(
+        9, price=float("nan"), bid=float("-inf"), ask=1e13, volume=-1.5,
+        provider_specific={"n": 2**70}, quality_flags=["gap"], stream="T.BAD",
+    )  # fmt: skip
+    rejected: list[Event] = []
+    assert build_events([record], T0, rejected) == []
+    (bad,) = rejected
+    assert orjson.loads(bad.payload) == {
+        "event_id": bad.event_id,
+        "provider": "polygon",
+        "symbol": "AAPL",
+        "reason": "TypeError: Integer exceeds 64-bit range",
+        "record": {
+            "symbol": "AAPL", "provider": "polygon", "timestamp_ns": T0, "data_type": "TRADE",
+            "price": "nan", "volume": -1.5, "bid": "-inf", "ask": 1e13,
+            "provider_specific": "{'n': 1180591620717411303424}", "provider_sequence": 9,
+            "stream": "T.BAD", "sequence_contiguous": False, "receive_ns": T0 + 2_500_000,
+            "quality_flags": ["gap"],
+        },
+    }  # fmt: skip
+    # Routed and timed like any event of its stream, but no sequence (it was not accepted).
+    assert (bad.symbol, bad.receive_ns, bad.origin_ns, bad.stream, bad.sequence) == (
+        "AAPL", T0 + 2_500_000, T0 + 2_500_000, "T.BAD", None,
+    )  # fmt: skip
+    assert bad.rejected and bad.copy_row == b""
+    again = event_from_journal(bad.payload, bad.receive_ns, "T.BAD", None, rejected=True)
+    assert again == bad
+
+
+def test_dead_letters_of_different_records_have_different_ids() -> None:
+    base = {"price": 1e13}
+    variants: list[dict[str, object]] = [
+        {},
+        {"provider": "iex"},
+        {"stream": "T.MSFT"},
+        {"provider_sequence": 8},
+        {"timestamp_ns": T0 + 1},
+        {"data_type": DataType.QUOTE},
+    ]
+    rejected: list[Event] = []
+    for change in variants:
+        build_events([trade(**(base | change))], T0, rejected)
+    # Two bad entries of one provider message (same sequence): told apart by their order.
+    build_events([trade(**base), trade(**base)], T0, rejected)
+    ids = [e.event_id for e in rejected]
+    assert len(set(ids)) == len(variants) + 1 and ids[-2] == ids[0]
