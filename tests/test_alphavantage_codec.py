@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.codecs import alphavantage as av
-from common.codecs.base import CaptureError, CodecError, clip
+from common.codecs.base import CaptureError, CodecError, DecodeError, clip
 from common.model import DataType, QualityFlag, RawMarketData
 from tests import SHARED
 
@@ -462,3 +462,167 @@ def test_decode_capture_json_csv_and_lines() -> None:
     ]
     quotes = list(av.decode_capture(QUOTE_CSV))
     assert [i.symbol for i in quotes if isinstance(i, RawMarketData)] == ["DJIA"]
+
+
+def test_intraday_query_options_are_spelled_as_av_expects() -> None:
+    base = "function=TIME_SERIES_INTRADAY&symbol=X"
+    assert av.encode_query(av.Query(av.TIME_SERIES_INTRADAY, "X"), "k") == (
+        f"{base}&interval=1min&outputsize=compact&datatype=json&apikey=k"
+    )
+    q = av.Query(av.TIME_SERIES_INTRADAY, "X", "5min", extended_hours=False, adjusted=True)
+    assert av.encode_query(q, "k") == (
+        f"{base}&interval=5min&outputsize=compact&extended_hours=false&adjusted=true"
+        "&datatype=json&apikey=k"
+    )
+    q = av.Query(av.TIME_SERIES_INTRADAY, "X", "5min", extended_hours=True, adjusted=False)
+    assert "&extended_hours=true&adjusted=false&" in av.encode_query(q, "k")
+
+
+@pytest.mark.parametrize(
+    ("prev", "cur", "interval", "expected"),
+    [
+        ("09:30:00", "09:33:00", "1min", 2),  # the open itself is in the session
+        ("15:58:00", "16:00:00", "1min", 0),  # 16:00 is after the close
+        ("15:55:00", "16:05:00", "5min", 0),  # only one end in the session
+        ("10:00:00", "10:12:00", "5min", 1),  # off-grid times: whole bars only
+    ],
+)
+def test_missing_bars_at_the_session_edges(
+    prev: str, cur: str, interval: str, expected: int
+) -> None:
+    got = av.missing_bars(f"2024-03-01 {prev}", f"2024-03-01 {cur}", interval)
+    assert got == expected and type(got) is int
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # A null text still names the answer; it must not break classification.
+        ({"Information": None}, ("Information", "None", "information", None)),
+        ({"Information": "Your API key is invalid."},
+         ("Information", "Your API key is invalid.", "invalid_key", None)),
+        ({"Information": "Please make requests more sparingly."},
+         ("Information", "Please make requests more sparingly.", "rate_limit", "second")),
+        ({"Information": "The limit is 5 requests per second."},
+         ("Information", "The limit is 5 requests per second.", "rate_limit", "second")),
+    ],
+)  # fmt: skip
+def test_each_message_wording_is_recognised_on_its_own(
+    body: dict[str, str | None], expected: tuple[str, str, str, str | None]
+) -> None:
+    key, text, kind, window = expected
+    out = av.decode_response(orjson.dumps(body), Q_MSFT, 1)
+    assert out.message == av.ApiMessage(key, text, av.MessageKind(kind), window)
+
+
+def test_leading_bom_and_blank_lines_are_ignored() -> None:
+    body = b"\xef\xbb\xbf\r\n \t" + GLOBAL_QUOTE_MSFT
+    assert av.decode_response(body, Q_MSFT, AFTER) == av.decode_response(
+        GLOBAL_QUOTE_MSFT, Q_MSFT, AFTER
+    )
+
+
+def test_unreadable_bodies_are_reported_whole() -> None:
+    assert av.decode_response(b" \r\n", Q_MSFT, 1).errors == [
+        DecodeError("empty response body", "")
+    ]
+    [err] = av.decode_response(b'{"Global Quote": ', Q_MSFT, 1).errors
+    assert err.reason.startswith("invalid JSON: ") and err.raw == '{"Global Quote": '
+    assert av.decode_response(b"[1, 2]", Q_1MIN, 1).errors == [
+        DecodeError("response is not a JSON object", "[1, 2]")
+    ]
+    csv_query = av.Query(av.GLOBAL_QUOTE, "X", datatype="csv")
+    assert av.decode_response(b"XML output is not offered\n", csv_query, 1).errors == [
+        DecodeError("CSV quote header lacks price/latestDay", "XML output is not offered\n")
+    ]
+
+
+def _raw(obj: object) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def test_json_errors_name_the_problem_and_keep_the_bad_part() -> None:
+    no_quote = {"Something": 1}
+    assert av.decode_response(orjson.dumps(no_quote), Q_MSFT, 1).errors == [
+        DecodeError("missing 'Global Quote' object", _raw(no_quote))
+    ]
+    quote = {"05. price": "1.0", "07. latest trading day": "soon"}
+    assert av.decode_response(orjson.dumps({"Global Quote": quote}), Q_MSFT, 1).errors == [
+        DecodeError("bad latest trading day 'soon'", _raw(quote))
+    ]
+    no_series = {"Meta Data": {}}
+    any_interval = av.Query(av.TIME_SERIES_INTRADAY, "X")
+    assert av.decode_response(orjson.dumps(no_series), any_interval, 1).errors == [
+        DecodeError("missing 'Time Series (...)' object", _raw(no_series))
+    ]
+
+
+def test_bars_without_any_symbol_are_an_error() -> None:
+    bar = {"1. open": "1", "2. high": "1", "3. low": "1", "4. close": "1", "5. volume": "1"}
+    body = {"Time Series (1min)": {"2024-03-01 10:00:00": bar}}
+    out = av.decode_response(orjson.dumps(body), av.Query(av.TIME_SERIES_INTRADAY, ""), 1)
+    assert out.records == []
+    assert out.errors == [
+        DecodeError("bars without a symbol (none asked, none in Meta Data)", _raw(body))
+    ]
+
+
+def test_the_asked_interval_wins_and_only_time_series_keys_are_series() -> None:
+    def bar(close: str) -> dict[str, str]:
+        return {"1. open": "1", "2. high": "9", "3. low": "1", "4. close": close, "5. volume": "5"}
+
+    body = orjson.dumps(
+        {
+            "Meta Data": {"2. Symbol": "IBM"},
+            "Realtime (delayed)": {"2024-03-01 10:00:00": bar("7")},
+            "Time Series (5min)": {"2024-03-01 10:00:00": bar("5")},
+            "Time Series (1min)": {"2024-03-01 10:00:00": bar("1")},
+        }
+    )
+    [one] = av.decode_response(body, av.Query(av.TIME_SERIES_INTRADAY, "IBM", "1min"), 1).records
+    assert (one.price, one.stream) == (1.0, "TIME_SERIES_INTRADAY:IBM:1min")
+    # No interval asked: the first series, never a key that only looks like one.
+    [first] = av.decode_response(body, av.Query(av.TIME_SERIES_INTRADAY, ""), 1).records
+    assert (first.symbol, first.price, first.provider_specific["interval"]) == ("IBM", 5.0, "5min")
+
+
+def test_quote_failing_unforeseen_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last-resort guard: quote building failing in a way nobody foresaw.
+    def broken(*args: object) -> RawMarketData:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(av, "_quote_record", broken)
+    quote = orjson.loads(GLOBAL_QUOTE_MSFT)["Global Quote"]
+    out = av.decode_response(GLOBAL_QUOTE_MSFT, Q_MSFT, 1)
+    assert out.records == []
+    assert out.errors == [DecodeError("unexpected RuntimeError: boom", _raw(quote))]
+
+
+CSV_HEADER = "timestamp,open,high,low,close,volume"
+CSV_Q = av.Query(av.TIME_SERIES_INTRADAY, "X", "1min", "csv")
+
+
+def test_csv_cells_are_read_as_text_however_long_the_file() -> None:
+    # A bad value past the first 100 rows must cost its bar, not the whole response.
+    rows = [f"2024-03-01 {10 + i // 60:02d}:{i % 60:02d}:00,1,2,0.5,1.5,100" for i in range(120)]
+    rows[110] = rows[110].removesuffix("100") + "n/a"
+    # An extra trailing field on a row is dropped.
+    rows[0] += ",extra"
+    out = av.decode_response("\r\n".join([CSV_HEADER, *rows]).encode(), CSV_Q, 1)
+    assert out.errors == [] and len(out.records) == 120
+    assert [r.volume for r in out.records if r.quality_flags] == [None]
+    assert out.records[0].price == 1.5
+
+
+def test_unreadable_csv_error_gives_the_first_line_of_the_parser_message() -> None:
+    short = f'{CSV_HEADER}\n"x,1\n'.encode()
+    [err] = av.decode_response(short, CSV_Q, 1).errors
+    assert err.raw == short.decode()
+    # Only the first line, not the parser's paragraphs of advice.
+    assert err.reason.startswith("invalid CSV: could not parse")
+    assert "\n" not in err.reason
+    long = f'{CSV_HEADER}\n"{"x" * 400}'.encode()
+    [err] = av.decode_response(long, CSV_Q, 1).errors
+    assert err.raw == long.decode()[:300] + "..."
+    assert err.reason.startswith("invalid CSV: could not parse")
+    assert len(err.reason) == len("invalid CSV: ") + 200 + len("...")

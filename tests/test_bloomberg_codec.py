@@ -9,9 +9,11 @@ written by hand in our capture format from Bloomberg's documented messages and f
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from common.codecs import bloomberg as codec
@@ -126,6 +128,115 @@ def test_other_subscription_data_message_types_are_skipped() -> None:
     assert out.records == [] and out.skipped == 1
 
 
+def test_event_type_decides_between_trade_and_quote() -> None:
+    # A typed TRADE tick gives a trade only, carrying whatever sides it has (unflagged).
+    out = decode_one(data({"MKTDATA_EVENT_TYPE": "TRADE", "LAST_PRICE": 1.0,
+                           "SIZE_LAST_TRADE": 3, "BID": 0.9, "ASK": "x"}))  # fmt: skip
+    (trade,) = out.records
+    assert (trade.data_type, trade.price, trade.volume, trade.bid, trade.ask) == (
+        DataType.TRADE, 1.0, 3, 0.9, None,
+    )  # fmt: skip
+    assert trade.provider_specific == {"MKTDATA_EVENT_TYPE": "TRADE"}
+    assert trade.quality_flags == []
+    # A typed QUOTE tick gives a quote only; its LAST_PRICE is kept as provider data.
+    (quote,) = decode_one(data({"MKTDATA_EVENT_TYPE": "QUOTE", "LAST_PRICE": 1.0,
+                                "BID": 0.9, "ASK": 1.1})).records  # fmt: skip
+    assert (quote.data_type, quote.bid, quote.ask, quote.price) == (DataType.QUOTE, 0.9, 1.1, None)
+    assert quote.provider_specific == {"MKTDATA_EVENT_TYPE": "QUOTE", "LAST_PRICE": 1.0}
+    # A recap without an event type restates values: the quote only.
+    recap = codec.MessageSnapshot("SUBSCRIPTION_DATA", "MarketDataEvents", [7],
+                                  {"LAST_PRICE": 1.0, "BID": 0.9}, 2, "IBM US Equity")  # fmt: skip
+    (quote,) = decode_one(recap).records
+    assert (quote.data_type, quote.bid, quote.ask) == (DataType.QUOTE, 0.9, None)
+    assert quote.provider_specific == {"LAST_PRICE": 1.0, "topic": "IBM US Equity",
+                                       "recap_type": 2}  # fmt: skip
+    assert quote.quality_flags == [QualityFlag.MISSING_FIELDS]
+    # A recap with only trade fields has nothing new.
+    assert decode_one(data({"LAST_PRICE": 1.0}, recap=1)).skipped == 1
+
+
+def test_size_alone_is_a_trade_without_price() -> None:
+    (rec,) = decode_one(data({"SIZE_LAST_TRADE": 40})).records
+    assert (rec.data_type, rec.price, rec.volume) == (DataType.TRADE, None, 40)
+    assert rec.quality_flags == [QualityFlag.MISSING_FIELDS]
+
+
+@pytest.mark.parametrize(
+    ("size", "volume", "flags"),
+    [(7, 7, []), (2.5, 2.5, []), (None, None, []), ("7", None, [QualityFlag.MISSING_FIELDS]),
+     (False, None, [QualityFlag.MISSING_FIELDS])],
+)  # fmt: skip
+def test_trade_size_is_flagged_only_when_present_but_not_a_number(
+    size: Any, volume: Any, flags: list[str]
+) -> None:
+    (rec,) = decode_one(data({"LAST_PRICE": 1.0, "SIZE_LAST_TRADE": size})).records
+    assert (rec.price, rec.volume, rec.quality_flags) == (1.0, volume, flags)
+
+
+def test_quote_cache_carries_the_ask_and_is_per_symbol() -> None:
+    quotes = codec.QuoteCache()
+    symbols = {7: "IBM", 8: "MSFT"}
+
+    def quote(elements: dict[str, Any], cid: int = 7) -> RawMarketData:
+        (rec,) = codec.decode_messages([data(elements, cids=[cid])], RECEIVE_NS, symbols,
+                                       "bbg", quotes).records  # fmt: skip
+        return rec
+
+    quote({"BID": 10.0, "ASK": 10.1})
+    bid_only = quote({"BID": 10.05})
+    assert (bid_only.bid, bid_only.ask, bid_only.quality_flags) == (10.05, 10.1, [])
+    assert bid_only.provider_specific == {"carried": "ASK"}
+    # The carried-over value stays the latest known side.
+    ask_only = quote({"ASK": 10.2})
+    assert (ask_only.bid, ask_only.ask) == (10.05, 10.2)
+    assert ask_only.provider_specific == {"carried": "BID"}
+    # Another symbol does not borrow IBM's sides.
+    other = quote({"BID": 5.0}, cid=8)
+    assert (other.bid, other.ask, other.quality_flags) == (5.0, None, [QualityFlag.MISSING_FIELDS])
+    # A side sent as null is a cleared side, not one to fill from the cache.
+    cleared = quote({"BID": 10.06, "ASK": None})
+    assert (cleared.bid, cleared.ask) == (10.06, None)
+    assert cleared.quality_flags == [QualityFlag.MISSING_FIELDS]
+    assert "carried" not in cleared.provider_specific
+    # ...and the cache keeps the last real ask for a later bid-only tick.
+    assert (quote({"BID": 10.07}).ask, quotes.sides["IBM"]) == (10.2, [10.07, 10.2])
+
+
+def test_symbol_from_correlation_ids_then_topic() -> None:
+    symbols = {7: "IBM", 8: ""}
+
+    def symbol_of(cids: list[Any], topic: str = "") -> str:
+        snap = codec.MessageSnapshot("SUBSCRIPTION_DATA", "MarketDataEvents", cids,
+                                     {"LAST_PRICE": 1.0}, 0, topic)  # fmt: skip
+        out = codec.decode_messages([snap], RECEIVE_NS, symbols, "bbg")
+        assert out.errors == []
+        return out.records[0].symbol
+
+    assert symbol_of([99, 7]) == "IBM"  # the first id that names a symbol
+    assert symbol_of([7], "MSFT US Equity") == "IBM"
+    assert symbol_of([8], "MSFT US Equity") == "MSFT"  # an empty name is no name
+    assert symbol_of([[1]], "VOD LN Equity") == "VOD LN Equity"  # unhashable id
+    assert symbol_of([], "MSFT US Equity") == "MSFT"
+
+
+def test_provider_specific_values_are_json_ready() -> None:
+    el = {"LAST_PRICE": 1.0, "K": (1, dt.date(2024, 1, 2), dt.time(1, 2, 3)),
+          "M": {3: Decimal("1.5"), None: True}, "T": dt.datetime(2024, 1, 2, 3, 4, 5)}  # fmt: skip
+    (rec,) = decode_one(data(el)).records
+    assert rec.provider_specific == {"K": [1, "2024-01-02", "01:02:03"],
+                                     "M": {"3": "1.5", "None": True},
+                                     "T": "2024-01-02T03:04:05"}  # fmt: skip
+
+
+def test_provider_specific_clips_content_past_the_depth_limit() -> None:
+    # An element's value is depth 0: containers 32 levels below it are given as their text.
+    el = {"LAST_PRICE": 1.0, "L": nest([1], 32), "D": nest({"A": 1}, 32),
+          "L31": nest([1], 31), "D31": nest({"A": 1}, 31)}  # fmt: skip
+    (rec,) = decode_one(data(el)).records
+    assert rec.provider_specific == {"L": nest("[1]", 32), "D": nest('{"A":1}', 32),
+                                     "L31": nest([1], 31), "D31": nest({"A": 1}, 31)}  # fmt: skip
+
+
 # ---------------------------------------------------------------- malformed input
 
 
@@ -168,6 +279,32 @@ def test_undecodable_messages_become_decode_errors(
 )  # fmt: skip
 def test_bad_event_lines_give_decode_errors(line: bytes) -> None:
     assert isinstance(codec.decode_event_line(line), DecodeError)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason", "raw"),
+    [
+        (b"[1, 2]", "event line is not a JSON object", "[1, 2]"),
+        (b'{"eventType": "ADMIN"}', "expected 'eventType' string and 'messages' array",
+         '{"eventType": "ADMIN"}'),
+        # A bad message is reported by itself, not by the whole line around it.
+        (b'{"eventType": "ADMIN", "messages": [{"messageType": 1, "data": {}}]}',
+         "message without a 'messageType' string", '{"messageType":1,"data":{}}'),
+        (b'{"eventType": "ADMIN", "messages": [7]}', "message without a 'messageType' string",
+         "7"),
+    ],
+)  # fmt: skip
+def test_bad_event_lines_say_what_is_wrong_and_show_the_input(
+    line: bytes, reason: str, raw: str
+) -> None:
+    assert codec.decode_event_line(line) == DecodeError(reason, raw)
+
+
+def test_invalid_json_line_shows_the_line() -> None:
+    err = codec.decode_event_line(b'{"eventType": "ADMIN", ')
+    assert isinstance(err, DecodeError)
+    assert err.reason.startswith("invalid JSON: ")
+    assert err.raw == '{"eventType": "ADMIN", '
 
 
 def test_bad_request_lines_raise_codec_error() -> None:
@@ -249,6 +386,115 @@ def test_failure_kinds() -> None:
     assert codec.failure_kind(codec.Reason(description="subscription limit exceeded")) == "limit"
 
 
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        # Each of these names a failure by one word only; any of them must be enough.
+        (codec.Reason(description="User is not authorized for this service"), "auth"),
+        (codec.Reason(subcategory="NO_PERMISSION"), "auth"),
+        (codec.Reason(description="Entitlement check failed"), "auth"),
+        (codec.Reason(category="NO_AUTH"), "auth"),
+        (codec.Reason(category="limit"), "limit"),
+        (codec.Reason(description="Daily request limit reached"), "limit"),
+        (codec.Reason(description="Maximum number of subscriptions exceeded"), "limit"),
+        (codec.Reason("s", "IO_ERROR", "", "Connection lost", 1), "other"),
+        (codec.Reason(), "other"),
+    ],
+)
+def test_failure_kind_single_keywords(reason: codec.Reason, kind: str) -> None:
+    assert codec.failure_kind(reason) == kind
+
+
+def test_reason_values() -> None:
+    def reason_of(value: Any) -> codec.Reason | None:
+        return status("SESSION_STATUS", "SessionTerminated", {"reason": value}).reason
+
+    assert reason_of({"errorCode": "3", "category": 5}) == codec.Reason("", "5", "", "", None)
+    assert reason_of({"errorCode": True, "source": None}) == codec.Reason()
+    assert reason_of({"errorCode": 0, "description": "d"}) == codec.Reason(
+        description="d", error_code=0
+    )
+    assert reason_of("") is None and reason_of(7) is None and reason_of(None) is None
+    assert str(codec.Reason()) == "no reason given"
+    assert str(codec.Reason(category="C", description="D")) == "C: D"
+
+
+def test_status_symbols_and_details() -> None:
+    symbols = {7: "IBM", 8: "MSFT", 9: ""}
+
+    def decoded(cids: list[Any], topic: str = "", content: Any = None) -> codec.StatusMessage:
+        snap = codec.MessageSnapshot("SUBSCRIPTION_STATUS", "SubscriptionStarted", cids,
+                                     {} if content is None else content, 0, topic)  # fmt: skip
+        (st,) = codec.decode_messages([snap], RECEIVE_NS, symbols, "bbg").statuses
+        return st
+
+    both = decoded([7, [1], 9, 8], "X US Equity")
+    assert both.symbols == ["IBM", "MSFT"] and both.correlation_ids == [7, [1], 9, 8]
+    assert decoded([99], "X US Equity").symbols == ["X"]
+    assert decoded([99]).symbols == []
+    odd = decoded([7], content=["not", "a", "sequence"])
+    assert (odd.details, odd.reason) == ({}, None)
+    stamped = decoded([7], content={"at": dt.datetime(2024, 1, 2), "reason": "r"})
+    assert stamped.details == {"at": "2024-01-02T00:00:00"}
+    assert stamped.reason == codec.Reason(description="r")
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+class FailingElements(dict[str, Any]):
+    def get(self, *args: Any) -> Any:
+        raise ValueError("broken content")
+
+
+def test_unexpected_failures_lose_only_their_message() -> None:
+    snaps = [
+        codec.MessageSnapshot("ADMIN", "SlowConsumerWarning", [7], {"x": Unprintable()}),
+        data(FailingElements(LAST_PRICE=1.0)),
+        data({"LAST_PRICE": 2.0}),
+    ]
+    out = codec.decode_messages(snaps, RECEIVE_NS, SYMBOLS, "bbg")
+    assert [r.price for r in out.records] == [2.0] and out.statuses == []
+    assert [e.reason for e in out.errors] == [
+        "unexpected ValueError: no text", "unexpected ValueError: broken content",
+    ]  # fmt: skip
+    assert out.errors[1].raw == (
+        '{"messageType":"MarketDataEvents","correlationIds":[7],"data":{"LAST_PRICE":1.0}}'
+    )
+
+
+def test_market_data_without_correlation_id_or_topic() -> None:
+    (err,) = decode_one(data({"LAST_PRICE": 1.0}, cids=[])).errors
+    assert err == DecodeError(
+        "market data message without a correlation id",
+        '{"messageType":"MarketDataEvents","correlationIds":[],"data":{"LAST_PRICE":1.0}}',
+    )
+
+
+def test_decode_error_shows_the_message_as_json() -> None:
+    snap = data({"LAST_PRICE": 1.0, "D": {"at": dt.datetime(2024, 1, 1)}}, cids=[99])
+    (err,) = decode_one(snap).errors
+    assert err == DecodeError(
+        "unknown correlation id 99",
+        '{"messageType":"MarketDataEvents","correlationIds":[99],'
+        '"data":{"LAST_PRICE":1.0,"D":{"at":"2024-01-01T00:00:00"}}}',
+    )
+
+
+def test_skipped_counts_add_up() -> None:
+    snaps = [
+        codec.MessageSnapshot("TIMEOUT", "", [], {}),
+        codec.MessageSnapshot("SUBSCRIPTION_DATA", "MarketBarUpdate", [7], {"LAST_PRICE": 1.0}),
+        data({"VOLUME": 5}),
+        data({"LAST_PRICE": 1.0}),
+        codec.MessageSnapshot("ADMIN", "SlowConsumerWarning", [], {}),
+    ]
+    out = codec.decode_messages(snaps * 2, RECEIVE_NS, SYMBOLS, "bbg")
+    assert (out.skipped, len(out.records), len(out.statuses), out.errors) == (6, 2, 2, [])
+
+
 def test_timeout_events_are_skipped() -> None:
     out = decode_one(codec.MessageSnapshot("TIMEOUT", "", [], {}))
     assert out.statuses == [] and out.skipped == 1
@@ -274,6 +520,61 @@ def test_time_values() -> None:
     assert codec.time_ns("not a time") is None and codec.time_ns(3.5) is None
 
 
+MIDNIGHT = 1_714_780_800_000_000_000  # 2024-05-04T00:00:00Z
+
+
+@pytest.mark.parametrize(
+    ("value", "receive_ns", "expected"),
+    [
+        ("17:09:50", RECEIVE_NS, 1_714_842_590_000_000_000),
+        ({"$time": "17:09:50.25"}, RECEIVE_NS, 1_714_842_590_250_000_000),
+        (dt.time(13, 9, 50, 250_000, tzinfo=dt.timezone(dt.timedelta(hours=-4))), RECEIVE_NS,
+         1_714_842_590_250_000_000),
+        (dt.time(0, 0, 1, 5), RECEIVE_NS, MIDNIGHT + 1_000_005_000),
+        (dt.time(17, 0), -1, None),
+        (dt.time(0, 0, 1), 1, 1_000_000_000),  # any positive receive time dates it
+        # Exactly half a day ahead is still today; anything later is yesterday's.
+        (dt.time(12, 0, 5), MIDNIGHT + 5_000_000_000, MIDNIGHT + 43_205_000_000_000),
+        (dt.time(12, 0, 5, 1), MIDNIGHT + 5_000_000_000, MIDNIGHT - 43_194_999_999_000),
+        ("2024-05-04", RECEIVE_NS, MIDNIGHT),
+        (dt.datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=dt.UTC), 0, -1_000),
+        ({"$datetime": "junk"}, RECEIVE_NS, None),
+        ({"$time": "17:09:50", "x": 1}, RECEIVE_NS, None),
+        (dt.date(2024, 5, 4), RECEIVE_NS, None),
+        (1_714_842_590, RECEIVE_NS, None),
+    ],
+)  # fmt: skip
+def test_time_ns_cases(value: Any, receive_ns: int, expected: int | None) -> None:
+    assert codec.time_ns(value, receive_ns) == expected
+
+
+def test_time_of_day_without_receive_time_is_unknown() -> None:
+    assert codec.time_ns(dt.time(17, 9, 50)) is None
+    assert codec.time_ns("17:09:50") is None
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        # The latest usable stamp wins, wherever it is in the list.
+        ({"TRADE_UPDATE_STAMP_RT": "2024-05-04T17:09:52+00:00",
+          "EVT_TRADE_TIME_RT": "2024-05-04T17:09:51+00:00", "EVENT_TIME": "17:09:53"},
+         1_714_842_592_000_000_000),
+        ({"TRADE_UPDATE_STAMP_RT": "junk", "EVT_TRADE_TIME_RT": "2024-05-04T17:09:51+00:00",
+          "EVENT_TIME": "17:09:53"}, 1_714_842_591_000_000_000),
+        # Without stamps, the first usable fallback.
+        ({"EVENT_TIME": "17:09:48", "TIME": "17:09:49"}, 1_714_842_588_000_000_000),
+        ({"EVENT_TIME": "junk", "TIME": "17:09:49"}, 1_714_842_589_000_000_000),
+        ({"EVENT_TIME": None, "TIME": None}, RECEIVE_NS),
+        # Fields of the other kind do not count.
+        ({"BID_UPDATE_STAMP_RT": "2024-05-04T17:09:51+00:00"}, RECEIVE_NS),
+    ],
+)  # fmt: skip
+def test_trade_time_fields(times: dict[str, Any], expected: int) -> None:
+    (rec,) = decode_one(data({"LAST_PRICE": 1.0, **times})).records
+    assert rec.timestamp_ns == expected
+
+
 def test_event_time_prefers_latest_stamp_then_fallbacks() -> None:
     el = {"BID": 1.0, "ASK": 1.1, "BID_UPDATE_STAMP_RT": "2024-05-04T17:09:50+00:00",
           "ASK_UPDATE_STAMP_RT": "2024-05-04T17:09:51+00:00", "EVENT_TIME": "17:00:00"}  # fmt: skip
@@ -292,8 +593,18 @@ def test_topics_fields_and_subscription_strings() -> None:
     assert codec.topic_for("/isin/US4592001014") == "/isin/US4592001014"
     assert codec.symbol_for_topic("IBM US Equity") == "IBM"
     assert codec.symbol_for_topic("EURUSD Curncy") == "EURUSD Curncy"
+    assert codec.symbol_for_topic(" US Equity") == " US Equity"  # nothing would be left
+    assert codec.symbol_for_topic("IBM US Equity", "") == "IBM US Equity"
+    assert codec.symbol_for_topic("VOD LN Equity", " LN Equity") == "VOD"
+    assert codec.topic_for("VOD", " LN Equity") == "VOD LN Equity"
     assert codec.fields_for([DataType.TRADE]) == list(codec.TRADE_FIELDS)
     assert codec.fields_for([DataType.QUOTE]) == list(codec.QUOTE_FIELDS)
+    # Nothing trade or quote asked for: trades, the least a subscription can carry.
+    assert codec.fields_for([]) == list(codec.TRADE_FIELDS)
+    assert codec.fields_for([DataType.NEWS]) == list(codec.TRADE_FIELDS)
+    assert codec.fields_for([DataType.QUOTE, DataType.TRADE]) == list(
+        codec.TRADE_FIELDS + codec.QUOTE_FIELDS
+    )
     assert codec.subscription_options(5) == "interval=5" and codec.subscription_options(None) == ""
     subs = standin.SubscriptionList()
     subs.add("IBM US Equity", ["BID", "ASK"], "interval=2", standin.CorrelationId(1))
@@ -323,6 +634,66 @@ def test_event_line_round_trip() -> None:
     assert isinstance(event, codec.WireEvent)
     assert event.event_type == "SUBSCRIPTION_DATA" and event.receive_ns == 42
     assert event.messages == snaps
+
+
+def test_event_line_defaults_and_odd_member_types() -> None:
+    messages = [
+        {"messageType": "MarketDataEvents"},
+        {"messageType": "MarketDataEvents", "correlationIds": 5,
+         "data": [{"$date": "2024-01-02"}], "recapType": "1", "topic": 5},
+        {"messageType": "MarketDataEvents", "data": "garbage", "recapType": True},
+    ]  # fmt: skip
+    line = orjson.dumps({"eventType": "SUBSCRIPTION_DATA", "messages": messages,
+                         "receive_ns": "soon"})  # fmt: skip
+    event = codec.decode_event_line(line)
+    assert isinstance(event, codec.WireEvent)
+    assert event.receive_ns == 0
+    empty, odd, text = event.messages
+    # Missing members take the snapshot defaults.
+    assert empty == codec.MessageSnapshot("SUBSCRIPTION_DATA", "MarketDataEvents", [], {}, 0, "")
+    # A single correlation value becomes a list; wrongly typed recap and topic are dropped;
+    # a payload that is not an object is kept exactly as sent (decoding reports it).
+    assert odd == codec.MessageSnapshot(
+        "SUBSCRIPTION_DATA", "MarketDataEvents", [5], [{"$date": "2024-01-02"}], 0, ""
+    )
+    assert text.elements == "garbage" and text.recap_type == 0
+    no_time = codec.decode_event_line(b'{"eventType": "ADMIN", "messages": []}')
+    assert no_time == codec.WireEvent("ADMIN", [], 0)
+
+
+def nest(inner: Any, depth: int) -> Any:
+    """``inner`` under ``depth`` containers, dicts and lists in turn."""
+    for level in range(depth):
+        inner = {"K": inner} if level % 2 else [inner]
+    return inner
+
+
+def test_event_line_untags_up_to_the_depth_limit() -> None:
+    tagged = {"$date": "2024-01-02"}
+    data = {"AT_LIMIT": nest(tagged, 30), "PAST_LIMIT": nest(tagged, 31)}
+    line = orjson.dumps({"eventType": "ADMIN",
+                         "messages": [{"messageType": "DataLoss", "data": data}]})  # fmt: skip
+    event = codec.decode_event_line(line)
+    assert isinstance(event, codec.WireEvent)
+    (snap,) = event.messages
+    # The data object is depth 0: a value 31 containers below it is the deepest restored.
+    assert snap.elements == {
+        "AT_LIMIT": nest(dt.date(2024, 1, 2), 30),
+        "PAST_LIMIT": nest(tagged, 31),
+    }
+
+
+def test_deeply_nested_event_line_does_not_raise() -> None:
+    # Near the JSON parser's own nesting limit, past Python's recursion limit.
+    depth = 1000
+    nested = b'{"K": [' * (depth // 2) + b"1" + b"]}" * (depth // 2)
+    line = b'{"eventType": "ADMIN", "messages": [{"messageType": "DataLoss", "data": {"D": '
+    event = codec.decode_event_line(line + nested + b"}}]}")
+    assert isinstance(event, codec.WireEvent)
+    value = event.messages[0].elements["D"]
+    for _ in range(depth // 2):  # walked by hand: == on it would hit the recursion limit
+        (value,) = value["K"]
+    assert value == 1
 
 
 def test_request_line_round_trip() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import simplefix
@@ -304,6 +305,109 @@ def test_text_containing_8_equals_fix_is_not_a_message_start() -> None:
     assert len(items) == 1 and isinstance(items[0], codec.FixFrame)
 
 
+LOGON_RAW = codec.pipe_to_soh(LMAX_LOGON)  # 111 bytes
+
+
+def to_text(raw: bytes) -> str:
+    return raw.decode("latin-1")
+
+
+def framed(items: list[codec.FixFrame | DecodeError]) -> list[tuple[str, str | int]]:
+    return [(i.reason, i.raw) if isinstance(i, DecodeError) else ("frame", i.offset) for i in items]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"  \r\n\x01" + LOGON_RAW, [("frame", 5)]),  # line noise between messages is fine
+        (b"XX" + LOGON_RAW, [("bytes before BeginString", "XX"), ("frame", 2)]),
+        (b"XXXXXXXX", [("bytes outside any FIX message", "XXXX")]),
+        (b"\x01" * 6, []),
+        # "58=FIX..." in a Text field (a capture starting mid-message) is no message start.
+        (b"58=FIX.4.4 is the version\x0110=123\x01" + LOGON_RAW,
+         [("bytes before BeginString", "58=FIX.4.4 is the version\x0110=123\x01"),
+          ("frame", 33)]),
+        (b"x" * 30 + b"8=FIX.4.4", [("bytes before BeginString", "x" * 30)]),
+        (b"x" * 30 + b"8=FIX.4.4\x019=1", [("bytes before BeginString", "x" * 30)]),
+        (b"8=FIXT.1.1-with-a-long-name\x01" + LOGON_RAW,
+         [("unsupported BeginString FIXT.1.1-with-a-long...", "8=FIXT.1.1-with-a-long-name"),
+          ("bytes before BeginString", "=FIXT.1.1-with-a-long-name\x01"), ("frame", 28)]),
+        (b"8=FIX.4.4\x019=x9\x0135=A\x01",
+         [("second field is not BodyLength (9)", "9=x9"),
+          ("bytes outside any FIX message", "=FIX.4.4\x019=x9\x013")]),
+        (b"8=FIX.4.4\x019=0\x0110=000\x01" + LOGON_RAW,
+         [("third field is not MsgType (35)", "8=FIX.4.4\x019=0\x0110=000\x01"), ("frame", 21)]),
+        (LOGON_RAW.replace(b"10=231", b"10=232"),
+         [("CheckSum 232 != computed 231", to_text(LOGON_RAW).replace("231", "232"))]),
+        # An unterminated field is waited for up to a bound, then given up on.
+        (b"8=FIX.4.4" + b"x" * 23, []),
+        (b"8=FIX.4.4" + b"x" * 24,
+         [("BeginString not terminated", "8=FIX.4.4" + "x" * 24),
+          ("bytes outside any FIX message", "=FIX.4.4" + "x" * 20)]),
+        (b"8=FIX.4.4\x019=" + b"1" * 10, []),
+        (b"8=FIX.4.4\x019=" + b"1" * 11,
+         [("BodyLength not terminated", "8=FIX.4.4\x019=" + "1" * 11),
+          ("bytes outside any FIX message", "=FIX.4.4\x019=" + "1" * 7)]),
+        (b"8=FIX.4.4\x019=123456789\x01" + LOGON_RAW,
+         [("BodyLength too large", "9=123456789"),
+          ("bytes before BeginString", "=FIX.4.4\x019=123456789\x01"), ("frame", 22)]),
+        (b"8=FIX.4.4\x019=12345678\x01" + LOGON_RAW,
+         [("BodyLength 12345678 too large", "9=12345678"),
+          ("bytes before BeginString", "=FIX.4.4\x019=12345678\x01"), ("frame", 21)]),
+        (b"8=FIX.4.4\x019=" + b"9" * 50 + b"\x01" + LOGON_RAW,
+         [("BodyLength too large", "9=" + "9" * 38),
+          ("bytes before BeginString", "=FIX.4.4\x019=" + "9" * 50 + "\x01"), ("frame", 63)]),
+        (b"8=FIX.4.4\x019=000000001048577\x01" + LOGON_RAW,
+         [("BodyLength 1048577 too large", "9=000000001048577"),
+          ("bytes before BeginString", "=FIX.4.4\x019=000000001048577\x01"), ("frame", 28)]),
+        (b"8=FIX.4.4\x019=1048576\x0135=0\x01" + LOGON_RAW * 2,
+         [("BodyLength runs past the message", "8=FIX.4.4\x019=1048576\x0135=0"),
+          ("frame", 25), ("frame", 136)]),
+        (LOGON_RAW + b"8=FIX.4.4\x019=1048576\x0135=0\x01" + LOGON_RAW,
+         [("frame", 0), ("BodyLength runs past the message", "8=FIX.4.4\x019=1048576\x0135=0"),
+          ("frame", 136)]),
+        (LOGON_RAW.replace(b"10=231", b"10=x31") + LOGON_RAW,
+         [("BodyLength does not end at CheckSum (10)", to_text(LOGON_RAW).replace("231", "x31")),
+          ("bytes before BeginString", to_text(LOGON_RAW[1:]).replace("231", "x31")),
+          ("frame", 111)]),
+        # No CheckSum anywhere after: the excerpt ends where the BodyLength said.
+        (b"8=FIX.4.4\x019=5\x0135=0\x01" + b"x" * 10,
+         [("BodyLength does not end at CheckSum (10)", "8=FIX.4.4\x019=5\x0135=0\x01"),
+          ("bytes outside any FIX message", "=FIX.4.4\x019=5\x0135=0\x01xxxxxx")]),
+    ],
+)  # fmt: skip
+def test_framer_error_reasons_excerpts_and_resync(
+    data: bytes, expected: list[tuple[str, str | int]]
+) -> None:
+    assert framed(codec.FixFramer().feed(data)) == expected
+
+
+def test_framer_keeps_stream_offsets_across_feeds() -> None:
+    framer = codec.FixFramer()
+    # A frame is its message's bytes exactly, whatever follows it.
+    (frame,) = framer.feed(LOGON_RAW + b"\r\n")
+    assert frame == codec.FixFrame(LOGON_RAW, 0)
+    assert (framer.consumed, framer.buffered, framer.error_offset) == (111, 2, 0)
+    framer = codec.FixFramer()
+    assert framer.feed(LOGON_RAW[:20]) == [] and framer.buffered == 20
+    assert framed(framer.feed(LOGON_RAW[20:])) == [("frame", 0)]
+    assert (framer.consumed, framer.buffered) == (111, 0)
+    assert framed(framer.feed(b"zz" + LOGON_RAW)) == [("bytes before BeginString", "zz"),
+                                                      ("frame", 113)]  # fmt: skip
+    assert (framer.consumed, framer.error_offset) == (224, 111)
+    # Junk without a message start: reported, except a tail that may begin "8=FIX".
+    assert framed(framer.feed(b"junk junk8=F")) == [("bytes outside any FIX message", "junk jun")]
+    assert (framer.consumed, framer.error_offset, framer.buffered) == (232, 224, 4)
+    # The next message starts in that tail; the error is located where "k" was.
+    assert framed(framer.feed(b"IX.4.4" + LOGON_RAW[9:])) == [("bytes before BeginString", "k"),
+                                                              ("frame", 233)]  # fmt: skip
+    assert (framer.consumed, framer.error_offset, framer.buffered) == (344, 232, 0)
+    # An error located inside a feed, after earlier feeds.
+    assert framed(framer.feed(LOGON_RAW + b"yy" + LOGON_RAW))[1] == ("bytes before BeginString",
+                                                                     "yy")  # fmt: skip
+    assert (framer.consumed, framer.error_offset) == (568, 455)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400), st.integers(min_value=1, max_value=50))
 def test_arbitrary_bytes_never_raise(data: bytes, cut: int) -> None:
@@ -341,6 +445,116 @@ def test_timestamp_parsing_accepts_seconds_and_micros_and_rejects_junk() -> None
         "20150215-2a:01:05",
     ):
         assert codec.parse_utc_timestamp(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (0, "19700101-00:00:00.000"),
+        (-1, "19691231-23:59:59.999"),  # before the epoch: the day and second before
+        (951_782_400 * SEC, "20000229-00:00:00.000"),  # a leap day of a year % 400 == 0
+        (4_107_542_400 * SEC + 5_999_999, "21000301-00:00:00.005"),  # 2100 is no leap year
+        (1_709_251_199 * SEC + 999_000_000, "20240229-23:59:59.999"),
+        (-62_135_596_800 * SEC, "00010101-00:00:00.000"),
+        (-62_162_035_200 * SEC, "00000301-00:00:00.000"),
+        (-62_162_035_201 * SEC, "00000229-23:59:59.000"),  # the day before an era begins
+        (-62_167_219_200 * SEC, "00000101-00:00:00.000"),
+    ],
+)
+def test_format_utc_timestamp_calendar_edges(ns: int, text: str) -> None:
+    assert codec.format_utc_timestamp(ns) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "ns"),
+    [
+        ("20240229", 1_709_164_800 * SEC),
+        ("00010101", -62_135_596_800 * SEC),
+        ("99991231", 253_402_214_400 * SEC),
+        ("20241231", 1_735_603_200 * SEC),
+        ("20240131", 1_706_659_200 * SEC),
+        ("00000101", None),
+        ("20240001", None),
+        ("20241301", None),
+        ("20240100", None),
+        ("20240132", None),
+        ("2024013a", None),
+        ("2024011", None),
+        ("202401011", None),
+        ("\uff12\uff10\uff12\uff14\uff10\uff11\uff10\uff11", None),  # full-width digits
+    ],
+)
+def test_parse_utc_date(text: str, ns: int | None) -> None:
+    assert codec.parse_utc_date(text) == ns
+
+
+@pytest.mark.parametrize(
+    ("text", "ns"),
+    [
+        ("17:09:52", 61_792 * SEC),
+        ("00:00:00", 0),
+        ("23:59:60", 86_400 * SEC),  # a leap second
+        ("17:09:52.1", 61_792 * SEC + 100_000_000),
+        ("17:09:52.000001", 61_792 * SEC + 1_000),
+        ("17:09:52.1234567891", 61_792 * SEC + 123_456_789),  # past ns: cut, not rounded
+        ("17:09:52.", None),
+        ("17:09:52x", None),
+        ("17:09:52.1a", None),
+        ("17-09-52", None),
+        ("17:09-52", None),
+        ("17:09:5", None),
+        ("1a:09:52", None),
+        ("17:0a:52", None),
+        ("17:09:5a", None),
+        ("\uff11\uff17:09:52", None),
+    ],
+)
+def test_parse_utc_time_only(text: str, ns: int | None) -> None:
+    assert codec.parse_utc_time_only(text) == ns
+
+
+def test_parse_utc_timestamp_needs_both_parts() -> None:
+    assert codec.parse_utc_timestamp("20240229-00:00:01") == 1_709_164_801 * SEC
+    assert codec.parse_utc_timestamp("20240229-00:00:0") is None  # 16 characters
+    assert codec.parse_utc_timestamp("20240229_00:00:01") is None
+    assert codec.parse_utc_timestamp("20240200-00:00:01") is None
+    assert codec.parse_utc_timestamp("20240229-00:00:0x") is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "result"),
+    [
+        (b"8=FIX.4.4\x019=5\x0135=0\x0110=000\x01",
+         [(8, "FIX.4.4"), (9, "5"), (35, "0"), (10, "000")]),
+        # Values are Latin-1 text: every byte maps to one character.
+        (b"8=FIX.4.4\x019=11\x0135=0\x0158=\xe9\x0110=000\x01",
+         [(8, "FIX.4.4"), (9, "11"), (35, "0"), (58, "\xe9"), (10, "000")]),
+        (b"8=FIX.4.4\x019=5\x01", "incomplete message"),
+        (b"8=FIX.4.4\x019=10\x0135=0\x01x=1\x0110=000\x01",
+         "bad field: TagNotNumberError invalid literal for int() with base 10: b'x'"),
+        (b"8=FIX.4.4\x019=10\x0135=0\x01" + b"x" * 30 + b"=1\x0110=000\x01",
+         "bad field: TagNotNumberError invalid literal for int() with base 10: b'" + "x" * 18
+         + "..."),
+        (b"8=FIX.4.4\x019=9\x0135=0\x0158=\x0110=000\x01", "bad field: EmptyValueError 58"),
+    ],
+)  # fmt: skip
+def test_parse_frame_fields_and_refusals(raw: bytes, result: Any) -> None:
+    if isinstance(result, str):
+        with pytest.raises(ValueError) as info:
+            codec.parse_frame(raw)
+        assert str(info.value) == result
+    else:
+        assert codec._pairs(codec.parse_frame(raw)) == result
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("0", 0), ("0042", 42), ("9" * 100, int("9" * 100)), ("9" * 101, None), (None, None),
+     ("", None), ("-1", None), ("+1", None), ("1.0", None), ("\u00b2", None),
+     ("\uff11", None)],
+)  # fmt: skip
+def test_fix_int_fields(text: str | None, value: int | None) -> None:
+    assert codec._uint(text) == value
 
 
 # ---------------------------------------------------------------- session: initiator side
@@ -932,6 +1146,21 @@ def test_incremental_updates_keep_the_other_side_and_entry_times_are_used() -> N
     assert (gone[0].bid, gone[0].ask) == (100.1, None)
     QualityChecker(stale_after_s=None).check(gone)
     assert QualityFlag.MISSING_FIELDS in gone[0].quality_flags
+
+
+def test_forgotten_symbol_starts_from_an_empty_book() -> None:
+    # After an unsubscribe the old top of book is stale: a later one-sided update must not
+    # bring its other side back, while other symbols keep theirs.
+    dec = codec.MarketDataDecoder("fix")
+    out = codec.FixReceived()
+    for sym in ("AAPL", "MSFT"):
+        dec.decode("W", fields_of(wire(f"35=W|55={sym}|268=2|269=0|270=10|269=1|270=11")), T0, out)
+    dec.forget("AAPL")
+    dec.forget("NEVER_SEEN")  # unknown symbols are fine
+    offers = "35=X|268=2|279=1|269=1|55=AAPL|270=12|279=1|269=1|55=MSFT|270=13"
+    recs = dec.decode("X", fields_of(wire(offers)), T0, out)
+    assert [(r.symbol, r.bid, r.ask) for r in recs] == [("AAPL", None, 12.0), ("MSFT", 10.0, 13.0)]
+    assert out.errors == []
 
 
 def test_encoder_output_decodes_to_the_same_values() -> None:

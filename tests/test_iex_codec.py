@@ -6,13 +6,14 @@ import gzip
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.codecs import iex, pcap
-from common.codecs.base import CaptureError
+from common.codecs.base import CaptureError, DecodeError
 from common.model import DataType, QualityFlag, RawMarketData
 from common.quality import QualityChecker
 from simulators.iex import IexSimConfig, build_capture
@@ -246,6 +247,17 @@ def test_every_event_kind_round_trips() -> None:
     assert out.end_of_messages
 
 
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [(b"T1  ", "T1"), (b"T1\0\0", "T1"), (b"IPO1", "IPO1"), (b"XX  ", "XX"), (b"    ", "")],
+)
+def test_text_fields_lose_only_their_padding(field: bytes, text: str) -> None:
+    # Alpha fields are left-justified and padded with spaces (zero bytes in some captures).
+    msg = iex.encode_trading_status("ZIEXT", TS, "H")[:-4] + field
+    (event,) = iex.decode_segment(segment([msg]), 0).events
+    assert event == iex.TradingStatus(1, TS, "ZIEXT", "H", text)
+
+
 def test_heartbeat_segment() -> None:
     enc = iex.SessionEncoder(1, 9)
     enc.segment([SPEC_QUOTE, SPEC_QUOTE], TS)
@@ -256,6 +268,16 @@ def test_heartbeat_segment() -> None:
     assert out.header is not None
     # A heartbeat carries the next sequence number and the current stream offset.
     assert (out.header.first_sequence, out.header.stream_offset) == (3, 88)
+
+
+def test_heartbeat_and_end_of_messages_only_when_so() -> None:
+    data = iex.decode_segment(segment([SPEC_QUOTE, iex.encode_system_event("E", TS)]), 0)
+    assert (data.heartbeat, data.end_of_messages) == (False, False)
+    assert data.header is not None and data.header.stream == "1:7"
+    broken = iex.decode_segment(b"", 0)
+    assert (broken.heartbeat, broken.end_of_messages) == (False, False)
+    end = iex.decode_segment(segment([iex.encode_system_event("C", TS)]), 0)
+    assert (end.heartbeat, end.end_of_messages) == (False, True)
 
 
 def test_zero_price_side_is_no_price() -> None:
@@ -270,6 +292,8 @@ def test_unknown_and_deep_types_are_counted_and_skipped() -> None:
     out = iex.decode_segment(segment([unknown, SPEC_QUOTE, deep_level]), 0)
     assert out.errors == [] and out.unknown == 1 and out.skipped == 1
     assert [r.provider_sequence for r in out.records] == [2]
+    out = iex.decode_segment(segment([deep_level, unknown, unknown, deep_level, SPEC_QUOTE]), 0)
+    assert (out.unknown, out.skipped, len(out.records)) == (2, 2, 1)
 
 
 def test_symbol_filter() -> None:
@@ -297,6 +321,54 @@ def test_bad_datagrams_are_errors_without_header(data: bytes, reason: str) -> No
     assert len(out.errors) == 1 and reason in out.errors[0].reason
 
 
+def header_only(payload_length: int, count: int) -> bytes:
+    """A segment header claiming ``payload_length`` bytes and ``count`` messages."""
+    data = bytearray(segment([]))
+    struct.pack_into("<HH", data, 12, payload_length, count)
+    return bytes(data)
+
+
+HEADER_HEX = header_only(44, 1).hex()
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "sequences"),
+    [
+        (segment([SPEC_QUOTE])[:39],
+         DecodeError("datagram of 39 bytes is shorter than a header", HEADER_HEX[:78]), None),
+        (b"\x02" + segment([SPEC_QUOTE])[1:],
+         DecodeError("IEX-TP version 2, expected 1", "02" + HEADER_HEX[2:]), None),
+        (segment([SPEC_QUOTE]) + b"\0",
+         DecodeError("payload length 44 but datagram carries 45", HEADER_HEX), None),
+        (header_only(3, 0) + b"abc",
+         DecodeError("payload without messages", header_only(3, 0).hex()), None),
+        # The header is good: what decoded before the damage is kept.
+        (header_only(45, 3) + b"\x2a\x00" + SPEC_QUOTE + b"\x01",
+         DecodeError("payload ends before message 1 (2 missing)", ""), [1]),
+        (header_only(46, 3) + b"\x2a\x00" + SPEC_QUOTE + b"\x01\x00",
+         DecodeError("message 1: block length 1 overruns the payload", "0100"), [1]),
+        (header_only(2, 1) + b"\x00\x00",
+         DecodeError("message 0: block length 0 overruns the payload", "0000"), []),
+        (header_only(47, 1) + b"\x2a\x00" + SPEC_QUOTE + b"xyz",
+         DecodeError("3 bytes after the last message", "78797a"), [1]),
+        (segment([SPEC_QUOTE[:41], SPEC_QUOTE]),
+         DecodeError("message 'Q' of 41 bytes, needs 42", SPEC_QUOTE[:41].hex()), [2]),
+    ],
+)  # fmt: skip
+def test_damaged_segments_report_exactly_what_is_wrong(
+    data: bytes, error: DecodeError, sequences: list[int] | None
+) -> None:
+    out = iex.decode_segment(data, 5)
+    assert out.errors == [error]
+    if sequences is None:
+        assert out.header is None and out.records == []
+    else:
+        assert out.header is not None
+        assert [(r.provider_sequence, r.receive_ns) for r in out.records] == [
+            (seq, 5) for seq in sequences
+        ]
+
+
 def test_bad_messages_are_errors_and_decoding_continues() -> None:
     short_quote = SPEC_QUOTE[:30]
     bad_symbol = iex.encode_trade_report("ZIEXT", TS, 1.0, 1, 1).replace(
@@ -309,11 +381,42 @@ def test_bad_messages_are_errors_and_decoding_continues() -> None:
     assert [r.provider_sequence for r in out.records] == [4]
 
 
+@pytest.mark.parametrize(
+    ("symbol", "ts", "result"),
+    [
+        (b"ZIEXT\0\0\0", TS, ("ZIEXT", TS)),  # NUL padding is padding too
+        (b"BRK.B   ", 1, ("BRK.B", 1)),
+        (b"FOX     ", TS, ("FOX", TS)),
+        (b" " * 8, TS, "invalid symbol b'        '"),
+        (b"\0" * 8, TS, "invalid symbol b'" + "\\x00" * 8 + "'"),
+        (b"ZI\x01XT   ", TS, "invalid symbol b'ZI\\x01XT   '"),
+        (b"\xffZIEXT  ", TS, "symbol b'\\xffZIEXT  ' is not ASCII"),
+        (b"ZIEXT   ", 0, "invalid timestamp 0"),
+        (b"ZIEXT   ", -1, "invalid timestamp -1"),
+    ],
+)  # fmt: skip
+def test_trade_symbol_and_timestamp_checks(symbol: bytes, ts: int, result: Any) -> None:
+    msg = iex.encode_trade_report("ZIEXT", ts, 1.0, 1, 1)
+    msg = msg[:10] + symbol + msg[18:]
+    out = iex.decode_segment(segment([msg]), 0)
+    if isinstance(result, str):
+        assert out.records == [] and out.errors == [DecodeError(result, msg.hex())]
+    else:
+        assert [(r.symbol, r.timestamp_ns) for r in out.records] == [result]
+        assert out.errors == []
+
+
 def test_block_overrunning_the_payload() -> None:
     data = bytearray(segment([SPEC_QUOTE, SPEC_QUOTE]))
     struct.pack_into("<H", data, 40 + 44, 500)  # second block claims 500 bytes
     out = iex.decode_segment(bytes(data), 0)
-    assert len(out.records) == 1 and "overruns" in out.errors[0].reason
+    assert len(out.records) == 1
+    # The excerpt: the block length and the first 40 bytes of the message.
+    assert out.errors == [
+        DecodeError(
+            "message 1: block length 500 overruns the payload", "f401" + SPEC_QUOTE[:40].hex()
+        )
+    ]
 
 
 @settings(max_examples=300, deadline=None)
@@ -386,6 +489,41 @@ def test_tracker_drops_duplicates_and_new_session_is_not_a_gap() -> None:
     assert tracker.admit(dup) is None
     assert [r.provider_sequence for r in dup.records] == [4]
     assert tracker.admit(_seg(1, 2, session=8)) is None
+
+
+def test_tracker_contiguity_duplicates_and_events() -> None:
+    # AAPL quotes are kept; MSFT quotes (filtered) and system events ("S") use numbers too.
+    def admitted(first: int, kinds: list[str], session: int = 7) -> Any:
+        msgs = [iex.encode_system_event("O", TS) if k == "S"
+                else iex.encode_quote_update(k, TS, 1.0, 1, 2.0, 1) for k in kinds]  # fmt: skip
+        seg = iex.decode_segment(segment(msgs, first=first, session=session), 0,
+                                 quote_symbols={"AAPL"})  # fmt: skip
+        gap = tracker.admit(seg)
+        seqs = [(r.provider_sequence, r.sequence_contiguous) for r in seg.records]
+        return gap, seqs, [e.sequence for e in seg.events]
+
+    tracker = iex.SequenceTracker()
+    assert tracker.expected("1:7") is None
+    # 3 follows 1 with only received, unrecorded messages between: not contiguous, no gap.
+    assert admitted(1, ["AAPL", "S", "AAPL", "MSFT"]) == (None, [(1, True), (3, False)], [2])
+    assert tracker.expected("1:7") == 5
+    # Segments overlapping what was seen: only numbers from the expected one on are new.
+    assert admitted(3, ["AAPL", "MSFT", "AAPL", "S"]) == (None, [(5, False)], [6])
+    assert admitted(6, ["S", "S"]) == (None, [], [7])
+    assert tracker.expected("1:7") == 8
+    # An old segment again: nothing new, and the expected number does not go back.
+    assert admitted(1, ["AAPL", "S"]) == (None, [], [])
+    assert tracker.expected("1:7") == 8
+    # After a real gap the next record stays contiguous (so the checker flags it)...
+    assert admitted(10, ["MSFT", "AAPL", "S", "AAPL"]) == (
+        iex.SequenceGap("1:7", 8, 10), [(11, True), (13, False)], [12],
+    )  # fmt: skip
+    assert admitted(14, ["AAPL"]) == (None, [(14, True)], [])
+    # ...and each session is a stream of its own.
+    assert admitted(100, ["AAPL"], session=8) == (None, [(100, True)], [])
+    assert (tracker.expected("1:8"), tracker.expected("1:7")) == (101, 15)
+    assert tracker.admit(iex.decode_segment(b"", 0)) is None  # no header, nothing to track
+    assert tracker.expected("1:7") == 15
 
 
 def test_filtered_messages_are_not_gaps() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from common.codecs import polygon as codec
-from common.codecs.base import CaptureError
-from common.model import DataType, QualityFlag
+from common.codecs.base import CaptureError, DecodeError
+from common.model import DataType, QualityFlag, RawMarketData
 
 RECV = 1_700_000_000_000_000_000
 
@@ -151,3 +153,85 @@ def test_decode_capture_reports_line_numbers() -> None:
     errors = [i for i in items if isinstance(i, CaptureError)]
     assert [e.location for e in errors] == ["line 2", "line 4"]
     assert len(items) - len(errors) == 1
+
+
+def test_unsubscribe_joins_channels_with_commas() -> None:
+    assert codec.encode_unsubscribe(["T.AAPL", "Q.AAPL"]) == (
+        '{"action":"unsubscribe","params":"T.AAPL,Q.AAPL"}'
+    )
+
+
+def test_each_event_kind_decodes_to_the_whole_record() -> None:
+    # Every field checked at once: the smallest valid time (1 ms), a sequence that is not an
+    # int, a missing size / ask / close, and the OTC marker of a bar.
+    frame = orjson.dumps(
+        [
+            {"ev": "T", "sym": "X", "p": 1.5, "t": 1, "q": "7", "x": 4},
+            {"ev": "Q", "sym": "X", "bp": 1.25, "t": 2, "q": 9, "bx": 4},
+            {"ev": "AM", "sym": "X", "v": 10, "s": 3, "e": 63, "otc": True},
+        ]
+    )
+    out = codec.decode_frame(frame, RECV)
+    assert out.errors == []
+    missing = [QualityFlag.MISSING_FIELDS]
+    # Polygon's "q" is not consecutive per channel, so a jump must not read as a gap.
+    assert out.records == [
+        RawMarketData("X", "polygon", 1_000_000, DataType.TRADE, 1.5, None, None, None,
+                      {"x": 4}, None, "T.X", False, RECV, missing),
+        RawMarketData("X", "polygon", 2_000_000, DataType.QUOTE, None, None, 1.25, None,
+                      {"bx": 4}, 9, "Q.X", False, RECV, missing),
+        RawMarketData("X", "polygon", 3_000_000, DataType.AGGREGATE, None, 10, None, None,
+                      {"s": 3, "e": 63, "otc": True, "ev": "AM"}, None, "AM.X", False, RECV,
+                      missing),
+    ]  # fmt: skip
+
+
+def _raw(item: Any) -> str:
+    return orjson.dumps(item).decode()
+
+
+@pytest.mark.parametrize(
+    ("frame", "errors"),
+    [
+        (b'{"ev":"T"}', [DecodeError("frame is not a JSON array", '{"ev":"T"}')]),
+        (b"[1,[2]]", [DecodeError("array element is not an object", "1"),
+                      DecodeError("array element is not an object", "[2]")]),
+        (b'[{"ev":5}]', [DecodeError("unknown event type 5", '{"ev":5}')]),
+        (b'[{"ev":"ZZ"}]', [DecodeError("unknown event type 'ZZ'", '{"ev":"ZZ"}')]),
+        (b'[{"ev":"T","sym":"","t":1}]',
+         [DecodeError("missing or empty 'sym'", '{"ev":"T","sym":"","t":1}')]),
+        (b'[{"ev":"T","sym":5,"t":1}]',
+         [DecodeError("missing or empty 'sym'", '{"ev":"T","sym":5,"t":1}')]),
+        (b'[{"ev":"T","sym":"X","t":0}]',
+         [DecodeError("missing or invalid timestamp 't'", '{"ev":"T","sym":"X","t":0}')]),
+    ],
+)  # fmt: skip
+def test_errors_name_the_problem_and_keep_the_bad_part(
+    frame: bytes, errors: list[DecodeError]
+) -> None:
+    out = codec.decode_frame(frame, RECV)
+    assert out.records == [] and out.errors == errors
+
+
+def test_invalid_json_error_keeps_the_frame() -> None:
+    [err] = codec.decode_frame(b'[{"ev":"T"', RECV).errors
+    assert err.reason.startswith("invalid JSON: ") and err.raw == '[{"ev":"T"'
+
+
+def test_decoder_failure_loses_only_its_element(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last-resort guard: a decoder failing in a way nobody foresaw.
+    def broken(item: dict[str, Any], provider: str, receive_ns: int) -> RawMarketData:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(codec._DECODERS, "A", broken)
+    bad = {"ev": "A", "sym": "X", "c": 1.0, "v": 1, "s": 5}
+    good = {"ev": "T", "sym": "X", "p": 1.5, "s": 2, "t": 5}
+    out = codec.decode_frame(orjson.dumps([bad, good]), RECV)
+    assert out.errors == [DecodeError("unexpected RuntimeError: boom", _raw(bad))]
+    assert [r.price for r in out.records] == [1.5]
+
+
+def test_every_known_untracked_event_is_counted_as_skipped() -> None:
+    frame = b'[{"ev":"LULD","T":"X"},{"ev":"NOI","T":"X"},{"ev":"V","T":"I:SPX"}]'
+    out = codec.decode_frame(frame, RECV)
+    assert (out.skipped, out.records, out.errors) == (3, [], [])

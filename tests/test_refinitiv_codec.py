@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.codecs import refinitiv as codec
-from common.codecs.base import CaptureError, CodecError
+from common.codecs.base import CaptureError, CodecError, DecodeError
 from common.model import DataType, QualityFlag, RawMarketData
 from common.quality import QualityChecker
 from tests import SHARED
@@ -513,3 +514,170 @@ def test_any_field_values_on_a_known_stream_never_raise(
     assert out.errors == []
     for record in out.records:
         assert record.symbol == "IBM.N" and isinstance(record.timestamp_ns, int)
+
+
+# ---------------------------------------------------------------- exact edges
+
+
+def test_requests_carry_view_and_service_in_batches_and_singles() -> None:
+    consumer = codec.ConsumerProtocol()
+    frames = consumer.item_requests(["A.N", "B.N", "C.N"], view=["BID"], service=258,
+                                    batch_size=2)  # fmt: skip
+    assert [orjson.loads(f) for f in frames] == [
+        {"ID": 2, "Key": {"Name": ["A.N", "B.N"], "Service": 258}, "View": ["BID"]},
+        {"ID": 5, "Key": {"Name": "C.N", "Service": 258}, "View": ["BID"]},
+    ]
+    # Chunks of one are single requests, one after the other.
+    frames = consumer.item_requests(["D.N", "E.N"], batch_size=1)
+    assert frames == ['{"ID":6,"Key":{"Name":"D.N"}}', '{"ID":7,"Key":{"Name":"E.N"}}']
+    assert consumer.ids_by_name == {"A.N": 3, "B.N": 4, "C.N": 5, "D.N": 6, "E.N": 7}
+
+
+def test_default_batch_holds_500_names() -> None:
+    consumer = codec.ConsumerProtocol()
+    names = [f"S{i}.N" for i in range(501)]
+    batch, single = consumer.item_requests(names)
+    assert orjson.loads(batch)["Key"]["Name"] == names[:500]
+    assert orjson.loads(single) == {"ID": 503, "Key": {"Name": "S500.N"}}
+    assert consumer.ids_by_name["S499.N"] == 502 and consumer.next_id == 504
+
+
+def test_any_sequence_of_names_or_ids_encodes_as_an_array() -> None:
+    # A batch's items stream on consecutive IDs, so a range is the natural way to close them.
+    assert codec.encode_close(range(3, 6)) == '{"ID":[3,4,5],"Type":"Close"}'
+    assert codec.encode_item_request(2, deque(["A.N", "B.N"])) == (
+        '{"ID":2,"Key":{"Name":["A.N","B.N"]}}'
+    )
+
+
+def test_a_closed_item_no_longer_takes_updates_on_its_id() -> None:
+    consumer = codec.ConsumerProtocol()
+    _open(consumer, "A.N", 2)
+    assert consumer.close_requests(["A.N"]) == ['{"ID":2,"Type":"Close"}']
+    late = {"ID": 2, "Type": "Update", "Fields": {"BID": 1.0}}
+    out = consumer.decode(frame(late), RECEIVE_NS)
+    assert out.records == []
+    assert [e.reason for e in out.errors] == ["Update on unknown stream 2 without Key.Name"]
+
+
+def test_batch_items_numbered_otherwise_by_the_server_keep_both_names() -> None:
+    consumer = codec.ConsumerProtocol()
+    consumer.item_requests(["A.N", "B.N"])  # expected on IDs 3 and 4
+    out = consumer.decode(
+        frame(
+            codec.item_refresh(3, "B.N", {"BID": 1.0, "ASK": 1.1}, 1),
+            codec.item_refresh(4, "A.N", {"BID": 2.0, "ASK": 2.1}, 2),
+        ),
+        RECEIVE_NS,
+    )
+    assert [(r.symbol, r.bid) for r in out.records] == [("B.N", 1.0), ("A.N", 2.0)]
+    assert consumer.ids_by_name == {"B.N": 3, "A.N": 4}
+
+
+@pytest.mark.parametrize(("ping", "expected"), [(0, None), (1, 1.0), (-5, None)])
+def test_login_ping_timeout_must_be_positive(ping: int, expected: float | None) -> None:
+    login = codec.login_refresh("u", "256", "10.0.0.1", ping_timeout_s=ping)
+    [event] = codec.ConsumerProtocol().decode(frame(login), RECEIVE_NS).logins
+    assert event.ping_timeout_s == expected
+
+
+def test_a_time_exactly_half_a_day_away_stays_on_the_receive_day() -> None:
+    half_day = 43_200 * 1_000_000_000
+    midnight = ns("2024-05-07T00:00:00")
+    assert codec.nearest_day(half_day, midnight) == ns("2024-05-07T12:00:00")
+    assert codec.nearest_day(0, midnight + half_day) == midnight
+
+
+def test_login_refresh_without_state_is_an_open_ok_login() -> None:
+    # The spec's defaults for a Refresh that leaves State out.
+    refresh = {"ID": 1, "Type": "Refresh", "Domain": "Login", "Elements": {"PingTimeout": 20}}
+    [login] = codec.ConsumerProtocol().decode(frame(refresh), RECEIVE_NS).logins
+    assert login.state == codec.State("Open", "Ok", "", "")
+    assert login.accepted and not login.closed and login.ping_timeout_s == 20.0
+
+
+def test_errors_name_the_problem_and_keep_the_bad_part() -> None:
+    consumer = codec.ConsumerProtocol()
+    assert consumer.decode(b"42", 1).errors == [DecodeError("frame is not a JSON array", "42")]
+    [err] = consumer.decode(b'[{"ID":2,', 1).errors
+    assert err.reason.startswith("invalid JSON: ") and err.raw == '[{"ID":2,'
+    out = consumer.decode(b'["x",5,{"ID":2,"Type":"Bogus"}]', 1)
+    assert out.errors == [
+        DecodeError("array element is not an object", "x"),
+        DecodeError("array element is not an object", "5"),
+        DecodeError("unknown message Type 'Bogus'", '{"ID":2,"Type":"Bogus"}'),
+    ]
+
+
+def test_a_message_failing_unforeseen_loses_only_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last-resort guard: record building failing in a way nobody foresaw.
+    consumer = codec.ConsumerProtocol()
+    _open(consumer, "A.N", 2)
+    _open(consumer, "B.N", 3)
+    build = consumer._records
+
+    def flaky(kind: str, msg: dict[str, Any], *args: Any) -> None:
+        if msg["ID"] == 2:
+            raise RuntimeError("boom")
+        build(kind, msg, *args)
+
+    monkeypatch.setattr(consumer, "_records", flaky)
+    bad = {"ID": 2, "Type": "Update", "Fields": {"BID": 1.0}}
+    good = {"ID": 3, "Type": "Update", "Fields": {"BID": 2.0}}
+    out = consumer.decode(frame(bad, good), RECEIVE_NS)
+    assert out.errors == [DecodeError("unexpected RuntimeError: boom", orjson.dumps(bad).decode())]
+    assert [(r.symbol, r.bid) for r in out.records] == [("B.N", 2.0)]
+
+
+def test_control_messages_are_counted_and_errors_kept() -> None:
+    out = codec.ConsumerProtocol().decode(
+        frame(
+            {"Type": "Ping"}, {"Type": "Pong"}, {"Type": "Ping"}, {"Type": "Pong"},
+            {"ID": "7", "Type": "Error", "Text": "bad request"},
+            {"ID": 5, "Type": "Refresh", "Domain": "MarketByPrice", "Key": {"Name": "X"}},
+            {"ID": 6, "Type": "Refresh", "Domain": "MarketByOrder", "Key": {"Name": "X"}},
+        ),
+        RECEIVE_NS,
+    )  # fmt: skip
+    assert (out.pings, out.pongs, out.skipped, out.errors) == (2, 2, 2, [])
+    # An ID that is not an integer is no stream ID.
+    assert out.server_errors == [codec.ServerError(None, "bad request")]
+
+
+def test_bad_ids_and_fields_are_named() -> None:
+    consumer = codec.ConsumerProtocol()
+    _open(consumer)
+    bad_id = {"ID": "2", "Type": "Update", "Fields": {}}
+    bad_fields = {"ID": 2, "Type": "Update", "Fields": [1]}
+    # An Update without Fields changes nothing: skipped, not an error.
+    no_fields = {"ID": 2, "Type": "Update"}
+    out = consumer.decode(frame(bad_id, bad_fields, no_fields), RECEIVE_NS)
+    assert out.errors == [
+        DecodeError("missing or non-integer 'ID'", orjson.dumps(bad_id).decode()),
+        DecodeError("'Fields' is not an object", orjson.dumps(bad_fields).decode()),
+    ]
+    assert (out.records, out.skipped) == ([], 1)
+
+
+def test_refresh_on_a_closed_stream_gives_its_image_then_forgets_the_item() -> None:
+    consumer = codec.ConsumerProtocol()
+    _open(consumer, "A.N", 2)
+    closed = codec.item_refresh(2, "A.N", {"BID": 1.0, "ASK": 1.1}, 5)
+    closed["State"] = codec.state("Closed", "Suspect", "gone", "NotFound")
+    out = consumer.decode(frame(closed), RECEIVE_NS)
+    assert [(r.symbol, r.bid, r.ask) for r in out.records] == [("A.N", 1.0, 1.1)]
+    assert consumer.ids_by_name == {}
+    late = {"ID": 2, "Type": "Update", "Fields": {"BID": 1.2}}
+    assert consumer.decode(frame(late), RECEIVE_NS).errors[0].reason == (
+        "Update on unknown stream 2 without Key.Name"
+    )
+
+
+def test_an_empty_or_non_text_key_name_does_not_rename_the_item() -> None:
+    consumer = codec.ConsumerProtocol()
+    _open(consumer)
+    for name in ("", 5):
+        msg = {"ID": 2, "Type": "Update", "Key": {"Name": name}, "Fields": {"BID": 9.5}}
+        out = consumer.decode(frame(msg), RECEIVE_NS)
+        assert [(r.symbol, r.bid) for r in out.records] == [("IBM.N", 9.5)], name
+    assert consumer.ids_by_name == {"IBM.N": 2}
