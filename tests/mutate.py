@@ -1,9 +1,11 @@
 """Mutation testing of the core: `make mutate` (or `python -m tests.mutate`).
 
 mutmut plants one small bug at a time (a flipped comparison, a changed constant, a dropped
-call) in the modules below and runs the tests that cover the mutated function; a mutant the
-tests do not notice "survived". This prints the share killed per module against the 85%
-target, and lists every survivor that `tests/mutation_survivors.md` does not explain.
+call) in the modules below and runs the module's own tests that cover the mutated function;
+a mutant they do not notice "survived". Each run works in a copy of the tree whose mutmut
+settings name only the chosen modules and their tests. This prints the share killed per
+module against the 85% target, and lists every survivor that `tests/mutation_survivors.md`
+does not explain.
 
 PostgreSQL, Redis and the broker come from ``FEEDFLEET_DATABASE_URL`` /
 ``FEEDFLEET_REDIS_URL`` / ``FEEDFLEET_PULSAR_URL`` when set, else embedded ones are started
@@ -60,10 +62,14 @@ class Module:
     left out because they are I/O loops that tests exercise end to end instead."""
 
     path: str
+    # The module's own tests: a mutant must be caught by these, not by an end-to-end test
+    # that happens to pass through it.
+    tests: tuple[str, ...]
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    # The tests that cover a quick module: --quick runs only these, in a copy of the tree.
-    quick_tests: tuple[str, ...] = ()
+    quick: bool = False  # small and pure: `--quick` (and CI) runs these
+    # Tests too slow to run once per mutant (pytest node ids); the suite still runs them.
+    deselect: tuple[str, ...] = ()
 
     @property
     def dotted(self) -> str:
@@ -79,6 +85,12 @@ class Module:
         )
 
 
+SINK_TESTS = (
+    "tests/test_sink_base.py", "tests/test_postgres_sink.py", "tests/test_pulsar_sink.py",
+    "tests/test_replay_order.py",
+)  # fmt: skip
+
+
 def fns(*names: str) -> tuple[str, ...]:
     """Patterns for module-level functions by name."""
     return tuple(f"x_{name}__mutmut_*" for name in names)
@@ -90,25 +102,30 @@ def methods(cls: str, *names: str) -> tuple[str, ...]:
 
 
 MODULES: dict[str, Module] = {
-    "quality": Module("common/quality.py", quick_tests=("tests/test_quality.py",)),
+    "quality": Module("common/quality.py", ("tests/test_quality.py",), quick=True),
     "circuit": Module(
-        "common/circuit.py", quick_tests=("tests/test_circuit.py", "tests/test_status_reporter.py")
+        "common/circuit.py", ("tests/test_circuit.py", "tests/test_status_reporter.py"), quick=True
     ),
-    "ratelimit": Module("common/ratelimit.py", quick_tests=("tests/test_ratelimit.py",)),
-    "log": Module("common/log.py", quick_tests=("tests/test_log.py",)),
-    "events": Module("common/events.py"),
-    "journal": Module("common/journal.py"),
-    "sink_base": Module("common/sinks/base.py"),
-    "sink_postgres": Module("common/sinks/postgres.py"),
-    "sink_pulsar": Module("common/sinks/pulsar.py"),
+    "ratelimit": Module("common/ratelimit.py", ("tests/test_ratelimit.py",), quick=True),
+    "log": Module("common/log.py", ("tests/test_log.py",), quick=True),
+    "events": Module("common/events.py", ("tests/test_events.py",)),
+    "journal": Module("common/journal.py", ("tests/test_journal.py",)),
+    "sink_base": Module("common/sinks/base.py", SINK_TESTS),
+    "sink_postgres": Module("common/sinks/postgres.py", SINK_TESTS),
+    "sink_pulsar": Module("common/sinks/pulsar.py", SINK_TESTS),
     # The assignment planner; the Coordinator class around it is the LISTEN/lock loop.
     "coordinator": Module(
-        "workers/coordinator.py", exclude=("xǁCoordinatorǁ*", "x_run_coordinator*")
+        "workers/coordinator.py",
+        ("tests/test_failover.py",),
+        exclude=("xǁCoordinatorǁ*", "x_run_coordinator*"),
+        # A 300-example property test (30 s); the example-based planner tests must do.
+        deselect=("tests/test_failover.py::test_exactly_one_latest_row_the_best_serving_provider",),
     ),
     # Codecs: their framing, bytes to messages (the decoding of each message's fields is
     # covered by the codec tests but not scored here).
     "codec_polygon": Module(
         "common/codecs/polygon.py",
+        ("tests/test_polygon_codec.py",),
         fns(
             "decode_frame",
             "_symbol",
@@ -126,11 +143,13 @@ MODULES: dict[str, Module] = {
     ),
     "codec_refinitiv": Module(
         "common/codecs/refinitiv.py",
+        ("tests/test_refinitiv_codec.py",),
         methods("ConsumerProtocol", "decode", "_decode_message", "_item_for", "_open", "_forget")
         + fns("_login_event", "_state"),
     ),
     "codec_fix": Module(
         "common/codecs/fix.py",
+        ("tests/test_fix_codec.py",),
         methods("FixFramer")
         + fns(
             "parse_frame",
@@ -144,6 +163,7 @@ MODULES: dict[str, Module] = {
     ),
     "codec_iex": Module(
         "common/codecs/iex.py",
+        ("tests/test_iex_codec.py",),
         methods("SequenceTracker")
         + methods("SegmentHeader")
         + methods("DecodedSegment")
@@ -151,14 +171,17 @@ MODULES: dict[str, Module] = {
     ),
     "codec_pcap": Module(
         "common/codecs/pcap.py",
+        ("tests/test_pcap.py", "tests/test_iex_codec.py"),
         methods("PcapReader") + fns("_pcapng_time_ns", "_udp_from_frame", "read_udp"),
     ),
     "codec_alphavantage": Module(
         "common/codecs/alphavantage.py",
+        ("tests/test_alphavantage_codec.py",),
         fns("decode_response", "_decode_json", "_read_csv", "classify_message", "_find_series"),
     ),
     "codec_bloomberg": Module(
         "common/codecs/bloomberg.py",
+        ("tests/test_bloomberg_codec.py",),
         fns("decode_event_line", "_untag", "decode_messages", "_symbol", "time_ns", "_event_time"),
     ),
 }
@@ -280,15 +303,20 @@ def run_mutmut(patterns: list[str], env: dict[str, str], root: Path = ROOT) -> i
     log = root / "mutants" / "run.log"
     print(f"mutmut run over {len(patterns)} pattern(s); progress in {log}", flush=True)
     with open(log, "wb") as out:
-        return subprocess.run(
+        code = subprocess.run(
             [str(mutmut), "run", *patterns], cwd=root, env=os.environ | env, stdout=out,
             stderr=subprocess.STDOUT,
         ).returncode  # fmt: skip
+    if code != 0:
+        # The tree is temporary: show why before it goes (spinner frames end in \r).
+        lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+        print("\n".join(line for line in lines[-60:] if line.strip()), file=sys.stderr)
+    return code
 
 
 def narrowed_tree(names: list[str], work: Path) -> Path:
     """A copy of the tree whose mutmut settings mutate only the named modules and collect
-    only their tests: the stats pass then runs seconds of tests, not minutes (for CI)."""
+    only their tests, so mutmut's first pass over the tests is short."""
     tree = work / "tree"
     skip = shutil.ignore_patterns("__pycache__", "mutants", ".*")
     for name in ("common", "workers", "simulators", "chaos", "tests"):
@@ -296,7 +324,8 @@ def narrowed_tree(names: list[str], work: Path) -> Path:
     shutil.copy2(ROOT / "schema.sql", tree / "schema.sql")
     text = (ROOT / "pyproject.toml").read_text()
     paths = [MODULES[n].path for n in names]
-    tests = sorted({t for n in names for t in MODULES[n].quick_tests})
+    tests = sorted({t for n in names for t in MODULES[n].tests})
+    tests += [arg for n in names for d in MODULES[n].deselect for arg in ("--deselect", d)]
     text = re.sub(r"(?ms)^only_mutate = \[.*?^\]", f"only_mutate = {json.dumps(paths)}", text)
     text = re.sub(
         r"(?ms)^pytest_add_cli_args_test_selection = \[.*?^\]",
@@ -308,11 +337,15 @@ def narrowed_tree(names: list[str], work: Path) -> Path:
 
 
 def keep_verdicts(tree: Path, names: list[str]) -> None:
-    """Copy a narrowed run's verdicts beside the full run's, for --report and --recheck."""
+    """Keep a run's verdicts (and mutated sources, for ``mutmut show``) in ``mutants/``,
+    for --report and --recheck."""
     for name in names:
-        meta = Path("mutants") / f"{MODULES[name].path}.meta"
-        (ROOT / meta).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(tree / meta, ROOT / meta)
+        for path in (
+            Path("mutants") / MODULES[name].path,
+            Path("mutants") / f"{MODULES[name].path}.meta",
+        ):
+            (ROOT / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tree / path, ROOT / path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,11 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
-    names = args.modules or [n for n, m in MODULES.items() if m.quick_tests or not args.quick]
-    if args.quick and any(not MODULES[n].quick_tests for n in names):
-        parser.error(
-            f"--quick takes only {', '.join(n for n, m in MODULES.items() if m.quick_tests)}"
-        )
+    if args.quick and args.modules:
+        parser.error("--quick chooses its modules itself")
+    names = args.modules or [n for n, m in MODULES.items() if m.quick or not args.quick]
 
     if not args.report:
         patterns = [p for n in names for p in MODULES[n].patterns()]
@@ -346,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             tempfile.TemporaryDirectory(prefix="feedfleet-mutate-") as tmp,
             services(Path(tmp)) as env,
         ):
-            tree = narrowed_tree(names, Path(tmp)) if args.quick else ROOT
+            tree = narrowed_tree(names, Path(tmp))
             code = run_mutmut(patterns, env, tree)
-            if code == 0 and args.quick:
+            if code == 0:
                 keep_verdicts(tree, names)
         if code != 0:
             print(f"mutmut failed (exit {code}); see its log above", file=sys.stderr)
