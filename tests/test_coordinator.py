@@ -144,6 +144,15 @@ def test_affected_symbols() -> None:
     assert scope([a, b, flowing]) == {"N"}  # only a failback waits for a symbol to flow
     down = replace(c, status="DISCONNECTED")
     assert scope([a, b, down]) == {"Z", "N"}  # grace starts: p2's phase changed
+    # Several changes in one pass add up, whatever their order.
+    assert scope([b, down]) == {"X", "Y", "Z", "N"}
+    new = db.LiveInstance("d", "p2", "h3")  # an instance the last pass did not know
+    assert scope([new, refused, b, flowing]) == {"Z", "N", "Y"}
+    # A provider the last pass did not know (a new row): its symbols.
+    more = by_provider | {"p3": {"W"}}
+    after_sigs = sigs([a, b, c]) | {"p3": ("new",)}
+    assert affected_symbols(sigs([a, b, c]), after_sigs, more, set(), known, [a, b, c],
+                            False) == {"W"}  # fmt: skip
 
 
 async def test_short_pass_ends_where_a_full_pass_would(services: Services, conn: db.Conn) -> None:

@@ -110,13 +110,28 @@ class World:
     def step(self, now: float) -> Plan:
         self.now = now
         plan = plan_assignments(self.subs, self.providers, self.live(), self.rows, now, self.memory)
+        self.check(plan)
         self.rows, self.memory = plan.rows, plan.memory
         return plan
 
-    def held(self, symbol: str) -> set[tuple[str, str, str, str, bool]]:
+    def check(self, plan: Plan) -> None:
+        """What every plan must hold, whatever the test: rows carry their subscription's
+        data types and name their server; events and strandings say for whom and why."""
+        types = {(s.provider_id, s.symbol): tuple(s.data_types) for s in self.subs}
+        for r in plan.rows:
+            assert r.data_types == types[(r.provider_id, r.symbol)], r
+            assert r.serving_provider_id is not None, r
+        for e in plan.events:
+            assert (e.provider_id, e.symbol) in types, e
+            assert isinstance(e.why, str) and e.why, e
+            assert e.detect_s >= 0.0, e
+        for key, why in plan.stranded.items():
+            assert key in types and isinstance(why, str) and why, (key, why)
+
+    def held(self, symbol: str) -> set[tuple[str, str, str | None, str, bool]]:
         """Rows of ``symbol``: (for whom, reason, serving provider, instance, latest)."""
         return {
-            (r.provider_id, r.reason, r.server, r.instance_id, r.latest)
+            (r.provider_id, r.reason, r.serving_provider_id, r.instance_id, r.latest)
             for r in self.rows
             if r.symbol == symbol
         }
@@ -435,6 +450,8 @@ def test_a_failback_that_fails_is_abandoned_and_the_hold_down_doubles() -> None:
     plan = w.step(41)
     assert w.held("A") == {("P", FAILOVER, "Q", "q1", True)}  # the backup never stopped
     assert (FAILBACK_ABORTED, "A", "P", "Q") in kinds(plan)
+    [aborted] = [e for e in plan.events if e.kind == FAILBACK_ABORTED]
+    assert (aborted.why, aborted.detect_s) == ("symbol unavailable", 0.0)
     assert w.held("B") == {("P", FAILOVER, "Q", "q1", True), ("P", FAILBACK, "P", "p2", False)}
     # A left P's wanted set, so P no longer reports it; it waits a doubled hold-down from
     # when it was last refused.
@@ -470,6 +487,99 @@ def test_a_backup_that_fails_hands_the_symbol_on() -> None:
     plan = w.step(4)
     assert w.held("A") == {("P", PRIMARY, "P", "p2", True)}
     assert kinds(plan) == [(FAILBACK, "A", "R", "P")]
+
+
+def _on_backup(*backups: ProviderConfig) -> World:
+    """P's symbol A served by Q (grace 3 s) since P died at t=1; ``backups`` stand by."""
+    w = World([provider("P", 1), provider("Q", 2, failover_symbols="*"), *backups], subs("P", "A"))
+    w.start("q1", "Q")
+    for b in backups:
+        w.start(f"{b.id.lower()}1", b.id)
+    w.step(0)
+    assert w.held("A") == {("P", FAILOVER, "Q", "q1", True)}
+    return w
+
+
+def test_a_backup_hands_on_with_the_reason_and_time_of_its_failure() -> None:
+    w = _on_backup(provider("R", 3, failover_symbols=["A"]))  # a list: takes A by name
+    w.now = 2
+    w.report("q1", "DISCONNECTED")
+    plan = w.step(4)  # within Q's grace: A stays on Q although R could take it
+    assert w.held("A") == {("P", FAILOVER, "Q", "q1", True)} and plan.events == []
+    plan = w.step(5)
+    assert w.held("A") == {("P", FAILOVER, "R", "r1", True)}
+    [e] = plan.events
+    assert (e.kind, e.from_provider_id, e.to_provider_id) == (FAILOVER, "Q", "R")
+    assert (e.why, e.detect_s) == ("backup q: DISCONNECTED for 3.0 s", 3.0)
+
+
+def test_a_backup_refusing_the_symbol_hands_it_on_at_once() -> None:
+    w = _on_backup(provider("R", 3, failover_symbols="*"))
+    w.report("q1", unavailable={"A"})
+    plan = w.step(1)
+    assert w.held("A") == {("P", FAILOVER, "R", "r1", True)}
+    assert [(e.why, e.detect_s) for e in plan.events] == [("backup q: symbol unavailable", 0.0)]
+
+
+@pytest.mark.parametrize("change", ["disabled", "removed", "stops taking it"])
+def test_a_backup_switched_off_hands_the_symbol_on(change: str) -> None:
+    w = _on_backup(provider("R", 3, failover_symbols="*"))
+    if change == "removed":
+        del w.providers[1]
+    elif change == "disabled":
+        w.providers[1] = replace(w.providers[1], enabled=False)
+    else:
+        w.providers[1] = replace(w.providers[1], connection_config={})
+    plan = w.step(1)
+    assert w.held("A") == {("P", FAILOVER, "R", "r1", True)}
+    why = {"disabled": "backup q: provider disabled", "removed": "backup Q: removed"}
+    # A backup that no longer takes failover traffic is still UP: it says why not.
+    assert [e.why for e in plan.events] == [why.get(change, "backup q: symbol unavailable")]
+
+
+def test_the_primary_takes_back_at_once_from_a_backup_switched_off() -> None:
+    w = _on_backup()
+    w.now = 5
+    w.start("p1", "P", since=5)  # P back, long before its hold-down ends
+    w.step(5)
+    w.providers[1] = replace(w.providers[1], enabled=False)
+    plan = w.step(6)
+    assert w.held("A") == {("P", PRIMARY, "P", "p1", True)}
+    [e] = plan.events
+    assert (e.kind, e.why, e.detect_s) == (FAILBACK, "backup q cannot serve it", 1.0)
+
+
+def test_failed_over_symbols_stay_put_across_a_backups_instances() -> None:
+    symbols = [f"S{i}" for i in range(20)]
+    w = World([provider("P", 1), provider("Q", 2, failover_symbols="*")], subs("P", *symbols))
+    w.start("q1", "Q")
+    w.start("q2", "Q")
+    w.step(0)
+    first = {r.symbol: r.instance_id for r in w.rows}
+    assert set(first.values()) == {"q1", "q2"}  # spread as the backup's own symbols would be
+    for t in (1, 2):
+        w.step(t)
+        assert {r.symbol: r.instance_id for r in w.rows} == first  # and nothing churns
+
+
+def test_the_earliest_of_a_grace_and_a_hold_down_wakes_the_coordinator() -> None:
+    w = World(
+        [
+            provider("P", 1, failback_hold_s=30),
+            provider("Q", 2, failover_symbols="*"),
+            provider("X", 3, failover_grace_s=3),
+            provider("Y", 4, failover_grace_s=5),
+        ],
+        subs("P", "A") + subs("X", "B") + subs("Y", "C"),
+    )
+    for iid, pid in (("q1", "Q"), ("x1", "X"), ("y1", "Y")):
+        w.start(iid, pid)
+    w.step(0)
+    w.now = 10
+    w.start("p1", "P", since=10)  # P's hold-down runs to 40
+    w.report("y1", "DISCONNECTED")  # Y's grace to 15
+    w.report("x1", "DISCONNECTED")  # X's grace to 13
+    assert w.step(10).wake_at == 13
 
 
 def test_a_disabled_provider_fails_over_and_back_when_enabled() -> None:
