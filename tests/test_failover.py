@@ -292,8 +292,22 @@ def test_failover_policy_from_the_config() -> None:
     )
     listed = failover_policy(provider("A", failover_symbols=["A*"]))
     assert listed.accepts("A*") and not listed.accepts("AAPL")  # a list is names, not globs
+    listed = failover_policy(provider("A", failover_symbols=["B"], failover_grace_s=2,
+                                      failback_hold_s=9))  # fmt: skip
+    assert (listed.grace_s, listed.hold_s, listed.takes) == (2, 9, frozenset({"B"}))
     bad = failover_policy(provider("A", failover_symbols=7, failover_grace_s="soon"))
-    assert not bad.takes_any and bad.grace_s == 3.0 and len(bad.problems) == 2
+    assert not bad.takes_any and bad.grace_s == 3.0
+    assert bad.problems == (
+        "connection_config.failover_grace_s must be seconds >= 0; using 3",
+        'connection_config.failover_symbols must be "*", a glob or a list of symbols; '
+        "taking no failover traffic",
+    )
+    # A bad value is reported whatever the rest of the policy is.
+    for spec in ("*", "A*", ["A"]):
+        policy = failover_policy(provider("A", failover_symbols=spec, failback_hold_s=-1))
+        assert policy.takes_any and policy.hold_s == 30.0
+        assert policy.problems == ("connection_config.failback_hold_s must be seconds >= 0; "
+                                   "using 30",)  # fmt: skip
 
 
 def test_backups_that_cannot_serve_the_symbol_are_skipped() -> None:
