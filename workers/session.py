@@ -159,16 +159,13 @@ class ProviderSession:
         async for batch in adapter.stream_batches():
             rename(batch)
             pipeline.process(batch)
-            # A socket with data buffered returns reads without yielding; let the sinks,
-            # status and assignment tasks run between reads.
-            await asyncio.sleep(0)
             if adapter.connection_status is not self.status:
                 self._set_status(adapter.connection_status, adapter.last_error)
-            if self._reconnect.is_set():
-                return
             if pipeline.backpressure:
                 # Stop reading: the provider side (TCP window, or the UDP adapter's own
-                # bounded queue) holds the rest until the journal has room.
+                # bounded queue) holds the rest until the journal has room. The status
+                # says so before anything else runs, so no reader sees a full journal
+                # behind a healthy status.
                 before = self.status
                 # A journal it cannot write (a full disk) is an error; a sink far behind
                 # is only reported.
@@ -176,6 +173,12 @@ class ProviderSession:
                 self._set_status(status, pipeline.backpressure_reason)
                 await pipeline.wait_for_room()
                 self._set_status(before, None)
+            else:
+                # A socket with data buffered returns reads without yielding; let the
+                # sinks, status and assignment tasks run between reads.
+                await asyncio.sleep(0)
+            if self._reconnect.is_set():
+                return
 
     def _failure(self, exc: ProviderError, delay: float) -> float:
         """The status and the delay before the next attempt, by kind of failure."""
