@@ -1081,6 +1081,19 @@ def test_real_snapshot_body_gives_top_of_book_quote() -> None:
     assert s.stream == "VENUE->FEEDFLEET@20240504-17:09:52.462"
 
 
+def test_an_empty_snapshot_is_an_empty_book_not_an_error() -> None:
+    """35=W with 268=0 (no entries, the trailer right after NoMDEntries): no records, no
+    errors, and the symbol's book is emptied, so the next bid shows no stale offer."""
+    s = logged_on_client()
+    full = "55=EUR/USD|262=0|268=2|269=0|270=1.1|271=5|269=1|270=1.2|271=6"
+    assert s.receive(venue(2, full, "W"), T0).errors == []
+    empty = s.receive(venue(3, "55=EUR/USD|262=0|268=0", "W"), T0 + 1)
+    assert (empty.records, empty.errors, empty.skipped) == ([], [], 0)
+    update = s.receive(venue(4, "262=0|268=1|279=0|269=0|270=1.05|271=7|55=EUR/USD", "X"), T0 + 2)
+    [quote] = update.records
+    assert (quote.bid, quote.ask) == (1.05, None)
+
+
 # Whole frames written out by hand: the real 35=W body above under an LMAX-style header, then
 # an incremental trade and bid change. BodyLength and CheckSum are literal, not computed here.
 LITERAL_MD_CAPTURE = (

@@ -603,14 +603,14 @@ class MarketDataDecoder:
                         return []
                 elif tag not in header:
                     header[tag] = value
+            elif tag == 10:
+                break  # the trailer; with 268=0 (an empty book) it follows NoMDEntries
             elif tag == delimiter or not entries:
                 if tag != delimiter:
                     out.errors.append(
                         DecodeError(f"MD entry does not start with tag {delimiter}", str(tag))
                     )
                 entries.append([(tag, value)])
-            elif tag == 10:
-                break
             else:
                 entries[-1].append((tag, value))
         if count is None:
