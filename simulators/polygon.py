@@ -2,7 +2,10 @@
 
 Accepts any path (the real client builds ``/{market}``), sends ``connected``, checks the
 key, answers subscribe/unsubscribe per channel, then streams T/Q frames at the configured
-rate over the subscribed symbols and an AM bar per symbol each minute. ``capture_path``
+rate over the subscribed symbols and an AM bar per symbol each minute. Every frame is a
+TEXT message holding a JSON array, as the real service sends them. The ``rate_limit`` fault
+answers the auth message with ``max_connections`` and closes, as the real service does when
+a key has too many connections. ``capture_path``
 (``--capture``) also writes every data frame sent, one per line, as ``feedfleet decode
 polygon`` reads them: what a test counts as sent.
 """
@@ -33,6 +36,12 @@ from simulators.market import (
     serve_until_stopped,
     simulator_arg_parser,
     symbols_from_args,
+)
+
+MAX_CONNECTIONS = (
+    "Maximum number of websocket connections exceeded. You have reached the connection limit"
+    " for your account. Please contact support at https://polygon.io/contact to increase your"
+    " limit."
 )
 
 
@@ -109,14 +118,6 @@ class PolygonSimulator(WebSocketSimulator):
         sender: asyncio.Task[None] | None = None
         try:
             await ws.send_str(codec.encode_status("connected", "Connected Successfully"))
-            if faults.rate_limit:
-                await ws.send_str(
-                    codec.encode_status(
-                        "max_connections", "Maximum number of connections exceeded."
-                    )
-                )
-                await ws.close(code=1008)
-                return ws
             authed = False
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.PING:
@@ -130,6 +131,10 @@ class PolygonSimulator(WebSocketSimulator):
                 except codec.CodecError as exc:
                     await ws.send_str(codec.encode_status("error", str(exc)))
                     continue
+                if action.action == "auth" and faults.rate_limit:
+                    await ws.send_str(codec.encode_status("max_connections", MAX_CONNECTIONS))
+                    await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+                    break
                 if action.action == "auth":
                     key = action.params[0] if action.params else ""
                     expected = self.config.api_key
@@ -217,7 +222,8 @@ class PolygonSimulator(WebSocketSimulator):
             if faults.malformed_every and conn.frames % faults.malformed_every == 0:
                 await conn.ws.send_str('[{"ev":"T","sym":"BAD","p":')  # truncated JSON
             frame = codec.encode_events(events)
-            await conn.ws.send_bytes(frame)
+            # TEXT, as the real service sends JSON; send_frame skips a bytes -> str round trip.
+            await conn.ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
             if self._capture is not None:
                 self._capture.write(frame + b"\n")  # only once the send went through
             if conn.log is not None:

@@ -1,0 +1,153 @@
+"""The Polygon (Massive) simulator speaks as the real service, and the adapter copes with
+what the real service sends: TEXT frames of JSON arrays, ``max_connections`` as the answer
+to auth followed by a close, and (kept for older servers) BINARY data frames."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from common.model import ConnectionStatus, DataType
+from common.provider import Instrument, ProviderConfig, ProviderRateLimited
+from simulators.market import Faults
+from simulators.polygon import MAX_CONNECTIONS, PolygonSimConfig, PolygonSimulator
+from workers.polygon import PolygonAdapter
+
+KEY_ENV = "FEEDFLEET_TEST_POLYGON_ADAPTER_KEY"
+
+
+def adapter_for(url: str) -> PolygonAdapter:
+    os.environ[KEY_ENV] = "test-key"
+    row = ProviderConfig(
+        id=str(uuid.uuid4()), name="polygon-adapter-test", provider_type="polygon",
+        connection_config={"url": url, "api_key_env": KEY_ENV},
+    )  # fmt: skip
+    return PolygonAdapter(row)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[tuple[PolygonSimulator, int]]:
+    simulator = PolygonSimulator(PolygonSimConfig(symbols=["AAA", "BBB"], rate=500, batch=5))
+    port = await simulator.start()
+    try:
+        yield simulator, port
+    finally:
+        await simulator.stop()
+
+
+async def _receive_json(ws: aiohttp.ClientWebSocketResponse) -> tuple[aiohttp.WSMsgType, object]:
+    msg = await ws.receive(timeout=10)
+    data = orjson.loads(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else msg.data
+    return msg.type, data
+
+
+async def test_the_simulator_sends_every_frame_as_text_json(
+    sim: tuple[PolygonSimulator, int],
+) -> None:
+    _, port = sim
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"ws://127.0.0.1:{port}/stocks") as ws,
+    ):
+        assert await _receive_json(ws) == (
+            aiohttp.WSMsgType.TEXT,
+            [{"ev": "status", "status": "connected", "message": "Connected Successfully"}],
+        )
+        await ws.send_str('{"action":"auth","params":"k"}')
+        assert (await _receive_json(ws))[1][0]["status"] == "auth_success"  # type: ignore[index]
+        await ws.send_str('{"action":"subscribe","params":"T.AAA"}')
+        assert (await _receive_json(ws))[1] == [
+            {"ev": "status", "status": "success", "message": "subscribed to: T.AAA"}
+        ]
+        kind, data = await _receive_json(ws)
+        assert kind is aiohttp.WSMsgType.TEXT
+        assert isinstance(data, list) and len(data) == 5
+        assert {(e["ev"], e["sym"]) for e in data} == {("T", "AAA")}
+
+
+async def test_max_connections_answers_the_auth_and_closes() -> None:
+    """As the real service: ``connected``, then ``max_connections`` as the reply to auth
+    (what the official client reads after sending it), then a close with 1008."""
+    simulator = PolygonSimulator(PolygonSimConfig(symbols=["AAA"], faults=Faults(rate_limit=True)))
+    port = await simulator.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"ws://127.0.0.1:{port}/stocks") as ws,
+        ):
+            assert (await _receive_json(ws))[1][0]["status"] == "connected"  # type: ignore[index]
+            await ws.send_str('{"action":"auth","params":"k"}')
+            assert await _receive_json(ws) == (
+                aiohttp.WSMsgType.TEXT,
+                [{"ev": "status", "status": "max_connections", "message": MAX_CONNECTIONS}],
+            )
+            closing = await ws.receive(timeout=10)
+            assert closing.type is aiohttp.WSMsgType.CLOSE
+            assert closing.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+        adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")
+        with pytest.raises(ProviderRateLimited, match="Maximum number of websocket"):
+            await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+    finally:
+        await simulator.stop()
+
+
+async def test_the_adapter_reads_text_frames_from_the_simulator(
+    sim: tuple[PolygonSimulator, int],
+) -> None:
+    simulator, port = sim
+    adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")
+    await adapter.connect()
+    try:
+        await adapter.subscribe([Instrument("BBB", frozenset({DataType.TRADE}))])
+        batches = adapter.stream_batches()
+        records = await anext(batches)
+        assert {(r.symbol, r.data_type) for r in records} == {("BBB", DataType.TRADE)}
+        assert all(r.price is not None and r.price > 0 for r in records)
+    finally:
+        await adapter.disconnect()
+    assert simulator.events_sent >= len(records) > 0
+
+
+async def test_the_adapter_still_accepts_binary_data_frames() -> None:
+    """A server that sends its JSON arrays as BINARY (as this simulator once did) is read
+    the same."""
+    trade = {"ev": "T", "sym": "CCC", "i": "7", "x": 4, "p": 10.5, "s": 3, "t": 1_700_000_000_000,
+             "q": 1}  # fmt: skip
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str('[{"ev":"status","status":"connected","message":"Connected"}]')
+        await ws.receive()  # auth
+        await ws.send_str('[{"ev":"status","status":"auth_success","message":"authenticated"}]')
+        await ws.send_bytes(orjson.dumps([trade]))
+        await ws.receive()  # the client's close
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/stocks", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")
+    try:
+        await adapter.connect()
+        batches = adapter.stream_batches()
+        [record] = await anext(batches)
+        assert (record.symbol, record.data_type, record.price, record.volume) == (
+            "CCC", DataType.TRADE, 10.5, 3.0,
+        )  # fmt: skip
+        assert record.timestamp_ns == 1_700_000_000_000_000_000
+    finally:
+        await adapter.disconnect()
+        await runner.cleanup()
