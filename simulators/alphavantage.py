@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import random
 import time
@@ -87,6 +88,8 @@ class AlphaVantageSimulator:
         self.start_time = config.session_start or default_session_start()
         self.requests = 0
         self.answered = 0
+        # Well-formed queries answered, by (function, symbol): what a client asked for.
+        self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
         self._started = time.monotonic()
         self._window_start = self._started
         self._window_count = 0
@@ -149,6 +152,7 @@ class AlphaVantageSimulator:
         except codec.CodecError:
             function = request.query.get("function", "")
             return codec.encode_message("Error Message", codec.invalid_call_text(function))
+        self.queries[query.function, query.symbol] += 1
         if faults.malformed_every and self.answered % faults.malformed_every == 0:
             return self._malformed(query)
         if query.function == codec.GLOBAL_QUOTE:

@@ -12,6 +12,8 @@ from datetime import datetime
 from typing import Any, cast
 
 import pytest
+import structlog
+import structlog.testing
 
 from common.codecs import alphavantage as av
 from common.model import ConnectionStatus, DataType, QualityFlag, RawMarketData
@@ -34,6 +36,8 @@ os.environ[KEY_ENV] = "test-key"
 SESSION = datetime(2024, 3, 1, 9, 30)  # a Friday, inside the regular session
 SYMBOLS = ["AAPL", "MSFT"]
 Records = list[RawMarketData]
+# What the adapter's two default functions give: GLOBAL_QUOTE trades, intraday bars.
+TRADES_AND_BARS = frozenset({DataType.TRADE, DataType.AGGREGATE})
 
 
 async def start_sim(faults: str = "", **kw: Any) -> AlphaVantageSimulator:
@@ -72,7 +76,7 @@ async def connected(
 ) -> AlphaVantageAdapter:
     adapter = make_adapter(sim, **cc)
     await adapter.connect()
-    await adapter.subscribe([Instrument(s) for s in symbols])
+    await adapter.subscribe([Instrument(s, TRADES_AND_BARS) for s in symbols])
     return adapter
 
 
@@ -151,11 +155,45 @@ async def test_polls_quotes_and_new_bars_only(datatype: str) -> None:
     assert checker.flag_counts["gap"] == 0
 
 
+async def test_each_symbol_is_polled_only_for_the_data_it_asked_for() -> None:
+    """GLOBAL_QUOTE answers TRADE and the intraday series AGGREGATE: a symbol is asked only
+    for what its subscription lists, and one asking for neither is not polled at all (and
+    said so)."""
+    sim = await start_sim()
+    adapter = make_adapter(sim)
+    await adapter.connect()
+    wanted = {
+        "AAPL": frozenset({DataType.TRADE}),
+        "MSFT": frozenset({DataType.AGGREGATE}),
+        "IBM": TRADES_AND_BARS,
+        "NEWSONLY": frozenset({DataType.NEWS}),
+    }
+    with structlog.testing.capture_logs() as logs:
+        await adapter.subscribe([Instrument(s, types) for s, types in wanted.items()])
+    assert [(e["event"], e["symbol"], e["asked"], e["offered"]) for e in logs] == [
+        ("data_types_not_offered", "NEWSONLY", ["NEWS"], ["AGGREGATE", "TRADE"]),
+    ]
+    try:
+        # Two full cycles: every symbol has been visited at least once after the first.
+        records = await collect(adapter, lambda _: sim.queries[av.GLOBAL_QUOTE, "IBM"] >= 2)
+    finally:
+        await adapter.disconnect()
+        await sim.stop()
+    assert set(sim.queries) == {
+        (av.GLOBAL_QUOTE, "AAPL"), (av.TIME_SERIES_INTRADAY, "MSFT"),
+        (av.GLOBAL_QUOTE, "IBM"), (av.TIME_SERIES_INTRADAY, "IBM"),
+    }  # fmt: skip
+    assert {(r.symbol, r.data_type) for r in records} == {
+        ("AAPL", DataType.TRADE), ("MSFT", DataType.AGGREGATE),
+        ("IBM", DataType.TRADE), ("IBM", DataType.AGGREGATE),
+    }  # fmt: skip
+
+
 async def test_rate_limits_of_the_provider_row_pace_requests() -> None:
     sim = await start_sim()
     adapter = make_adapter(sim, rate_limits={"requests_per_second": 20}, poll_interval_s=0)
     await adapter.connect()
-    await adapter.subscribe([Instrument("AAPL")])
+    await adapter.subscribe([Instrument("AAPL", TRADES_AND_BARS)])
     started = time.monotonic()
     try:
         await collect(adapter, lambda _: adapter.requests >= 30)
@@ -394,13 +432,13 @@ async def test_subscribe_while_idle_starts_polling_at_once() -> None:
         # With nothing subscribed the loop's only await is its idle wait for a subscribe.
         await until(lambda: stream.ag_await is not None, 10, "the poll loop to go idle")
         assert sim.requests == 0
-        await adapter.subscribe([Instrument("IBM")])
+        await adapter.subscribe([Instrument("IBM", TRADES_AND_BARS)])
         await until(task.done, 20, "IBM polled without waiting for the 300 s cycle")
         await task
         assert {r.symbol for r in records} == {"IBM"}
         assert records[0].data_type is DataType.TRADE  # GLOBAL_QUOTE is polled first
         assert "GLOBAL_QUOTE:IBM" in adapter._last_quote
-        await adapter.unsubscribe([Instrument("IBM")])
+        await adapter.unsubscribe([Instrument("IBM", TRADES_AND_BARS)])
         assert adapter.subscribed == {}
         assert not any(":IBM" in s for s in [*adapter._last_bar, *adapter._last_quote])
     finally:

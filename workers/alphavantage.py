@@ -4,7 +4,9 @@ connection_config keys:
   ``base_url``                 default ``https://www.alphavantage.co`` (simulator: ``http://127.0.0.1:8770``)
   ``api_key_env``              name of the environment variable holding the API key
   ``functions``                list of ``GLOBAL_QUOTE`` / ``TIME_SERIES_INTRADAY`` (or ``function``:
-                               one name); every subscribed symbol is polled for each (default both)
+                               one name; default both); a symbol is polled only for those giving
+                               what its subscription's data_types ask for (GLOBAL_QUOTE: TRADE,
+                               TIME_SERIES_INTRADAY: AGGREGATE)
   ``interval``                 intraday bar interval (default ``1min``)
   ``datatype``                 ``json`` or ``csv`` (default ``json``)
   ``outputsize``               ``compact`` (latest 100 bars) or ``full`` (default ``compact``)
@@ -150,7 +152,21 @@ class AlphaVantageAdapter(ProviderAdapter):
     async def subscribe(self, instruments: Sequence[Instrument]) -> None:
         for inst in instruments:
             self.subscribed[inst.symbol] = inst
+            if not self._functions_for(inst):
+                # Not an error of the feed: this provider does not offer that data.
+                offered = sorted(
+                    {codec.FUNCTION_DATA_TYPE[f] for f in self.functions if f in codec.FUNCTIONS}
+                )
+                log.warning(
+                    "data_types_not_offered", provider=self.config.name, symbol=inst.symbol,
+                    asked=sorted(inst.data_types), offered=offered,
+                )  # fmt: skip
         self._wake.set()  # poll new symbols now, not at the end of the cycle
+
+    def _functions_for(self, inst: Instrument) -> list[str]:
+        """The configured functions that answer with data the subscription asked for."""
+        # .get: subscribe() may run before connect() has rejected an unknown function.
+        return [f for f in self.functions if codec.FUNCTION_DATA_TYPE.get(f) in inst.data_types]
 
     async def unsubscribe(self, instruments: Sequence[Instrument]) -> None:
         for inst in instruments:
@@ -183,8 +199,11 @@ class AlphaVantageAdapter(ProviderAdapter):
             self._wake.clear()
             for symbol in sorted(self.subscribed):
                 for function in list(self._active_functions):
-                    if symbol not in self.subscribed:
+                    inst = self.subscribed.get(symbol)
+                    if inst is None:
                         break
+                    if codec.FUNCTION_DATA_TYPE[function] not in inst.data_types:
+                        continue
                     records, skip_symbol = await self._poll(self._query(function, symbol))
                     if records:
                         yield records

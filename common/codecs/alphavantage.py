@@ -53,6 +53,12 @@ PROVIDER = "alphavantage"
 GLOBAL_QUOTE = "GLOBAL_QUOTE"
 TIME_SERIES_INTRADAY = "TIME_SERIES_INTRADAY"
 FUNCTIONS = (GLOBAL_QUOTE, TIME_SERIES_INTRADAY)
+# The kind of record each function's answer decodes to: a symbol is polled only for the
+# functions giving what its subscription asked for.
+FUNCTION_DATA_TYPE: dict[str, DataType] = {
+    GLOBAL_QUOTE: DataType.TRADE,
+    TIME_SERIES_INTRADAY: DataType.AGGREGATE,
+}
 INTERVALS: dict[str, int] = {"1min": 60, "5min": 300, "15min": 900, "30min": 1800, "60min": 3600}
 DATATYPES = ("json", "csv")
 OUTPUTSIZES = ("compact", "full")
