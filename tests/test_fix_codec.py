@@ -1094,6 +1094,47 @@ def test_an_empty_snapshot_is_an_empty_book_not_an_error() -> None:
     assert (quote.bid, quote.ask) == (1.05, None)
 
 
+@pytest.mark.parametrize(
+    ("msg_type", "body", "reject", "records"),
+    [
+        # Two entries announced, one sent: the one sent is still a quote.
+        ("W", "55=EUR/USD|268=2|269=0|270=1.1|271=5",
+         "45=2|371=268|372=W|373=16|58=NoMDEntries is 2 but 1 entries follow", 1),
+        ("W", "55=EUR/USD|268=x|269=0|270=1.1",
+         "45=2|371=268|372=W|373=6|58=NoMDEntries (268) not a number", 0),
+        ("W", "55=EUR/USD|262=0", "45=2|371=268|372=W|373=1|58=W without NoMDEntries (268)", 0),
+        ("W", "55=EUR/USD|268=1|270=1.1|271=5",
+         "45=2|371=270|372=W|373=15|58=MD entry does not start with tag 269", 0),
+        ("X", "268=1|279=0|269=2|270=1.1|271=5",
+         "45=2|371=55|372=X|373=1|58=MD entry without Symbol (55)", 0),
+        ("X", "268=1|279=7|269=0|270=1.1|271=5|55=EUR/USD",
+         "45=2|371=279|372=X|373=5|58=unknown MDUpdateAction '7'", 0),
+        ("X", "268=1|279=0|270=1.1|271=5|55=EUR/USD",
+         "45=2|371=269|372=X|373=1|58=MD entry without MDEntryType (269)", 0),
+    ],
+)  # fmt: skip
+def test_market_data_failing_validation_gets_a_session_reject(
+    msg_type: str, body: str, reject: str, records: int
+) -> None:
+    """FIX 4.4: a message that fails validation is answered with 35=3 naming the message
+    (RefSeqNum, RefMsgType), the tag at fault (RefTagID) and SessionRejectReason; its number
+    is consumed, and what decoded of it is kept."""
+    s = logged_on_client()
+    result = s.receive(venue(2, body, msg_type), T0 + 1)
+    assert len(result.records) == records
+    error = result.errors[0]  # the first fault is the one rejected
+    [sent] = [f for f in codec.FixFramer().feed(result.outgoing) if isinstance(f, codec.FixFrame)]
+    got = fields_of(sent.raw)
+    assert dict(got)[35] == "3"
+    body_fields = [f"{t}={v}" for t, v in got if t in (45, 371, 372, 373, 58)]
+    assert "|".join(body_fields) == reject
+    assert error.reason == dict(got)[58]
+    assert s.next_in_seq == 3
+    # A good message after it is decoded and answered with nothing.
+    good = s.receive(venue(3, "262=0|268=1|279=0|269=0|270=1.05|271=7|55=EUR/USD", "X"), T0 + 2)
+    assert (len(good.records), good.errors, good.outgoing) == (1, [], b"")
+
+
 # Whole frames written out by hand: the real 35=W body above under an LMAX-style header, then
 # an incremental trade and bid change. BodyLength and CheckSum are literal, not computed here.
 LITERAL_MD_CAPTURE = (

@@ -63,6 +63,9 @@ class MarketDataApp(fix.Application):
         self.rejects: list[str] = []
         self.resend_requests: list[tuple[str, str]] = []
         self.skip_before_update: int | None = None
+        # Announce this many entries in each snapshot (it carries three): a message that
+        # fails validation.
+        self.snapshot_count: int | None = None
         self.sent_market_data: list[int] = []  # MsgSeqNums, first sends (not resends)
         self.heartbeats_sent = 0
         self.heartbeats_received = 0
@@ -121,7 +124,10 @@ class MarketDataApp(fix.Application):
             return
         session = fix.Session.lookupSession(sessionID)
         for sym in symbols:
-            fix.Session.sendToTarget(snapshot(req.md_req_id, sym), sessionID)
+            refresh = snapshot(req.md_req_id, sym)
+            if self.snapshot_count is not None:
+                refresh.setField(fix.NoMDEntries(self.snapshot_count))
+            fix.Session.sendToTarget(refresh, sessionID)
             for i in range(5):
                 if i == self.skip_before_update:
                     session.setNextSenderMsgSeqNum(session.getExpectedSenderNum() + 1)
@@ -316,6 +322,34 @@ async def test_quickfix_acceptor_serves_snapshot_and_updates(
     assert acceptor.app.requests[-1].subscription_type == "2"
     assert acceptor.app.requests[-1].md_req_id == "MSFT:2"
     assert acceptor.app.rejects == [] and adapter.session_rejects == 0
+    assert adapter.connection_status is ConnectionStatus.CONNECTED
+    await adapter.disconnect()
+
+
+async def test_a_snapshot_failing_validation_gets_a_reject_quickfix_accepts(
+    acceptor: RunningAcceptor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QuickFIX sends a 35=W announcing four entries and carrying three: we answer with a
+    session-level Reject (35=3, SessionRejectReason 16) that QuickFIX's dictionary accepts
+    (it reaches fromAdmin), keep the three entries, and the session goes on."""
+    app = acceptor.app
+    app.snapshot_count = 4
+    adapter = adapter_for(acceptor.port, monkeypatch)
+    await adapter.connect()
+    await adapter.subscribe([Instrument("AAPL")])
+    records = await collect(adapter, 7)
+    await until(lambda: len(app.rejects) == 1, 10, "QuickFIX to receive the Reject")
+    assert adapter.decode_errors == 1
+    snapshot_seq = min(app.sent_market_data)  # the W comes first
+    reject = dict(f.split("=", 1) for f in app.rejects[0].strip("|").split("|"))
+    assert (reject["35"], reject["45"], reject["371"], reject["372"], reject["373"]) == (
+        "3", str(snapshot_seq), "268", "W", "16",
+    )  # fmt: skip
+    assert reject["58"] == "NoMDEntries is 4 but 3 entries follow"
+    # The snapshot's quote and trade, then the five updates.
+    assert [r.data_type for r in records[:2]] == [DataType.QUOTE, DataType.TRADE]
+    assert records[0].provider_sequence == snapshot_seq
+    assert adapter.session_rejects == 0  # QuickFIX found nothing wrong with our Reject
     assert adapter.connection_status is ConnectionStatus.CONNECTED
     await adapter.disconnect()
 

@@ -56,6 +56,11 @@ Venue replies: a Logout answering our Logon is a refused login (ProviderAuthErro
 MarketDataRequestReject with MDReqRejReason 2 (insufficient bandwidth, the closest FIX 4.4
 has to "rate limited") is ProviderRateLimited; any other reject is a per-symbol error kept in
 ``symbol_errors`` while the other symbols go on streaming.
+
+Venue messages that fail validation (a garbled field, a wrong NumInGroup count, an entry
+missing a required tag or starting with the wrong one, an unknown MDUpdateAction) get a
+session-level Reject (35=3) with RefSeqNum, RefTagID, RefMsgType and SessionRejectReason, as
+FIX 4.4 requires; they count as decode errors, and the entries that do decode are kept.
 """
 
 from __future__ import annotations

@@ -142,6 +142,12 @@ TIMEOUT_FACTOR = 2.4
 MAX_HEARTBEAT_INTERVAL = 2**31 - 1
 # SessionRejectReason (373) for what simplefix refuses; anything else is 99 (Other).
 _REJECT_REASONS = {"EmptyValueError": "4", "TagNotNumberError": "0"}
+# SessionRejectReason (373) values for market data that fails validation (FIX 4.4).
+REQUIRED_TAG_MISSING = "1"
+VALUE_OUT_OF_RANGE = "5"
+INCORRECT_DATA_FORMAT = "6"
+GROUP_FIELDS_OUT_OF_ORDER = "15"
+INCORRECT_NUM_IN_GROUP = "16"
 # More digits than any FIX int field needs, and fewer than int()'s str-conversion limit.
 _MAX_INT_DIGITS = 100
 
@@ -570,15 +576,35 @@ def _number(text: str | None) -> float | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class InvalidMessage:
+    """Why a message fails validation, as a session-level Reject (35=3) reports it."""
+
+    reason: str  # SessionRejectReason (373)
+    ref_tag: int | None  # RefTagID (371): the tag at fault
+    text: str
+
+
 class MarketDataDecoder:
     """W/X messages -> records, keeping a top of book per symbol.
 
     The session feeds it messages in sequence order; ``decode_capture`` uses it alone.
+    What a message gets wrong is a decode error, and its first fault is kept in
+    ``invalid`` for the session's Reject; the entries that do decode are kept (market data
+    received is not thrown away for a neighbour's fault).
     """
 
     def __init__(self, provider: str = PROVIDER) -> None:
         self.provider = provider
         self.books: dict[str, _TopOfBook] = {}
+        self.invalid: InvalidMessage | None = None
+
+    def _fault(
+        self, out: FixReceived, reason: str, ref_tag: int | None, text: str, raw: str
+    ) -> None:
+        out.errors.append(DecodeError(text, raw))
+        if self.invalid is None:
+            self.invalid = InvalidMessage(reason, ref_tag, text)
 
     def forget(self, symbol: str) -> None:
         self.books.pop(symbol, None)
@@ -588,6 +614,7 @@ class MarketDataDecoder:
     ) -> list[RawMarketData]:
         """Records of one W or X message, in entry order (QUOTE per symbol at its first
         bid/offer entry). Sequence fields are left for the session to set."""
+        self.invalid = None
         snapshot = msg_type == SNAPSHOT_FULL_REFRESH
         header: dict[int, str] = {}
         entries: list[list[tuple[int, str]]] = []
@@ -599,7 +626,8 @@ class MarketDataDecoder:
                     try:
                         count = int(value)
                     except ValueError:
-                        out.errors.append(DecodeError("NoMDEntries (268) not a number", value))
+                        self._fault(out, INCORRECT_DATA_FORMAT, 268,
+                                    "NoMDEntries (268) not a number", value)  # fmt: skip
                         return []
                 elif tag not in header:
                     header[tag] = value
@@ -607,19 +635,18 @@ class MarketDataDecoder:
                 break  # the trailer; with 268=0 (an empty book) it follows NoMDEntries
             elif tag == delimiter or not entries:
                 if tag != delimiter:
-                    out.errors.append(
-                        DecodeError(f"MD entry does not start with tag {delimiter}", str(tag))
-                    )
+                    text = f"MD entry does not start with tag {delimiter}"
+                    self._fault(out, GROUP_FIELDS_OUT_OF_ORDER, tag, text, str(tag))
                 entries.append([(tag, value)])
             else:
                 entries[-1].append((tag, value))
         if count is None:
-            out.errors.append(DecodeError(f"{msg_type} without NoMDEntries (268)", ""))
+            self._fault(out, REQUIRED_TAG_MISSING, 268,
+                        f"{msg_type} without NoMDEntries (268)", "")  # fmt: skip
             return []
         if count != len(entries):
-            out.errors.append(
-                DecodeError(f"NoMDEntries is {count} but {len(entries)} entries follow", "")
-            )
+            text = f"NoMDEntries is {count} but {len(entries)} entries follow"
+            self._fault(out, INCORRECT_NUM_IN_GROUP, 268, text, "")
         poss_dup = header.get(43) == "Y"
         # A resent message's SendingTime is the resend's; OrigSendingTime is when it happened.
         sent_text = (header.get(122) if poss_dup else None) or header.get(52, "")
@@ -637,7 +664,8 @@ class MarketDataDecoder:
             fields = dict(entry)
             symbol = fields.get(55, symbol)
             if not symbol:
-                out.errors.append(DecodeError("MD entry without Symbol (55)", _entry_text(entry)))
+                self._fault(out, REQUIRED_TAG_MISSING, 55, "MD entry without Symbol (55)",
+                            _entry_text(entry))  # fmt: skip
                 continue
             entry_type = fields.get(269)
             action = NEW if snapshot else fields.get(279)
@@ -660,9 +688,8 @@ class MarketDataDecoder:
                 elif price is None:
                     flags.append(QualityFlag.MISSING_FIELDS)
                 elif action not in (NEW, CHANGE):
-                    out.errors.append(
-                        DecodeError(f"unknown MDUpdateAction {brief(action)}", _entry_text(entry))
-                    )
+                    text = f"unknown MDUpdateAction {brief(action)}"
+                    self._fault(out, VALUE_OUT_OF_RANGE, 279, text, _entry_text(entry))
                     continue
                 if entry_type == BID:
                     book.bid, book.bid_size = price, size
@@ -704,8 +731,8 @@ class MarketDataDecoder:
                                       quality_flags=flags)  # fmt: skip
                 records.append(trade)
             elif entry_type is None:
-                out.errors.append(DecodeError("MD entry without MDEntryType (269)",
-                                              _entry_text(entry)))  # fmt: skip
+                self._fault(out, REQUIRED_TAG_MISSING, 269, "MD entry without MDEntryType (269)",
+                            _entry_text(entry))  # fmt: skip
             else:
                 out.skipped += 1  # index values, session high/low, VWAP...
         for symbol, quote in quotes.items():
@@ -1306,6 +1333,12 @@ class FixSession:
             records = self.market_data.decode(msg_type, pairs, now_ns, out)
             self._sequence(records, seq)
             out.records.extend(records)
+            invalid = self.market_data.invalid
+            if invalid is not None:
+                # FIX 4.4: a message failing validation gets a session-level Reject.
+                reject = [(45, seq), (371, invalid.ref_tag), (372, msg_type),
+                          (373, invalid.reason), (58, clip(invalid.text, 100))]  # fmt: skip
+                parts.append(self._send(now_ns, REJECT, reject))
         elif msg_type == HEARTBEAT:
             out.events.append(HeartbeatReceived(fields.get(112)))
         elif msg_type == TEST_REQUEST:
