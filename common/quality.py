@@ -20,6 +20,8 @@ _MISSING = QualityFlag.MISSING_FIELDS
 _FAILOVER = QualityFlag.FAILOVER
 _TRADE = DataType.TRADE
 _QUOTE = DataType.QUOTE
+# No market data is older: a provider time before it is a time of day that lost its date.
+EARLIEST_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
 
 
 class QualityChecker:
@@ -39,6 +41,11 @@ class QualityChecker:
     - price_outlier: a trade more than ``outlier_fraction`` away from the symbol's last trade;
     - missing_fields: a trade without price, a quote without bid or ask (codecs add it too);
     - failover: the symbol is served by this provider only because another one failed.
+
+    A provider time before 2000 (a time of day that could not be dated) is never kept: the
+    receive time stands in, the record is flagged missing_fields, and the provider's value
+    is kept in ``provider_specific["provider_timestamp_ns"]``. A 1970 row would land in the
+    table's default partition and break every time query.
     """
 
     def __init__(self, stale_after_s: float | None = 5.0, outlier_fraction: float = 0.1) -> None:
@@ -90,6 +97,14 @@ class QualityChecker:
         for r in records:
             seen[r.symbol] = r.receive_ns
             flags = r.quality_flags
+            if r.timestamp_ns < EARLIEST_NS:
+                r.provider_specific = {
+                    **r.provider_specific,
+                    "provider_timestamp_ns": r.timestamp_ns,
+                }
+                r.timestamp_ns = r.receive_ns
+                if _MISSING not in flags:
+                    flags.append(_MISSING)
             seq = r.provider_sequence
             if seq is not None:
                 stream = r.stream

@@ -53,8 +53,9 @@ def test_sdk_test_tick_last_price_only() -> None:
     (rec,) = out.records
     assert (rec.symbol, rec.provider, rec.data_type) == ("IBM", "bbg", DataType.TRADE)
     assert rec.price == 142.80 and rec.volume is None
-    assert rec.timestamp_ns == RECEIVE_NS  # no time field: the receive time stands in
-    assert rec.quality_flags == []
+    # No time field: the receive time stands in, and the flag says so.
+    assert rec.timestamp_ns == RECEIVE_NS
+    assert rec.quality_flags == [QualityFlag.MISSING_FIELDS]
     assert rec.provider_sequence is None and rec.sequence_contiguous is False
     assert rec.stream == "T.IBM"
 
@@ -85,9 +86,10 @@ def test_quote_tick() -> None:
 
 def test_one_sided_quote_carries_the_other_side() -> None:
     quotes = codec.QuoteCache()
-    first = codec.decode_messages([data({"BID": 10.0, "ASK": 10.1})], RECEIVE_NS, SYMBOLS,
-                                  "bbg", quotes)  # fmt: skip
-    second = codec.decode_messages([data({"ASK": 10.2})], RECEIVE_NS, SYMBOLS, "bbg", quotes)
+    first = codec.decode_messages([data({"BID": 10.0, "ASK": 10.1, "EVENT_TIME": "17:09:50"})],
+                                  RECEIVE_NS, SYMBOLS, "bbg", quotes)  # fmt: skip
+    second = codec.decode_messages([data({"ASK": 10.2, "EVENT_TIME": "17:09:51"})], RECEIVE_NS,
+                                   SYMBOLS, "bbg", quotes)  # fmt: skip
     assert (first.records[0].bid, first.records[0].ask) == (10.0, 10.1)
     rec = second.records[0]
     assert (rec.bid, rec.ask) == (10.0, 10.2)
@@ -131,12 +133,13 @@ def test_other_subscription_data_message_types_are_skipped() -> None:
 def test_event_type_decides_between_trade_and_quote() -> None:
     # A typed TRADE tick gives a trade only, carrying whatever sides it has (unflagged).
     out = decode_one(data({"MKTDATA_EVENT_TYPE": "TRADE", "LAST_PRICE": 1.0,
-                           "SIZE_LAST_TRADE": 3, "BID": 0.9, "ASK": "x"}))  # fmt: skip
+                           "SIZE_LAST_TRADE": 3, "BID": 0.9, "ASK": "x",
+                           "EVENT_TIME": "17:09:50"}))  # fmt: skip
     (trade,) = out.records
     assert (trade.data_type, trade.price, trade.volume, trade.bid, trade.ask) == (
         DataType.TRADE, 1.0, 3, 0.9, None,
     )  # fmt: skip
-    assert trade.provider_specific == {"MKTDATA_EVENT_TYPE": "TRADE"}
+    assert trade.provider_specific == {"MKTDATA_EVENT_TYPE": "TRADE", "EVENT_TIME": "17:09:50"}
     assert trade.quality_flags == []
     # A typed QUOTE tick gives a quote only; its LAST_PRICE is kept as provider data.
     (quote,) = decode_one(data({"MKTDATA_EVENT_TYPE": "QUOTE", "LAST_PRICE": 1.0,
@@ -169,7 +172,8 @@ def test_size_alone_is_a_trade_without_price() -> None:
 def test_trade_size_is_flagged_only_when_present_but_not_a_number(
     size: Any, volume: Any, flags: list[str]
 ) -> None:
-    (rec,) = decode_one(data({"LAST_PRICE": 1.0, "SIZE_LAST_TRADE": size})).records
+    elements = {"LAST_PRICE": 1.0, "SIZE_LAST_TRADE": size, "EVENT_TIME": "17:09:50"}
+    (rec,) = decode_one(data(elements)).records
     assert (rec.price, rec.volume, rec.quality_flags) == (1.0, volume, flags)
 
 
@@ -178,18 +182,19 @@ def test_quote_cache_carries_the_ask_and_is_per_symbol() -> None:
     symbols = {7: "IBM", 8: "MSFT"}
 
     def quote(elements: dict[str, Any], cid: int = 7) -> RawMarketData:
-        (rec,) = codec.decode_messages([data(elements, cids=[cid])], RECEIVE_NS, symbols,
+        timed = {**elements, "EVENT_TIME": "17:09:50"}
+        (rec,) = codec.decode_messages([data(timed, cids=[cid])], RECEIVE_NS, symbols,
                                        "bbg", quotes).records  # fmt: skip
         return rec
 
     quote({"BID": 10.0, "ASK": 10.1})
     bid_only = quote({"BID": 10.05})
     assert (bid_only.bid, bid_only.ask, bid_only.quality_flags) == (10.05, 10.1, [])
-    assert bid_only.provider_specific == {"carried": "ASK"}
+    assert bid_only.provider_specific == {"carried": "ASK", "EVENT_TIME": "17:09:50"}
     # The carried-over value stays the latest known side.
     ask_only = quote({"ASK": 10.2})
     assert (ask_only.bid, ask_only.ask) == (10.05, 10.2)
-    assert ask_only.provider_specific == {"carried": "BID"}
+    assert ask_only.provider_specific == {"carried": "BID", "EVENT_TIME": "17:09:50"}
     # Another symbol does not borrow IBM's sides.
     other = quote({"BID": 5.0}, cid=8)
     assert (other.bid, other.ask, other.quality_flags) == (5.0, None, [QualityFlag.MISSING_FIELDS])
@@ -536,6 +541,12 @@ MIDNIGHT = 1_714_780_800_000_000_000  # 2024-05-04T00:00:00Z
         # Exactly half a day ahead is still today; anything later is yesterday's.
         (dt.time(12, 0, 5), MIDNIGHT + 5_000_000_000, MIDNIGHT + 43_205_000_000_000),
         (dt.time(12, 0, 5, 1), MIDNIGHT + 5_000_000_000, MIDNIGHT - 43_194_999_999_000),
+        # Stamped just after midnight, read just before it (clocks up to 5 minutes apart):
+        # tomorrow's; further ahead it is this morning's, as a recap's last trade time is.
+        (dt.time(0, 0, 1), MIDNIGHT - 1_000_000_000, MIDNIGHT + 1_000_000_000),
+        (dt.time(0, 4, 58), MIDNIGHT - 1_000_000_000, MIDNIGHT + 298_000_000_000),
+        (dt.time(0, 5, 0), MIDNIGHT - 1_000_000_000, MIDNIGHT - 86_100_000_000_000),
+        (dt.time(9, 30), MIDNIGHT + 79_200_000_000_000, MIDNIGHT + 34_200_000_000_000),
         ("2024-05-04", RECEIVE_NS, MIDNIGHT),
         (dt.datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=dt.UTC), 0, -1_000),
         ({"$datetime": "junk"}, RECEIVE_NS, None),
@@ -831,7 +842,14 @@ def test_capture_files_decode(path: Path) -> None:
         got = [(r.data_type, r.symbol, r.timestamp_ns, r.price, r.volume, r.bid, r.ask,
                 r.stream, r.receive_ns) for r in records]  # fmt: skip
         assert got == SAMPLE_RECORDS[path.name]
-        assert all(r.provider_sequence is None and r.quality_flags == [] for r in records)
+        assert all(r.provider_sequence is None for r in records)
+        # Only a record whose time is the receive time is flagged (the paint, the SDK tick).
+        assert [r.quality_flags for r in records] == [
+            [QualityFlag.MISSING_FIELDS] if r.timestamp_ns == r.receive_ns else [] for r in records
+        ]
+        assert sum(1 for r in records if r.quality_flags) == (
+            2 if path.name == "bloomberg_mktdata.jsonl" else 0
+        )
 
 
 def test_every_sample_has_expected_records() -> None:

@@ -239,3 +239,27 @@ def test_after_a_reconnect_only_each_streams_first_record_is_checked_for_a_jump(
     # mid-stream, though MSFT has not yet sent its first record since the reconnect.
     assert flags(qc, rec(2), rec(6)) == [[], []]
     assert flags(qc, rec(4, symbol="MSFT")) == [[QualityFlag.GAP]]
+
+
+def test_a_provider_time_before_2000_is_replaced_by_the_receive_time() -> None:
+    """A time of day that lost its date (13:30 on 1970-01-01) never reaches a sink: the
+    receive time stands in, flagged, with the provider's value kept beside it."""
+    tod = 13 * 3600 * 10**9 + 30 * 60 * 10**9
+    last_ns_of_1999 = 946_684_800 * 10**9 - 1
+    first = rec(1, ts=tod)
+    edge = rec(2, ts=last_ns_of_1999)
+    ok = rec(3, ts=946_684_800 * 10**9)
+    first.quality_flags.append(QualityFlag.MISSING_FIELDS)  # as a codec may have
+    assert flags(QualityChecker(stale_after_s=None), first, edge, ok) == [
+        [QualityFlag.MISSING_FIELDS], [QualityFlag.MISSING_FIELDS], [],
+    ]  # fmt: skip
+    assert [r.timestamp_ns for r in (first, edge, ok)] == [
+        T0 + 1_000_000, T0 + 1_000_000, 946_684_800 * 10**9,
+    ]  # fmt: skip
+    assert first.provider_specific == {"provider_timestamp_ns": tod}
+    assert edge.provider_specific == {"provider_timestamp_ns": last_ns_of_1999}
+    assert ok.provider_specific == {}
+    # Not stale: the receive time is the record's time now.
+    assert flags(QualityChecker(stale_after_s=1.0), rec(4, ts=tod)) == [
+        [QualityFlag.MISSING_FIELDS]
+    ]

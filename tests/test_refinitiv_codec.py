@@ -244,8 +244,9 @@ def test_partial_quote_update_is_completed_from_the_cache() -> None:
                           RECEIVE_NS)  # fmt: skip
     [quote] = out.records
     assert (quote.bid, quote.ask, quote.provider_specific["ASKSIZE"]) == (10.0, 10.02, 9)
-    assert quote.timestamp_ns == RECEIVE_NS  # no QUOTIM in the update
-    assert quote.quality_flags == []
+    # No QUOTIM in the update: the receive time stands in, and the flag says so.
+    assert quote.timestamp_ns == RECEIVE_NS
+    assert quote.quality_flags == [QualityFlag.MISSING_FIELDS]
 
 
 def test_update_without_key_uses_the_stream_id() -> None:
@@ -484,10 +485,11 @@ def test_sequence_going_backwards_is_flagged_by_quality_checker() -> None:
     consumer = codec.ConsumerProtocol()
     _open(consumer)
     seqs = [132, 148, 148, 140]
+    fields = {"BID": 10.0, "QUOTIM_MS": 68_518_777}
     records = [
-        consumer.decode(frame(codec.item_update(2, "IBM.N", {"BID": 10.0}, "Quote", s)), 1).records[
-            0
-        ]
+        consumer.decode(
+            frame(codec.item_update(2, "IBM.N", fields, "Quote", s)), RECEIVE_NS
+        ).records[0]
         for s in seqs
     ]
     QualityChecker(stale_after_s=None).check(records)

@@ -79,6 +79,10 @@ RECAPTYPE_NONE = 0
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _DAY_NS = 86_400 * 1_000_000_000
+# How far ahead of our clock a provider's time of day may be and still be read as now: a
+# stamp of 00:00:01 read at 23:59:59 is tomorrow's, but one of 09:30 read at 22:00 (a
+# recap's last trade) is this morning's, never tomorrow's.
+_CLOCK_SKEW_NS = 300 * 1_000_000_000
 # Content nested deeper than this is kept as it is (or as text) rather than walked: a
 # walk over a value nested past the recursion limit would raise RecursionError.
 _MAX_DEPTH = 32
@@ -397,7 +401,7 @@ def _decode_market_data(
         flags: list[str] = []
         price = _number(el, "LAST_PRICE", flags)
         size = _optional_number(el, "SIZE_LAST_TRADE", flags)
-        ts = _event_time(el, TRADE_TIME_FIELDS, receive_ns)
+        ts = _event_time(el, TRADE_TIME_FIELDS, receive_ns, flags)
         bid, ask = _optional_number(el, "BID"), _optional_number(el, "ASK")
         specific = _provider_specific(snap, _TRADE_MAPPED)
         trade = RawMarketData(
@@ -421,7 +425,7 @@ def _decode_market_data(
             sides[1] = ask if ask is not None else sides[1]
         if (bid is None or ask is None) and QualityFlag.MISSING_FIELDS not in flags:
             flags.append(QualityFlag.MISSING_FIELDS)
-        ts = _event_time(el, QUOTE_TIME_FIELDS, receive_ns)
+        ts = _event_time(el, QUOTE_TIME_FIELDS, receive_ns, flags)
         quote = RawMarketData(
             symbol, provider, ts, DataType.QUOTE, None, None, bid, ask,
             quote_specific, None, "Q." + symbol, False, receive_ns, flags,
@@ -455,9 +459,11 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
-def _event_time(elements: dict[str, Any], keys: tuple[str, ...], receive_ns: int) -> int:
+def _event_time(
+    elements: dict[str, Any], keys: tuple[str, ...], receive_ns: int, flags: list[str]
+) -> int:
     """Provider event time in ns: the latest ``*_STAMP_RT``, else the first usable fallback
-    (``EVENT_TIME``, ``TIME``), else the receive time."""
+    (``EVENT_TIME``, ``TIME``), else the receive time, flagged ``missing_fields``."""
     stamps: list[int] = []
     fallback: int | None = None
     for key in keys:
@@ -472,7 +478,11 @@ def _event_time(elements: dict[str, Any], keys: tuple[str, ...], receive_ns: int
             fallback = ns
     if stamps:
         return max(stamps)
-    return fallback if fallback is not None else receive_ns
+    if fallback is not None:
+        return fallback
+    if QualityFlag.MISSING_FIELDS not in flags:
+        flags.append(QualityFlag.MISSING_FIELDS)
+    return receive_ns
 
 
 def time_ns(value: Any, receive_ns: int = 0) -> int | None:
@@ -508,6 +518,9 @@ def time_ns(value: Any, receive_ns: int = 0) -> int | None:
         ns = day_start + offset + value.microsecond * 1000
         if ns - receive_ns > _DAY_NS // 2:
             ns -= _DAY_NS
+        elif receive_ns - ns > _DAY_NS - _CLOCK_SKEW_NS:
+            # Just after midnight by the provider's clock, just before it by ours.
+            ns += _DAY_NS
         return ns
     return None
 

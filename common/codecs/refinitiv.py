@@ -27,8 +27,9 @@ Timestamps
   otherwise the UTC day that puts the time nearest the receive time (so a tick stamped
   23:59:59.900 read at 00:00:00.100 lands on the previous day); when there is no receive
   time (capture decoding) the date last seen on that item stream. A message with no time
-  field is stamped with its receive time. When no date can be found at all the record is
-  flagged ``missing_fields``.
+  field is stamped with its receive time and flagged ``missing_fields``; so is a record
+  when no date can be found at all (the pipeline then puts the receive time in place of a
+  time of day on 1970-01-01, see ``common.quality``).
 
 Sequences
   ``SeqNumber`` is the provider sequence. It is not contiguous (the real capture steps by
@@ -453,6 +454,9 @@ class ConsumerProtocol:
             if tod is not None:
                 break
         if tod is None:
+            # The provider gave no time: the receive time stands in, and says so.
+            if QualityFlag.MISSING_FIELDS not in flags:
+                flags.append(QualityFlag.MISSING_FIELDS)
             return receive_ns
         if message_date is not None:
             return message_date + tod
