@@ -1,10 +1,12 @@
 """Alpha Vantage REST simulator: ``GET /query`` answered with ``common.codecs.alphavantage``.
 
-Serves GLOBAL_QUOTE and TIME_SERIES_INTRADAY in JSON or CSV from a PriceWalk. Simulated
-time runs one bar per ``bar_seconds`` real seconds (default: the interval's own length),
-starting at ``session_start`` US/Eastern with ``history_bars`` bars already there, inside
-AV's 04:00-20:00 day on weekdays. Errors and throttling are HTTP 200 JSON bodies, as AV
-sends them, also when CSV was asked for.
+Serves GLOBAL_QUOTE and TIME_SERIES_INTRADAY in JSON or CSV from a PriceWalk. One
+simulated clock serves every interval: it starts ``history_bars`` minutes after
+``session_start`` (US/Eastern; so a 1min series starts with that many bars) and runs one
+simulated minute per ``bar_seconds`` real seconds (default: real time). Each series holds
+the bars of its interval up to that clock, inside AV's 04:00-20:00 day on weekdays, so no
+bar of any interval lies after another's "Last Refreshed". Errors and throttling are HTTP
+200 JSON bodies, as AV sends them, also when CSV was asked for.
 
 Faults (``--faults``), counted over all requests to the server:
   refuse_auth        every request gets the invalid-key "Error Message"
@@ -52,7 +54,7 @@ class AlphaVantageSimConfig:
     symbols: list[str]
     api_key: str | None = None  # None: any non-empty key is accepted
     faults: Faults = field(default_factory=Faults)
-    bar_seconds: float | None = None  # real seconds per simulated bar; None: real time
+    bar_seconds: float | None = None  # real seconds per simulated minute; None: real time
     session_start: datetime | None = None  # US/Eastern wall time of the first bar
     history_bars: int = 100
     rate_limit_requests: int = 5
@@ -184,18 +186,18 @@ class AlphaVantageSimulator:
 
     # ------------------------------------------------------------ market data
 
-    def _due_bars(self, interval: str) -> int:
-        per_bar = self.config.bar_seconds or codec.INTERVALS[interval]
-        elapsed = time.monotonic() - self._started
-        return min(self.config.max_bars, self.config.history_bars + int(elapsed / per_bar))
+    def now(self) -> datetime:
+        """The simulated US/Eastern wall time, one clock for every series."""
+        per_minute = self.config.bar_seconds or 60.0
+        minutes = self.config.history_bars - 1 + (time.monotonic() - self._started) / per_minute
+        return self.start_time + timedelta(minutes=minutes)
 
     def bars(self, symbol: str, interval: str) -> list[codec.Bar]:
         """The served bars of one series up to simulated now, oldest first."""
         series = self.series.setdefault((symbol, interval), _Series(next_time=self.start_time))
-        due = self._due_bars(interval)
+        now = self.now()
         skip_every = self.config.faults.skip_seq_every
-        while series.generated < due:
-            assert series.next_time is not None
+        while series.next_time is not None and series.next_time <= now:
             bar = self._make_bar(symbol, series.next_time)
             series.generated += 1
             series.next_time = codec.next_bar_time(series.next_time, interval)
@@ -237,10 +239,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
     p.add_argument(
         "--bar-seconds", type=float, default=None,
-        help="real seconds per simulated bar (default: real time)",
+        help="real seconds per simulated minute (default: real time)",
     )  # fmt: skip
     p.add_argument("--session-start", default=None, help="US/Eastern 'YYYY-MM-DD HH:MM:SS'")
-    p.add_argument("--history-bars", type=int, default=100)
+    p.add_argument("--history-bars", type=int, default=100, help="minutes of history")
     p.add_argument("--rate-limit-requests", type=int, default=5)
     p.add_argument("--rate-limit-window-s", type=float, default=60.0)
     p.add_argument("--rate-limit-kind", choices=("second", "minute", "day"), default="minute")

@@ -8,7 +8,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -448,3 +448,21 @@ async def test_subscribe_while_idle_starts_polling_at_once() -> None:
         await stream.aclose()
         await adapter.disconnect()
         await sim.stop()
+
+
+def test_every_interval_runs_on_one_simulated_clock() -> None:
+    """No series holds a bar after the simulated now, whatever its interval: a 5min or
+    60min series once ran on a clock of its own and served bars hours ahead of the 1min
+    series' "Last Refreshed"."""
+    config = AlphaVantageSimConfig(
+        symbols=["IBM"], session_start=SESSION, history_bars=100, bar_seconds=1000.0
+    )
+    sim = AlphaVantageSimulator(config)
+    now = sim.now()
+    assert SESSION + timedelta(minutes=99) <= now < SESSION + timedelta(minutes=99, seconds=1)
+    times = {i: [b.time for b in sim.bars("IBM", i)] for i in ("1min", "5min", "60min")}
+    assert times["1min"][0] == SESSION and times["1min"][-1] == datetime(2024, 3, 1, 11, 9)
+    assert len(times["1min"]) == 100
+    assert times["5min"][-1] == datetime(2024, 3, 1, 11, 5) and len(times["5min"]) == 20
+    assert times["60min"] == [SESSION, datetime(2024, 3, 1, 10, 30)]
+    assert sim.quote("IBM").latest_day == SESSION.date()
