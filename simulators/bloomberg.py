@@ -417,6 +417,8 @@ class SessionOptions:
         self._keepalive_inactivity_ms = 20_000
         self._keepalive_response_ms = 5_000
         self._max_event_queue_size = 10_000
+        self._slow_hi = 0.75  # fractions of the queue size, blpapi's defaults
+        self._slow_lo = 0.5
         self._service = codec.SERVICE
 
     def setServerHost(self, serverHost: str) -> None:
@@ -458,7 +460,28 @@ class SessionOptions:
         self._keepalive_response_ms = int(timeoutMsecs)  # recorded only
 
     def setMaxEventQueueSize(self, eventQueueSize: int) -> None:
-        self._max_event_queue_size = int(eventQueueSize)  # recorded only
+        if int(eventQueueSize) < 1:
+            raise InvalidArgumentException(f"bad event queue size {eventQueueSize}")
+        self._max_event_queue_size = int(eventQueueSize)
+
+    def maxEventQueueSize(self) -> int:
+        return self._max_event_queue_size
+
+    def setSlowConsumerWarningHiWaterMark(self, hiWaterMark: float) -> None:
+        if not self._slow_lo < float(hiWaterMark) <= 1.0:
+            raise InvalidArgumentException(f"bad high water mark {hiWaterMark}")
+        self._slow_hi = float(hiWaterMark)
+
+    def setSlowConsumerWarningLoWaterMark(self, loWaterMark: float) -> None:
+        if not 0.0 <= float(loWaterMark) < self._slow_hi:
+            raise InvalidArgumentException(f"bad low water mark {loWaterMark}")
+        self._slow_lo = float(loWaterMark)
+
+    def slowConsumerWarningHiWaterMark(self) -> float:
+        return self._slow_hi
+
+    def slowConsumerWarningLoWaterMark(self) -> float:
+        return self._slow_lo
 
     def setDefaultSubscriptionService(self, defaultSubscriptionService: str) -> None:
         self._service = defaultSubscriptionService
@@ -506,7 +529,16 @@ class SubscriptionList:
 
 
 class Session:
-    """A synchronous consumer session over the stand-in's TCP line protocol."""
+    """A synchronous consumer session over the stand-in's TCP line protocol.
+
+    Its event queue is bounded as blpapi's is (``maxEventQueueSize``): at the high water
+    mark an ADMIN ``SlowConsumerWarning`` is queued; when the queue is full, data events are
+    dropped and counted per subscription; the first data event with room again is preceded
+    by one ADMIN ``DataLoss`` per subscription that lost messages (``numMessagesDropped``);
+    once the application has drained the queue to the low water mark,
+    ``SlowConsumerWarningCleared`` says how many events were dropped (``eventsDropped``).
+    Status events are never dropped.
+    """
 
     def __init__(
         self,
@@ -518,6 +550,15 @@ class Session:
             raise UnsupportedOperationException("the stand-in implements nextEvent() only")
         self._options = options or SessionOptions()
         self._events: queue.Queue[Event] = queue.Queue()
+        opts = self._options
+        self._queue_max = opts.maxEventQueueSize()
+        self._queue_hi = max(1, int(self._queue_max * opts.slowConsumerWarningHiWaterMark()))
+        self._queue_lo = int(self._queue_max * opts.slowConsumerWarningLoWaterMark())
+        self._queue_lock = threading.Lock()
+        self._slow = False  # SlowConsumerWarning sent, not yet cleared
+        self._events_dropped = 0  # since the last SlowConsumerWarningCleared
+        # Messages dropped per subscription, not yet reported by a DataLoss.
+        self._lost: dict[CorrelationId, tuple[str, int]] = {}
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
         self._send_lock = threading.Lock()
@@ -590,15 +631,19 @@ class Session:
 
     def nextEvent(self, timeout: int = 0) -> Event:
         try:
-            return self._events.get(timeout=timeout / 1000 if timeout > 0 else None)
+            event = self._events.get(timeout=timeout / 1000 if timeout > 0 else None)
         except queue.Empty:
             return Event(Event.TIMEOUT, [])
+        self._taken()
+        return event
 
     def tryNextEvent(self) -> Event | None:
         try:
-            return self._events.get_nowait()
+            event = self._events.get_nowait()
         except queue.Empty:
             return None
+        self._taken()
+        return event
 
     # -- services and subscriptions
 
@@ -695,7 +740,7 @@ class Session:
                     continue  # the real library never hands undecodable bytes to the app
                 event = self._to_event(wire)
                 if event is not None:
-                    self._events.put(event)
+                    self._queue_event(event)
         except (OSError, ValueError):
             pass
         finally:
@@ -722,6 +767,54 @@ class Session:
             codec.SESSION_TERMINATED,
             {"reason": codec.reason_dict("IO_ERROR", f"connection to {address} lost")},
         )
+
+    def _queue_event(self, event: Event) -> None:
+        """Queue an event read from the server, as blpapi's bounded queue does."""
+        if event.eventType() != Event.SUBSCRIPTION_DATA:
+            self._events.put(event)
+            return
+        with self._queue_lock:
+            size = self._events.qsize()
+            if size >= self._queue_max:
+                self._events_dropped += 1
+                for msg in event:
+                    for cid in msg.correlationIds():
+                        topic, count = self._lost.get(cid, (msg.topicName(), 0))
+                        self._lost[cid] = (topic, count + 1)
+                return
+            self._report_losses()
+            if not self._slow and size + 1 >= self._queue_hi:
+                self._slow = True
+                warning = Message(Name(codec.SLOW_CONSUMER_WARNING), [], {})
+                self._events.put(Event(Event.ADMIN, [warning]))
+            self._events.put(event)
+
+    def _report_losses(self) -> None:
+        """One DataLoss per subscription that lost messages (the caller holds the lock)."""
+        if self._lost:
+            losses = [
+                Message(Name(codec.DATA_LOSS), [cid],
+                        {"id": str(cid.value()), "source": topic, "numMessagesDropped": n})
+                for cid, (topic, n) in self._lost.items()
+            ]  # fmt: skip
+            self._lost = {}
+            self._events.put(Event(Event.ADMIN, losses))
+
+    def _taken(self) -> None:
+        """The application took an event: once the queue has drained to the low water
+        mark, report what was lost (if no data event did so) and clear the warning."""
+        if not self._slow or self._events.qsize() > self._queue_lo:
+            return
+        with self._queue_lock:
+            if not self._slow:
+                return
+            self._slow = False
+            self._report_losses()
+            dropped, self._events_dropped = self._events_dropped, 0
+            cleared = Message(
+                Name(codec.SLOW_CONSUMER_WARNING_CLEARED), [], {"eventsDropped": dropped}
+            )
+            self._events.put(Event(Event.ADMIN, [cleared]))
 
     def _to_event(self, wire: codec.WireEvent) -> Event | None:
         messages: list[Message] = []

@@ -26,6 +26,7 @@ from common.provider import (
     ProviderDisconnected,
 )
 from common.quality import QualityChecker
+from simulators import bloomberg as standin
 from simulators.bloomberg import BloombergSimConfig, BloombergSimulator
 from simulators.market import Faults
 from tests.running import until
@@ -44,8 +45,8 @@ def adapter_for(port: int, **extra: Any) -> BloombergAdapter:
 async def running(
     faults: str = "", *, sim: dict[str, Any] | None = None, **extra: Any
 ) -> AsyncIterator[tuple[BloombergSimulator, BloombergAdapter]]:
-    config = BloombergSimConfig(symbols=SYMBOLS, rate=3000.0, batch=5,
-                                faults=Faults.parse(faults), **(sim or {}))  # fmt: skip
+    settings: dict[str, Any] = {"rate": 3000.0, "batch": 5, **(sim or {})}
+    config = BloombergSimConfig(symbols=SYMBOLS, faults=Faults.parse(faults), **settings)
     simulator = BloombergSimulator(config)
     port = await simulator.start("127.0.0.1", 0)
     adapter = adapter_for(port, **extra)
@@ -287,3 +288,97 @@ async def test_disconnect_wakes_a_waiting_stream() -> None:
         with pytest.raises(ProviderDisconnected, match="disconnected by the worker"):
             await asyncio.wait_for(task, 20)
         assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+
+
+async def test_the_stand_ins_bounded_queue_reports_overflow_as_blpapi_does() -> None:
+    """blpapi's event queue is bounded: an application that does not keep up gets
+    SlowConsumerWarning, loses data events past maxEventQueueSize, and is told how many
+    (DataLoss per subscription, eventsDropped on SlowConsumerWarningCleared). What was
+    received plus what was reported lost is exactly what the server sent."""
+    sent = 300
+    config = BloombergSimConfig(symbols=["AAPL"], rate=20_000.0, batch=1,
+                                faults=Faults.parse(f"silent_after={sent}"))  # fmt: skip
+    simulator = BloombergSimulator(config)
+    port = await simulator.start("127.0.0.1", 0)
+    options = standin.SessionOptions()
+    options.setServerHost("127.0.0.1")
+    options.setServerPort(port)
+    options.setMaxEventQueueSize(20)
+    session = standin.Session(options)
+    try:
+        assert await asyncio.to_thread(session.start)
+        assert await asyncio.to_thread(session.openService, "//blp/mktdata")
+        subs = standin.SubscriptionList()
+        subs.add("AAPL US Equity", "LAST_PRICE,BID,ASK", None, standin.CorrelationId(7))
+        session.subscribe(subs)
+        # Nobody reads: the queue fills and the rest of what the server sends is dropped.
+        await until(lambda: simulator.events_sent >= sent, 20, "the server to send")
+        await until(lambda: session._events_dropped > 0, 20, "the queue to overflow")
+        data = warnings = 0
+        lost: list[tuple[str, int]] = []
+        cleared: list[int] = []
+        while True:
+            event = await asyncio.to_thread(session.nextEvent, 1000)
+            if event.eventType() == standin.Event.TIMEOUT:
+                break
+            for msg in event:
+                kind = str(msg.messageType())
+                if event.eventType() == standin.Event.SUBSCRIPTION_DATA:
+                    data += 1
+                elif kind == "SlowConsumerWarning":
+                    warnings += 1
+                elif kind == "DataLoss":
+                    value = msg.toPy()
+                    lost.append((value["source"], value["numMessagesDropped"]))
+                    assert msg.correlationIds() == [standin.CorrelationId(7)]
+                elif kind == "SlowConsumerWarningCleared":
+                    cleared.append(msg.toPy()["eventsDropped"])
+        dropped = sum(n for _, n in lost)
+        assert warnings == 1 and len(cleared) == 1
+        assert dropped > 0 and cleared == [dropped]  # batch=1: one message per event
+        assert {source for source, _ in lost} == {"AAPL US Equity"}
+        assert data + dropped == sent + 1  # and the initial paint
+        assert 10 <= data < sent
+    finally:
+        session.stop()
+        await simulator.stop()
+
+
+async def test_the_adapter_flags_what_blpapi_dropped_and_says_it_is_behind() -> None:
+    """Data keeps coming while the worker is not reading: blpapi's queue overflows. The
+    status says so (RATE_LIMITED until SlowConsumerWarningCleared, then CONNECTED), the
+    loss is counted, and the next record of the symbol after it is flagged ``gap``."""
+    async with running(sim={"batch": 1, "rate": 5000.0}, max_event_queue_size=20,
+                       max_pending_events=2) as (_sim, adapter):  # fmt: skip
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL"))
+        session = adapter._session
+        assert session is not None
+        await until(lambda: session._events_dropped > 0, 20, "blpapi's queue to overflow")
+        records: list[RawMarketData] = []
+        statuses: list[ConnectionStatus] = []
+        async with asyncio.timeout(30), aclosing(stream(adapter)) as batches:
+            async for batch in batches:
+                records.extend(batch)
+                statuses.append(adapter.connection_status)
+                if adapter.events_dropped > 0 and any(
+                    QualityFlag.GAP in r.quality_flags for r in records
+                ):
+                    break
+        assert adapter.messages_lost > 0 and adapter.slow_consumer_warnings >= 1
+        # eventsDropped comes only with SlowConsumerWarningCleared: the warning was cleared.
+        assert adapter.events_dropped > 0
+        assert ConnectionStatus.RATE_LIMITED in statuses
+        assert (
+            ConnectionStatus.CONNECTED in statuses[statuses.index(ConnectionStatus.RATE_LIMITED) :]
+        )
+        gaps = [r for r in records if QualityFlag.GAP in r.quality_flags]
+        assert {r.symbol for r in gaps} == {"AAPL"}
+        assert 1 <= len(gaps) <= adapter.data_loss_messages
+
+
+async def test_a_bad_event_queue_size_is_a_config_error() -> None:
+    async with running(max_event_queue_size=0) as (_sim, adapter):
+        with pytest.raises(ProviderConfigError, match="max_event_queue_size"):
+            await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.ERROR

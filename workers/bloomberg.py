@@ -34,6 +34,11 @@ connection_config keys:
   ``max_pending_events`` events handed to asyncio and not yet decoded before the reader
                          thread stops taking more from blpapi (default 1000), so blpapi's
                          own queue limits and SlowConsumerWarning apply
+  ``max_event_queue_size``  blpapi's ``maxEventQueueSize`` (default: the library's, 10000).
+                         Past it blpapi drops data and says so: SlowConsumerWarning (status
+                         RATE_LIMITED until SlowConsumerWarningCleared) and DataLoss (a
+                         ``gap`` flag on each affected symbol's next record; the count in
+                         ``messages_lost``)
 """
 
 from __future__ import annotations
@@ -100,6 +105,10 @@ class BloombergAdapter(ProviderAdapter):
         self.start_timeout_s = config.number("start_timeout_s", 15.0)
         self.poll_ms = config.integer("poll_ms", 200)
         self.max_pending_events = config.integer("max_pending_events", 1000)
+        queue_size = config.connection_config.get("max_event_queue_size")
+        self.max_event_queue_size = (
+            None if queue_size is None else config.integer("max_event_queue_size", 0)
+        )
         # Counters the worker can export.
         self.skipped_messages = 0
         self.slow_consumer_warnings = 0
@@ -155,6 +164,11 @@ class BloombergAdapter(ProviderAdapter):
         # The worker owns reconnecting; a library restart would hide drops from it.
         opts.setAutoRestartOnDisconnection(False)
         opts.setNumStartAttempts(1)
+        if self.max_event_queue_size is not None:
+            if self.max_event_queue_size < 1:
+                self.connection_status = ConnectionStatus.ERROR
+                raise ProviderConfigError("connection_config.max_event_queue_size must be >= 1")
+            opts.setMaxEventQueueSize(self.max_event_queue_size)
         if self.app_name:
             opts.setSessionIdentityOptions(mod.AuthOptions.createWithApp(self.app_name))
         session = mod.Session(opts)
