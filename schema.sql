@@ -8,10 +8,10 @@
 
 CREATE TABLE IF NOT EXISTS providers (
     id                UUID PRIMARY KEY DEFAULT gen_random_uuid(),
-    name              VARCHAR(100) NOT NULL UNIQUE,
+    name              VARCHAR(50)  NOT NULL UNIQUE,
     provider_type     VARCHAR(50)  NOT NULL,
     enabled           BOOLEAN      NOT NULL DEFAULT TRUE,
-    priority          INTEGER      NOT NULL DEFAULT 100,
+    priority          INTEGER      NOT NULL DEFAULT 1,  -- 1 is highest: the failover order
     connection_config JSONB        NOT NULL DEFAULT '{}'::jsonb,
     rate_limits       JSONB        NOT NULL DEFAULT '{}'::jsonb,
     created_at        TIMESTAMPTZ  NOT NULL DEFAULT now(),
@@ -21,6 +21,20 @@ CREATE TABLE IF NOT EXISTS providers (
     CONSTRAINT providers_rate_limits_is_object CHECK (jsonb_typeof(rate_limits) = 'object')
 );
 CREATE INDEX IF NOT EXISTS idx_providers_enabled ON providers (enabled);
+-- The seed's name length and priority default, on a table an earlier schema.sql made with
+-- VARCHAR(100) and DEFAULT 100 (a longer name already there is kept, and said so).
+ALTER TABLE providers ALTER COLUMN priority SET DEFAULT 1;
+DO $$
+BEGIN
+    IF (SELECT character_maximum_length FROM information_schema.columns
+        WHERE table_name = 'providers' AND column_name = 'name') > 50 THEN
+        IF EXISTS (SELECT 1 FROM providers WHERE length(name) > 50) THEN
+            RAISE NOTICE 'providers.name kept wider than 50: a longer name exists';
+        ELSE
+            ALTER TABLE providers ALTER COLUMN name TYPE VARCHAR(50);
+        END IF;
+    END IF;
+END $$;
 
 CREATE TABLE IF NOT EXISTS subscriptions (
     id                UUID PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -87,8 +101,36 @@ ALTER TABLE worker_instances ADD COLUMN IF NOT EXISTS status_since TIMESTAMPTZ N
 ALTER TABLE worker_instances ADD COLUMN IF NOT EXISTS unavailable_symbols TEXT[] NOT NULL DEFAULT '{}';
 ALTER TABLE worker_instances ADD COLUMN IF NOT EXISTS flowing_symbols TEXT[] NOT NULL DEFAULT '{}';
 
--- The seed's subscription status: 'active', 'inactive' or 'failover' (served by a backup).
+-- The seed's subscription status is the column the code reads and writes: 'active',
+-- 'inactive' (unsubscribed) or 'failover' (served by a backup). is_active, which came
+-- first, is kept in step by a trigger, so an operator may edit either; a database made
+-- before status existed is migrated here (status from is_active), without losing a row.
 ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS status VARCHAR(20) NOT NULL DEFAULT 'active';
+UPDATE subscriptions SET status = 'inactive' WHERE NOT is_active AND status <> 'inactive';
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'subscriptions_status_check') THEN
+        ALTER TABLE subscriptions ADD CONSTRAINT subscriptions_status_check
+            CHECK (status IN ('active', 'inactive', 'failover'));
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION feedfleet_subscription_status() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.is_active IS DISTINCT FROM OLD.is_active
+       AND NEW.status IS NOT DISTINCT FROM OLD.status THEN
+        -- Only is_active was written: status follows it.
+        NEW.status := CASE WHEN NEW.is_active THEN 'active' ELSE 'inactive' END;
+    ELSIF TG_OP = 'INSERT' AND NOT NEW.is_active AND NEW.status = 'active' THEN
+        NEW.status := 'inactive';
+    END IF;
+    NEW.is_active := NEW.status IS DISTINCT FROM 'inactive';
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS subscriptions_status ON subscriptions;
+CREATE TRIGGER subscriptions_status BEFORE INSERT OR UPDATE ON subscriptions
+    FOR EACH ROW EXECUTE FUNCTION feedfleet_subscription_status();
+CREATE INDEX IF NOT EXISTS idx_subscriptions_status ON subscriptions (status);
 
 -- Which worker instance holds which symbol, written only by the active coordinator.
 -- provider_id is the subscription's provider (for whom); instance_id (and

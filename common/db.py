@@ -140,7 +140,7 @@ class Subscription:
     provider_id: str
     symbol: str
     data_types: list[str]
-    is_active: bool
+    status: str = "active"  # the seed's column: 'active', 'inactive' or 'failover'
 
 
 async def subscribe(
@@ -150,23 +150,27 @@ async def subscribe(
     out: list[Subscription] = []
     async with conn.transaction():
         for symbol in symbols:
-            await conn.execute(
+            cur = await conn.execute(
                 """
                 INSERT INTO subscriptions (provider_id, instrument_symbol, data_types)
                 VALUES (%s, %s, %s)
                 ON CONFLICT (provider_id, instrument_symbol) DO UPDATE
-                SET data_types = EXCLUDED.data_types, is_active = TRUE, updated_at = now()
+                SET data_types = EXCLUDED.data_types, updated_at = now(),
+                    status = CASE WHEN subscriptions.status = 'inactive' THEN 'active'
+                                  ELSE subscriptions.status END
+                RETURNING status
                 """,
                 (provider_id, symbol, types),
             )
-            out.append(Subscription(provider_id, symbol, types, True))
+            row = await cur.fetchone()
+            out.append(Subscription(provider_id, symbol, types, row[0] if row else "active"))
     return out
 
 
 async def unsubscribe(conn: Conn, provider_id: str, symbols: list[str]) -> int:
     cur = await conn.execute(
-        "UPDATE subscriptions SET is_active = FALSE, updated_at = now() "
-        "WHERE provider_id = %s AND instrument_symbol = ANY(%s) AND is_active",
+        "UPDATE subscriptions SET status = 'inactive', updated_at = now() "
+        "WHERE provider_id = %s AND instrument_symbol = ANY(%s) AND status <> 'inactive'",
         (provider_id, symbols),
     )
     return cur.rowcount
@@ -174,10 +178,10 @@ async def unsubscribe(conn: Conn, provider_id: str, symbols: list[str]) -> int:
 
 async def active_subscriptions(conn: Conn) -> list[Subscription]:
     cur = await conn.execute(
-        "SELECT provider_id::text, instrument_symbol, data_types FROM subscriptions "
-        "WHERE is_active ORDER BY provider_id, instrument_symbol"
+        "SELECT provider_id::text, instrument_symbol, data_types, status FROM subscriptions "
+        "WHERE status <> 'inactive' ORDER BY provider_id, instrument_symbol"
     )
-    return [Subscription(r[0], r[1], list(r[2]), True) for r in await cur.fetchall()]
+    return [Subscription(r[0], r[1], list(r[2]), r[3]) for r in await cur.fetchall()]
 
 
 # ---------------------------------------------------------------- worker instances
@@ -360,7 +364,8 @@ async def failover_subscriptions(conn: Conn) -> set[tuple[str, str]]:
 
 async def set_subscription_status(conn: Conn, keys: Iterable[tuple[str, str]], status: str) -> None:
     """Set ``status`` ('active' or 'failover') on the (provider_id, symbol) subscriptions,
-    in one statement (the table's trigger notifies once per statement)."""
+    in one statement (the table's trigger notifies once per statement). An unsubscribed
+    ('inactive') row is left alone."""
     pairs = list(keys)
     if not pairs:
         return
@@ -369,7 +374,7 @@ async def set_subscription_status(conn: Conn, keys: Iterable[tuple[str, str]], s
         UPDATE subscriptions s SET status = %s
         FROM unnest(%s::uuid[], %s::text[]) AS k(provider_id, symbol)
         WHERE s.provider_id = k.provider_id AND s.instrument_symbol = k.symbol
-          AND s.status IS DISTINCT FROM %s
+          AND s.status IS DISTINCT FROM %s AND s.status <> 'inactive'
         """,
         (status, [p for p, _ in pairs], [s for _, s in pairs], status),
     )
@@ -411,7 +416,7 @@ async def failover_summary(conn: Conn) -> tuple[int, list[str]]:
         SELECT count(DISTINCT s.instrument_symbol),
                coalesce(array_agg(DISTINCT p.name ORDER BY p.name), '{}')
         FROM subscriptions s JOIN providers p ON p.id = s.provider_id
-        WHERE s.status = 'failover' AND s.is_active
+        WHERE s.status = 'failover'
         """
     )
     row = await cur.fetchone()

@@ -67,7 +67,7 @@ async def lock_queue(conn: db.Conn) -> dict[int, bool]:
 
 
 def _subs(pid: str, n: int) -> list[db.Subscription]:
-    return [db.Subscription(pid, f"S{i:03d}", ["TRADE"], True) for i in range(n)]
+    return [db.Subscription(pid, f"S{i:03d}", ["TRADE"]) for i in range(n)]
 
 
 def _assign(

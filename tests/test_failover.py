@@ -138,7 +138,7 @@ class World:
 
 
 def subs(pid: str, *symbols: str) -> list[db.Subscription]:
-    return [db.Subscription(pid, s, ["TRADE"], True) for s in symbols]
+    return [db.Subscription(pid, s, ["TRADE"]) for s in symbols]
 
 
 def kinds(plan: Plan) -> list[tuple[str, str, str, str]]:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from common import db
+from common.model import DataType
+from tests.conftest import Services
 
 TABLES = {
     "providers", "subscriptions", "provider_connections", "ingestion_metrics",
@@ -58,11 +66,104 @@ async def test_rows_far_in_the_past_land_in_default(conn: db.Conn) -> None:
 
 
 async def test_bad_config_rows_are_refused(conn: db.Conn) -> None:
-    import psycopg
-    import pytest
-
     with pytest.raises(psycopg.errors.CheckViolation):
         await conn.execute(
             "INSERT INTO providers (name, provider_type, connection_config) "
             "VALUES ('bad', 'polygon', '[1,2]')"
         )
+
+
+# The subscriptions table as an earlier schema.sql made it: is_active, no status.
+_EARLIER_SUBSCRIPTIONS = """
+CREATE TABLE providers (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(), name VARCHAR(100) NOT NULL UNIQUE,
+    provider_type VARCHAR(50) NOT NULL, enabled BOOLEAN NOT NULL DEFAULT TRUE,
+    priority INTEGER NOT NULL DEFAULT 100,
+    connection_config JSONB NOT NULL DEFAULT '{}'::jsonb,
+    rate_limits JSONB NOT NULL DEFAULT '{}'::jsonb,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(), updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE subscriptions (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    provider_id UUID NOT NULL REFERENCES providers (id) ON DELETE CASCADE,
+    instrument_symbol VARCHAR(50) NOT NULL,
+    data_types TEXT[] NOT NULL DEFAULT ARRAY['TRADE', 'QUOTE'],
+    is_active BOOLEAN NOT NULL DEFAULT TRUE,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(), updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT subscriptions_provider_symbol_key UNIQUE (provider_id, instrument_symbol)
+);
+"""
+
+
+async def test_subscription_status_is_migrated_from_is_active_and_kept_in_step(
+    services: Services,
+) -> None:
+    """A database from before ``status``: `feedfleet db init` (apply_schema) keeps every
+    row and sets status from is_active. After it the code reads and writes status, and an
+    operator editing either column finds the other in step."""
+    admin = await db.connect(services.database_url)
+    await admin.set_autocommit(True)
+    name = f"feedfleet_migrate_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(services.database_url)
+    params["dbname"] = name
+    conn = await db.connect(make_conninfo(**params))  # type: ignore[arg-type]
+    try:
+        await conn.execute(_EARLIER_SUBSCRIPTIONS)
+        cur = await conn.execute(
+            "INSERT INTO providers (name, provider_type) VALUES ('p', 'polygon') RETURNING id"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        pid = str(row[0])
+        await conn.execute(
+            "INSERT INTO subscriptions (provider_id, instrument_symbol, is_active) "
+            "VALUES (%s, 'ON', true), (%s, 'OFF', false)",
+            (pid, pid),
+        )
+        await db.apply_schema(conn)
+
+        async def rows() -> list[tuple[str, str, bool]]:
+            cur = await conn.execute(
+                "SELECT instrument_symbol, status, is_active FROM subscriptions ORDER BY 1"
+            )
+            return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
+        assert await rows() == [("OFF", "inactive", False), ("ON", "active", True)]
+        assert [s.symbol for s in await db.active_subscriptions(conn)] == ["ON"]
+        # The seed's provider name length and priority default, migrated too.
+        cur = await conn.execute(
+            "SELECT character_maximum_length, column_default FROM information_schema.columns "
+            "WHERE table_name = 'providers' AND column_name IN ('name', 'priority') "
+            "ORDER BY column_name"
+        )
+        assert await cur.fetchall() == [(50, None), (None, "1")]
+        # The code: subscribe again brings OFF back; unsubscribe writes status.
+        [again] = await db.subscribe(conn, pid, ["OFF"], [DataType.TRADE])
+        assert again.status == "active"
+        assert await db.unsubscribe(conn, pid, ["ON"]) == 1
+        assert await rows() == [("OFF", "active", True), ("ON", "inactive", False)]
+        # The coordinator's failover mark leaves an unsubscribed row alone.
+        await db.set_subscription_status(conn, [(pid, "OFF"), (pid, "ON")], "failover")
+        assert await rows() == [("OFF", "failover", True), ("ON", "inactive", False)]
+        # An operator's edits, by either column.
+        await conn.execute(
+            "UPDATE subscriptions SET is_active = false WHERE instrument_symbol = 'OFF'"
+        )
+        await conn.execute(
+            "UPDATE subscriptions SET status = 'active' WHERE instrument_symbol = 'ON'"
+        )
+        assert await rows() == [("OFF", "inactive", False), ("ON", "active", True)]
+        await conn.execute(
+            "UPDATE subscriptions SET is_active = true WHERE instrument_symbol = 'OFF'"
+        )
+        assert await rows() == [("OFF", "active", True), ("ON", "active", True)]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await conn.execute("UPDATE subscriptions SET status = 'paused'")
+        # Applying the schema again changes nothing.
+        await db.apply_schema(conn)
+        assert await rows() == [("OFF", "active", True), ("ON", "active", True)]
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE "{name}"')
+        await admin.close()
