@@ -468,6 +468,9 @@ def test_unexpected_failures_lose_only_their_message() -> None:
     assert out.errors[1].raw == (
         '{"messageType":"MarketDataEvents","correlationIds":[7],"data":{"LAST_PRICE":1.0}}'
     )
+    # The status message's excerpt too (its content cannot be JSON, so as Python shows it).
+    assert out.errors[0].raw.startswith("{'correlationIds': [7], 'data': {'x': <")
+    assert out.errors[0].raw.endswith(">}, 'messageType': 'SlowConsumerWarning'}")
 
 
 def test_market_data_without_correlation_id_or_topic() -> None:

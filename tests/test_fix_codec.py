@@ -370,6 +370,12 @@ def framed(items: list[codec.FixFrame | DecodeError]) -> list[tuple[str, str | i
          [("BodyLength does not end at CheckSum (10)", to_text(LOGON_RAW).replace("231", "x31")),
           ("bytes before BeginString", to_text(LOGON_RAW[1:]).replace("231", "x31")),
           ("frame", 111)]),
+        # After a good message in the same read: the excerpt is the bad message's own.
+        (LOGON_RAW + LOGON_RAW.replace(b"10=231", b"10=x31") + LOGON_RAW,
+         [("frame", 0),
+          ("BodyLength does not end at CheckSum (10)", to_text(LOGON_RAW).replace("231", "x31")),
+          ("bytes before BeginString", to_text(LOGON_RAW[1:]).replace("231", "x31")),
+          ("frame", 222)]),
         # No CheckSum anywhere after: the excerpt ends where the BodyLength said.
         (b"8=FIX.4.4\x019=5\x0135=0\x01" + b"x" * 10,
          [("BodyLength does not end at CheckSum (10)", "8=FIX.4.4\x019=5\x0135=0\x01"),
@@ -455,6 +461,11 @@ def test_timestamp_parsing_accepts_seconds_and_micros_and_rejects_junk() -> None
         (951_782_400 * SEC, "20000229-00:00:00.000"),  # a leap day of a year % 400 == 0
         (4_107_542_400 * SEC + 5_999_999, "21000301-00:00:00.005"),  # 2100 is no leap year
         (1_709_251_199 * SEC + 999_000_000, "20240229-23:59:59.999"),
+        # The first days of an era's fifth 400-year cycle, and a day 30 of the March-based
+        # year: where the algorithm's divisions turn over.
+        (951_868_800 * SEC, "20000301-00:00:00.000"),
+        (952_128_000 * SEC, "20000304-00:00:00.000"),
+        (1_711_843_200 * SEC, "20240331-00:00:00.000"),
         (-62_135_596_800 * SEC, "00010101-00:00:00.000"),
         (-62_162_035_200 * SEC, "00000301-00:00:00.000"),
         (-62_162_035_201 * SEC, "00000229-23:59:59.000"),  # the day before an era begins

@@ -294,6 +294,9 @@ def test_unknown_and_deep_types_are_counted_and_skipped() -> None:
     assert [r.provider_sequence for r in out.records] == [2]
     out = iex.decode_segment(segment([deep_level, unknown, unknown, deep_level, SPEC_QUOTE]), 0)
     assert (out.unknown, out.skipped, len(out.records)) == (2, 2, 1)
+    # Told apart: one unknown message beside three known ones not decoded (DEEP levels).
+    out = iex.decode_segment(segment([deep_level, unknown, deep_level, deep_level]), 0)
+    assert (out.unknown, out.skipped, out.records) == (1, 3, [])
 
 
 def test_symbol_filter() -> None:

@@ -128,6 +128,11 @@ def test_bad_elements_do_not_spoil_good_ones() -> None:
     out = codec.decode_frame(frame, RECV)
     assert [r.price for r in out.records] == [1.5]
     assert len(out.errors) == 2
+    # An event type that is not even a string is skipped, not the end of the frame.
+    frame = b'[{"ev":{"x":1},"sym":"X"},{"ev":"T","sym":"X","p":2.5,"s":2,"t":5,"q":2}]'
+    out = codec.decode_frame(frame, RECV)
+    assert [r.price for r in out.records] == [2.5]
+    assert [e.reason for e in out.errors] == ['unknown event type {"x":1}']
 
 
 def test_wrong_typed_price_is_flagged_missing() -> None:
@@ -137,6 +142,13 @@ def test_wrong_typed_price_is_flagged_missing() -> None:
     out = codec.decode_frame(b'[{"ev":"Q","sym":"X","bp":true,"ap":2.0,"t":5}]', RECV)
     assert out.records[0].bid is None
     assert out.records[0].quality_flags == [QualityFlag.MISSING_FIELDS]
+    # A bar's volume of the wrong type: flagged, the bar kept.
+    bar = b'[{"ev":"AM","sym":"X","v":"lots","o":1,"c":2.0,"h":2,"l":1,"s":60000,"e":120000}]'
+    out = codec.decode_frame(bar, RECV)
+    assert out.errors == []
+    (rec,) = out.records
+    assert (rec.price, rec.volume) == (2.0, None)
+    assert rec.quality_flags == [QualityFlag.MISSING_FIELDS]
 
 
 def test_bad_client_actions() -> None:

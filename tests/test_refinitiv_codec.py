@@ -318,6 +318,21 @@ def test_status_open_suspect_keeps_the_stream() -> None:
     assert status.state.open and consumer.ids_by_name == {"A.N": 2}
 
 
+def test_a_status_without_state_changes_nothing() -> None:
+    """State is optional on a Status: absent, the stream stays as it was (an item is not
+    forgotten as closed, a login is not taken for refused)."""
+    consumer = codec.ConsumerProtocol()
+    _open(consumer, "A.N", 2)
+    out = consumer.decode(frame({"ID": 2, "Type": "Status", "Key": {"Name": "A.N"}}), RECEIVE_NS)
+    assert (out.statuses, out.errors, out.skipped) == ([], [], 1)
+    assert consumer.ids_by_name == {"A.N": 2}
+    login = consumer.decode(frame({"ID": 1, "Type": "Status", "Domain": "Login"}), RECEIVE_NS)
+    assert (login.logins, login.errors, login.skipped) == ([], [], 1)
+    # A login Update has no state of its own: not an open stream.
+    [update] = consumer.decode(frame({"ID": 1, "Type": "Update", "Domain": "Login"}), 1).logins
+    assert update.state == codec.State() and not update.state.open
+
+
 def test_other_domains_are_skipped() -> None:
     out = codec.ConsumerProtocol().decode(
         frame({"ID": 5, "Type": "Refresh", "Domain": "MarketByPrice", "Key": {"Name": "X"}}), 1

@@ -341,6 +341,11 @@ class ConsumerProtocol:
         if kind not in ("Refresh", "Update", "Status"):
             raise CodecError(f"unknown message Type {brief(kind)}")
         domain = msg.get("Domain", "MarketPrice")
+        if kind == "Status" and not isinstance(msg.get("State"), dict):
+            # A Status without State leaves the stream as it was (the spec: State is
+            # optional on a Status, absent meaning no change), login stream included.
+            out.skipped += 1
+            return
         if domain == "Login":
             out.logins.append(_login_event(kind, msg))
             return
@@ -479,7 +484,8 @@ def _login_event(kind: str, msg: dict[str, Any]) -> LoginEvent:
 def _state(msg: dict[str, Any]) -> State:
     raw = msg.get("State")
     if not isinstance(raw, dict):
-        # A Refresh without State is an open, ok stream (the spec's defaults).
+        # A Refresh without State is an open, ok stream (the spec's defaults); an Update
+        # carries no state. (A Status without State never gets here: it changes nothing.)
         return State("Open", "Ok") if msg.get("Type") == "Refresh" else State()
     return State(
         as_text(raw.get("Stream")),
