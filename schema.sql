@@ -26,8 +26,9 @@ CREATE INDEX IF NOT EXISTS idx_providers_enabled ON providers (enabled);
 ALTER TABLE providers ALTER COLUMN priority SET DEFAULT 1;
 DO $$
 BEGIN
-    IF (SELECT character_maximum_length FROM information_schema.columns
-        WHERE table_name = 'providers' AND column_name = 'name') > 50 THEN
+    -- atttypmod of a VARCHAR(n) is n + 4 (the length word).
+    IF (SELECT atttypmod - 4 FROM pg_attribute
+        WHERE attrelid = 'providers'::regclass AND attname = 'name') > 50 THEN
         IF EXISTS (SELECT 1 FROM providers WHERE length(name) > 50) THEN
             RAISE NOTICE 'providers.name kept wider than 50: a longer name exists';
         ELSE
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS provider_connections (
 );
 CREATE INDEX IF NOT EXISTS idx_connections_provider_status
     ON provider_connections (provider_id, status);
+-- The seed's columns: the instance's latest heartbeat on its latest row, and where and how
+-- it connected (instance, host, pid, provider type, endpoint).
+ALTER TABLE provider_connections ADD COLUMN IF NOT EXISTS last_heartbeat TIMESTAMPTZ;
+ALTER TABLE provider_connections
+    ADD COLUMN IF NOT EXISTS connection_metadata JSONB NOT NULL DEFAULT '{}'::jsonb;
 
 CREATE TABLE IF NOT EXISTS ingestion_metrics (
     id                  BIGSERIAL PRIMARY KEY,
@@ -80,6 +86,14 @@ CREATE TABLE IF NOT EXISTS ingestion_metrics (
 );
 CREATE INDEX IF NOT EXISTS idx_metrics_provider_timestamp
     ON ingestion_metrics (provider_id, timestamp DESC);
+-- The seed's metric columns: messages_ingested (= messages_received), bytes_ingested (read
+-- from the wire; 0 for blpapi, which hides it), errors_count (decode errors + session
+-- errors), avg_latency_ms (receive -> publish, mean over the report's window).
+ALTER TABLE ingestion_metrics ADD COLUMN IF NOT EXISTS messages_ingested BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE ingestion_metrics ADD COLUMN IF NOT EXISTS bytes_ingested BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE ingestion_metrics ADD COLUMN IF NOT EXISTS errors_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE ingestion_metrics ADD COLUMN IF NOT EXISTS avg_latency_ms DOUBLE PRECISION;
+ALTER TABLE ingestion_metrics ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now();
 
 -- One row per live worker process; the coordinator treats a row whose heartbeat is
 -- older than its timeout as dead.
@@ -226,6 +240,16 @@ BEGIN
         CREATE TABLE raw_market_data_default PARTITION OF raw_market_data DEFAULT;
     END IF;
 END $$;
+
+-- The seed's ingestion_timestamp (when the row was written, as ingested_at) and
+-- quality_score: 1 for a record without flags, 0.25 less for each quality flag but
+-- failover (which says who served it, not how good it is), never below 0.
+ALTER TABLE raw_market_data
+    ADD COLUMN IF NOT EXISTS ingestion_timestamp TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE raw_market_data ADD COLUMN IF NOT EXISTS quality_score REAL
+    GENERATED ALWAYS AS (
+        greatest(0.0, 1.0 - 0.25 * cardinality(array_remove(quality_flags, 'failover')))
+    ) STORED;
 
 CREATE INDEX IF NOT EXISTS idx_raw_data_symbol_time ON raw_market_data (symbol, timestamp DESC);
 CREATE INDEX IF NOT EXISTS idx_raw_data_provider_time

@@ -482,17 +482,31 @@ async def report_instance_state(
 
 
 async def record_connection(
-    conn: Conn, provider_id: str, instance_id: str, status: str, error: str | None
-) -> None:
+    conn: Conn, provider_id: str, instance_id: str, status: str, error: str | None,
+    metadata: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
     connected = status == "CONNECTED"
     await conn.execute(
         """
         INSERT INTO provider_connections
-            (provider_id, instance_id, status, connected_at, disconnected_at, error_message)
+            (provider_id, instance_id, status, connected_at, disconnected_at, error_message,
+             last_heartbeat, connection_metadata)
         VALUES (%s, %s, %s, CASE WHEN %s THEN now() END, CASE WHEN %s THEN NULL ELSE now() END,
-                %s)
+                %s, now(), %s)
         """,
-        (provider_id, instance_id, status, connected, connected, error),
+        (provider_id, instance_id, status, connected, connected, error, Jsonb(metadata or {})),
+    )
+
+
+async def connection_heartbeat(conn: Conn, provider_id: str, instance_id: str) -> None:
+    """``last_heartbeat`` on the instance's latest provider_connections row."""
+    await conn.execute(
+        """
+        UPDATE provider_connections SET last_heartbeat = now()
+        WHERE id = (SELECT max(id) FROM provider_connections
+                    WHERE provider_id = %s AND instance_id = %s)
+        """,
+        (provider_id, instance_id),
     )
 
 
@@ -512,10 +526,13 @@ async def insert_metrics(conn: Conn, provider_id: str, instance_id: str, m: dict
         INSERT INTO ingestion_metrics
             (provider_id, instance_id, messages_received, messages_published, messages_stored,
              messages_spooled, messages_replayed, messages_dropped, decode_errors, error_count,
-             throughput_per_sec, latency_p50_ms, latency_p99_ms)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+             throughput_per_sec, latency_p50_ms, latency_p99_ms,
+             messages_ingested, bytes_ingested, errors_count, avg_latency_ms)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         """,
         (provider_id, instance_id, m["received"], m["published"], m["stored"], m["spooled"],
          m["replayed"], m["dropped"], m["decode_errors"], m["error_count"],
-         m["throughput_per_sec"], m["latency_p50_ms"], m["latency_p99_ms"]),
+         m["throughput_per_sec"], m["latency_p50_ms"], m["latency_p99_ms"],
+         m["received"], m["bytes_received"], m["decode_errors"] + m["error_count"],
+         m["latency_avg_ms"]),
     )  # fmt: skip

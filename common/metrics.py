@@ -53,8 +53,9 @@ class LatencyWindow:
     def percentiles_ms(self) -> dict[str, float | None]:
         h = self.histogram
         if h.get_total_count() == 0:
-            return {"p50": None, "p99": None, "max": None}
+            return {"p50": None, "p99": None, "max": None, "avg": None}
         return {
+            "avg": round(h.get_mean_value() / 1000, 3),
             "p50": h.get_value_at_percentile(50) / 1000,
             "p99": h.get_value_at_percentile(99) / 1000,
             "max": h.get_max_value() / 1000,

@@ -128,6 +128,9 @@ class ProviderAdapter(abc.ABC):
         self.last_error: str | None = None
         # Frames or messages that could not be decoded; the worker exports the count.
         self.decode_errors = 0
+        # Bytes read from the provider (ingestion_metrics.bytes_ingested); an adapter whose
+        # library hides the wire (blpapi) leaves it at 0.
+        self.bytes_received = 0
         self.subscribed: dict[str, Instrument] = {}
         # Symbols the provider refused, closed or suspended, with its reason (Refinitiv
         # Status Closed/Suspect, FIX MarketDataRequestReject, Bloomberg SubscriptionFailure):

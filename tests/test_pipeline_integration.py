@@ -242,8 +242,30 @@ async def test_stopping_writes_metrics_and_a_disconnected_status(
         (fleet.provider_id,),
     )
     assert await cur.fetchone() == (received, received, received)
+    # The seed's names for them: events and bytes off the wire, errors, mean latency.
+    cur = await conn.execute(
+        "SELECT messages_ingested, bytes_ingested, errors_count, avg_latency_ms, "
+        "created_at <= now() FROM ingestion_metrics "
+        "WHERE provider_id = %s ORDER BY id DESC LIMIT 1",
+        (fleet.provider_id,),
+    )
+    ingested = await cur.fetchone()
+    assert ingested is not None
+    assert (ingested[0], ingested[2], ingested[4]) == (received, 0, True)
+    assert ingested[1] > 40 * received  # every Polygon event is a JSON object of 40+ bytes
+    assert ingested[3] is not None and ingested[3] > 0
     row = await db.latest_connection(conn, fleet.provider_id)
     assert row is not None and row[0] == "DISCONNECTED"
+    cur = await conn.execute(
+        "SELECT connection_metadata, last_heartbeat >= created_at FROM provider_connections "
+        "WHERE provider_id = %s ORDER BY id DESC LIMIT 1",
+        (fleet.provider_id,),
+    )
+    meta = await cur.fetchone()
+    assert meta is not None and meta[1] is True
+    assert meta[0]["instance"] == fleet.worker.instance_id
+    assert meta[0]["pid"] == os.getpid() and meta[0]["provider_type"] == "polygon"
+    assert str(meta[0]["endpoint"]).startswith("ws://127.0.0.1:")
     status = orjson.loads(await redis_client.get(f"provider:{fleet.provider_id}:status") or b"{}")
     assert status["status"] == "DISCONNECTED"
     cur = await conn.execute(

@@ -73,6 +73,63 @@ async def test_bad_config_rows_are_refused(conn: db.Conn) -> None:
         )
 
 
+# Columns named by the seed, beside those feedfleet added.
+SEED_COLUMNS = {
+    "providers": {"id", "name", "provider_type", "enabled", "priority", "connection_config",
+                  "rate_limits", "created_at", "updated_at"},
+    "subscriptions": {"id", "provider_id", "instrument_symbol", "data_types", "status",
+                      "created_at", "updated_at"},
+    "provider_connections": {"id", "provider_id", "status", "connected_at", "disconnected_at",
+                             "last_heartbeat", "error_message", "connection_metadata"},
+    "ingestion_metrics": {"id", "provider_id", "timestamp", "messages_ingested",
+                          "bytes_ingested", "errors_count", "avg_latency_ms", "created_at"},
+    "raw_market_data": {"event_id", "symbol", "provider", "timestamp", "data_type", "price",
+                        "volume", "bid", "ask", "provider_specific", "ingestion_timestamp",
+                        "quality_score"},
+}  # fmt: skip
+
+
+async def test_the_seeds_columns_are_there_by_its_names(conn: db.Conn) -> None:
+    cur = await conn.execute(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = ANY(%s)",
+        (list(SEED_COLUMNS),),
+    )
+    have: dict[str, set[str]] = {}
+    for table, column in await cur.fetchall():
+        have.setdefault(table, set()).add(column)
+    assert {t: cols - have.get(t, set()) for t, cols in SEED_COLUMNS.items()} == {
+        t: set() for t in SEED_COLUMNS
+    }
+
+
+async def test_quality_score_follows_the_flags(conn: db.Conn) -> None:
+    """1 without flags, 0.25 less per flag (failover aside), never below 0; and the row
+    gets its ingestion_timestamp by itself."""
+    cases = {
+        "QS0": [], "QS1": ["stale"], "QS2": ["gap", "duplicate"], "QSF": ["failover"],
+        "QSFG": ["failover", "gap"],
+        "QS5": ["stale", "gap", "crossed", "duplicate", "missing_fields"],
+    }  # fmt: skip
+    for symbol, flags in cases.items():
+        await conn.execute(
+            "INSERT INTO raw_market_data (event_id, symbol, provider, timestamp, data_type, "
+            "quality_flags, received_at) "
+            "VALUES (gen_random_uuid(), %s, 'p', now(), 'TRADE', %s, now())",
+            (symbol, flags),
+        )
+    cur = await conn.execute(
+        "SELECT symbol, quality_score, ingestion_timestamp <= now() FROM raw_market_data "
+        "WHERE symbol = ANY(%s)",
+        (list(cases),),
+    )
+    got = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+    assert got == {
+        "QS0": (1.0, True), "QS1": (0.75, True), "QS2": (0.5, True), "QSF": (1.0, True),
+        "QSFG": (0.75, True), "QS5": (0.0, True),
+    }  # fmt: skip
+
+
 # The subscriptions table as an earlier schema.sql made it: is_active, no status.
 _EARLIER_SUBSCRIPTIONS = """
 CREATE TABLE providers (
@@ -134,7 +191,8 @@ async def test_subscription_status_is_migrated_from_is_active_and_kept_in_step(
         # The seed's provider name length and priority default, migrated too.
         cur = await conn.execute(
             "SELECT character_maximum_length, column_default FROM information_schema.columns "
-            "WHERE table_name = 'providers' AND column_name IN ('name', 'priority') "
+            "WHERE table_schema = current_schema() AND table_name = 'providers' "
+            "AND column_name IN ('name', 'priority') "
             "ORDER BY column_name"
         )
         assert await cur.fetchall() == [(50, None), (None, "1")]

@@ -267,6 +267,7 @@ class AlphaVantageAdapter(ProviderAdapter):
         try:
             async with http.get(url) as resp:
                 body = await resp.read()
+                self.bytes_received += len(body)
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError:

@@ -442,6 +442,7 @@ class FixAdapter(ProviderAdapter):
             if data is not None:
                 if not data:
                     self._lost("connection closed by the acceptor")
+                self.bytes_received += len(data)
                 result = session.receive(data, now)
                 self._count_errors(result)
                 await self._write(result.outgoing)

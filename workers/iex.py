@@ -221,6 +221,7 @@ class IexAdapter(ProviderAdapter):
             if item is None:
                 self._gone("socket closed")
             data, receive_ns = item
+            self.bytes_received += len(data)
             records = self._decode(data, receive_ns)
             if records:
                 yield records

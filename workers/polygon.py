@@ -112,6 +112,8 @@ class PolygonAdapter(ProviderAdapter):
         while True:
             msg = await ws.receive()
             receive_ns = time.time_ns()
+            if msg.data is not None:
+                self.bytes_received += len(msg.data)  # characters of ASCII JSON: its bytes
             if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
                 frame = codec.decode_frame(msg.data, receive_ns, name)
             else:

@@ -247,6 +247,7 @@ class RefinitivAdapter(ProviderAdapter):
             if msg.type not in _READABLE:
                 self.connection_status = ConnectionStatus.DISCONNECTED
                 raise ProviderDisconnected(f"websocket {msg.type.name.lower()}: {msg.extra!r}")
+            self.bytes_received += len(msg.data)
             last_traffic = loop.time()
             pinged = False
             frame = self.consumer.decode(msg.data, receive_ns)

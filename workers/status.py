@@ -234,13 +234,28 @@ class StatusReporter:
             return
         conn = await self._db()
         await db.record_connection(
-            conn, self.session.provider.id, self.instance_id, current[0].value, current[1]
-        )
+            conn, self.session.provider.id, self.instance_id, current[0].value, current[1],
+            self.connection_metadata(),
+        )  # fmt: skip
         self._recorded = current
 
     async def write_metrics(self) -> None:
         conn = await self._db()
-        await db.insert_metrics(conn, self.session.provider.id, self.instance_id, self.metrics())
+        provider_id = self.session.provider.id
+        await db.insert_metrics(conn, provider_id, self.instance_id, self.metrics())
+        await db.connection_heartbeat(conn, provider_id, self.instance_id)
+
+    def connection_metadata(self) -> dict[str, Any]:
+        """Where and how this instance connects (provider_connections.connection_metadata)."""
+        provider = self.session.provider
+        cc = provider.connection_config
+        endpoint = cc.get("url") or cc.get("base_url") or cc.get("pcap_path")
+        if endpoint is None and cc.get("host") is not None:
+            endpoint = f"{cc.get('host')}:{cc.get('port')}"
+        return {
+            "instance": self.instance_id, "host": self.host, "pid": os.getpid(),
+            "provider_type": provider.provider_type, "endpoint": endpoint,
+        }  # fmt: skip
 
     async def ensure_partitions(self) -> None:
         await db.ensure_partitions(await self._db())
@@ -307,10 +322,12 @@ class StatusReporter:
         return {
             **asdict(counts),
             "decode_errors": adapter.decode_errors if adapter else 0,
+            "bytes_received": adapter.bytes_received if adapter else 0,
             "error_count": self.session.error_count,
             "throughput_per_sec": round(self.throughput, 1),
             "latency_p50_ms": latency["p50"],
             "latency_p99_ms": latency["p99"],
+            "latency_avg_ms": latency["avg"],
             "provider_to_receipt_hdr": publisher.provider_latency.encoded(),
             "pulsar_round_trip_hdr": publisher.round_trip_latency.encoded(),
             "quality_flags": dict(pipeline.quality.flag_counts),
