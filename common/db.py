@@ -282,6 +282,17 @@ async def live_instances(conn: Conn, timeout_s: float) -> list[LiveInstance]:
     ]
 
 
+async def count_live_instances(conn: Conn, provider_id: str, timeout_s: float) -> int:
+    """How many instances of one provider have heartbeated within ``timeout_s``."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM worker_instances WHERE provider_id = %s "
+        "AND heartbeat_at > now() - make_interval(secs => %s)",
+        (provider_id, timeout_s),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def delete_dead_instances(conn: Conn, older_than_s: float) -> int:
     cur = await conn.execute(
         "DELETE FROM worker_instances WHERE heartbeat_at < now() - make_interval(secs => %s)",

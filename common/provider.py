@@ -13,9 +13,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from common.model import ConnectionStatus, DataType, ProviderStatus, RawMarketData, iso_ns
+
+if TYPE_CHECKING:
+    from common.fleet_budget import FleetBudget
 
 T = TypeVar("T")
 
@@ -131,6 +134,10 @@ class ProviderAdapter(abc.ABC):
         # Bytes read from the provider (ingestion_metrics.bytes_ingested); an adapter whose
         # library hides the wire (blpapi) leaves it at 0.
         self.bytes_received = 0
+        # The provider's request budget shared with its other instances (set by the worker
+        # when the row has rate_limits.requests_per_minute); a polling adapter draws on it
+        # before each request. None: only this process's own limiter applies.
+        self.budget: FleetBudget | None = None
         self.subscribed: dict[str, Instrument] = {}
         # Symbols the provider refused, closed or suspended, with its reason (Refinitiv
         # Status Closed/Suspect, FIX MarketDataRequestReject, Bloomberg SubscriptionFailure):

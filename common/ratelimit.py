@@ -1,10 +1,9 @@
 """Request rate limiting from a provider row's ``rate_limits``.
 
 ``rate_limits`` keys (all optional): ``requests_per_second``, ``requests_per_minute``,
-``requests_per_day``. The limiter is a token bucket per window, in process: one worker
-instance owns one provider connection, so no cross-process coordination is needed; the
-per-minute count is also mirrored to Redis ``ratelimit:{provider}:{minute}`` (TTL 60 s)
-by the worker for operators.
+``requests_per_day``. The limiter is a token bucket per window, in process. The per-minute
+budget is also the provider's as a whole: ``common.fleet_budget`` shares it between the
+provider's instances through Redis ``ratelimit:{provider}:{minute}``.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ class AlphaVantageSimulator:
         self.answered = 0
         # Well-formed queries answered, by (function, symbol): what a client asked for.
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.request_times: list[float] = []  # wall time of each request's arrival
         self._started = time.monotonic()
         self._window_start = self._started
         self._window_count = 0
@@ -120,6 +121,7 @@ class AlphaVantageSimulator:
         cfg = self.config
         faults = cfg.faults
         self.requests += 1
+        self.request_times.append(time.time())
         if faults.silent_after and self.requests > faults.silent_after:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 3600)

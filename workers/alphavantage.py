@@ -262,6 +262,8 @@ class AlphaVantageAdapter(ProviderAdapter):
         if http is None or limiter is None:
             raise ProviderDisconnected("not connected")
         await limiter.acquire()
+        if self.budget is not None:
+            await self.budget.acquire()  # the key's budget, shared with the other instances
         self.requests += 1
         url = f"{self.base_url}/query?{codec.encode_query(query, self._api_key)}"
         try:
@@ -284,6 +286,8 @@ class AlphaVantageAdapter(ProviderAdapter):
         if status == 429:  # not seen from AV, but a proxy in front of it may say so
             self.connection_status = ConnectionStatus.RATE_LIMITED
             delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+            if self.budget is not None:
+                await self.budget.hold(delay if delay is not None else self.backoff.next_delay())
             raise ProviderRateLimited("HTTP 429", retry_after_s=delay)
         if status in (401, 403):
             self._fail(f"HTTP {status}")
@@ -305,10 +309,15 @@ class AlphaVantageAdapter(ProviderAdapter):
         self.connection_status = ConnectionStatus.RATE_LIMITED
         self.last_error = message.text
         if message.window == "day":
-            raise ProviderRateLimited(message.text, retry_after_s=_seconds_to_eastern_midnight())
+            until_midnight = _seconds_to_eastern_midnight()
+            if self.budget is not None:
+                await self.budget.hold(until_midnight)  # the key is spent for every instance
+            raise ProviderRateLimited(message.text, retry_after_s=until_midnight)
         if self.backoff.attempt >= self.max_rate_limit_retries:
             raise ProviderRateLimited(message.text, retry_after_s=self.backoff.next_delay())
         delay = self.backoff.next_delay()
+        if self.budget is not None:
+            await self.budget.hold(delay)  # every instance slows down, not only this one
         log.warning("rate_limited", provider=self.config.name, window=message.window,
                     backoff_s=round(delay, 3), text=message.text)  # fmt: skip
         await asyncio.sleep(delay)

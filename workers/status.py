@@ -78,6 +78,9 @@ class StatusReporter:
         self._last_rate = (time.monotonic(), 0)
         self._recorded: tuple[ConnectionStatus, str | None] | None = None
         self._requests_reported = 0
+        # Live instances of this provider (this one included), for a shared request
+        # budget's fallback share while Redis is down; refreshed with each metrics report.
+        self.peer_count = 1
         self._adapter_seen: object = None
         self._failing: set[str] = set()  # steps failing now: logged once per outage
         self._pushed: tuple[str, list[str], list[str]] | None = None
@@ -220,7 +223,8 @@ class StatusReporter:
             pipe.set(provider_status_key(provider.id), payload, ex=STATUS_TTL_S)
             pipe.set(circuit_key(provider.name), self.circuit.state.value, ex=CIRCUIT_TTL_S)
             sent = adapter.requests_sent() if adapter is not None else 0
-            if sent > self._requests_reported:
+            # A shared budget counts in that key itself; otherwise the count is mirrored.
+            if adapter is not None and adapter.budget is None and sent > self._requests_reported:
                 key = ratelimit_key(provider.name, int(time.time() // 60))
                 pipe.incrby(key, sent - self._requests_reported)
                 pipe.expire(key, RATELIMIT_TTL_S)
@@ -244,6 +248,7 @@ class StatusReporter:
         provider_id = self.session.provider.id
         await db.insert_metrics(conn, provider_id, self.instance_id, self.metrics())
         await db.connection_heartbeat(conn, provider_id, self.instance_id)
+        self.peer_count = max(1, await db.count_live_instances(conn, provider_id, 10.0))
 
     def connection_metadata(self) -> dict[str, Any]:
         """Where and how this instance connects (provider_connections.connection_metadata)."""

@@ -20,6 +20,7 @@ import contextlib
 import gc
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ import structlog
 from common import db
 from common.circuit import CircuitBreaker
 from common.config import Settings
+from common.fleet_budget import FleetBudget
 from common.journal import Journal
 from common.model import ConnectionStatus
 from common.pipeline import Pipeline
@@ -80,6 +82,21 @@ def stale_after(provider: ProviderConfig) -> float | None:
         return DEFAULT_STALE_AFTER_S
 
 
+def fleet_budget(
+    row: ProviderConfig, redis: aioredis.Redis, instances: Callable[[], int]
+) -> FleetBudget | None:
+    """The provider's per-minute budget shared by its instances, if the row sets one (a
+    value the adapter cannot use is left to its own check, which reports it)."""
+    value = row.rate_limits.get("requests_per_minute")
+    try:
+        per_minute = int(float(value)) if value is not None else 0
+    except (TypeError, ValueError):
+        return None
+    if per_minute < 1:
+        return None
+    return FleetBudget(redis, row.name, per_minute, instances)
+
+
 def build_parts(
     settings: Settings, provider: ProviderConfig, wanted: dict[str, Instrument],
     instance_id: str,
@@ -113,6 +130,7 @@ def build_parts(
     def new_adapter(row: ProviderConfig) -> ProviderAdapter:
         adapter = adapter_class(row.provider_type)(row)
         adapter.use_state_dir(directory)
+        adapter.budget = fleet_budget(row, redis, lambda: status.peer_count)
         return adapter
 
     session = ProviderSession(provider, pipeline, circuit, new_adapter)
