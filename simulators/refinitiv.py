@@ -11,13 +11,26 @@ Faults: ``refuse_auth`` answers the login with a Status (Stream Closed, Data Sus
 UserUnknownToPermSys) and closes; ``rate_limit`` answers every item request with a Status
 (Stream Closed, Data Suspect, Code TooManyItems), the spec's nearest thing to a rate-limit
 reply; ``silent_after`` stops all output, pings and pongs included.
+
+Tokens, as LSEG's RDP auth service issues them for Real-Time Optimized: ``POST
+/auth/oauth2/v1/token`` (``grant_type=password`` with ``takeExchangeRefreshToken``, then
+``grant_type=refresh_token``) and ``POST /auth/oauth2/v2/token``
+(``grant_type=client_credentials``) answer ``access_token``, ``expires_in`` and (v1) a
+``refresh_token``, with ``token_lifetime_s`` short enough for a test to see several
+renewals. A Login with an issued token is accepted only while it is valid; a client that
+does not re-send its Login with a new token before the old one expires has its login
+stream closed ("token expired") and the connection dropped. ``refuse_refresh`` answers every
+refresh grant with ``400 invalid_grant``, so the client must authenticate again.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +71,12 @@ class RefinitivSimConfig:
     ping_interval_s: float = 10.0
     ping_timeout_s: float = 30.0
     service: str = "ELEKTRON_DD"
+    token_lifetime_s: float = 300.0  # expires_in of issued access tokens
+    username: str | None = None  # None: any non-empty user name and password are accepted
+    password: str | None = None
+    client_id: str | None = None  # None: any non-empty client id (and secret)
+    client_secret: str | None = None
+    refuse_refresh: bool = False
     sent_log_dir: str | None = None  # every frame sent, one file per connection (SentLog)
 
 
@@ -80,6 +99,7 @@ class _Connection:
         self.last_client_traffic = time.monotonic()
         self.ping_sent_at: float | None = None
         self.pongs_received = 0
+        self.token_expires_at: float | None = None  # the login's issued token, monotonic
 
     async def send(self, messages: list[dict[str, Any]]) -> None:
         if not self.silent and not self.ws.closed:
@@ -101,6 +121,69 @@ class RefinitivSimulator(WebSocketSimulator):
         self.pongs_received = 0
         self.requests: list[codec.ClientRequest] = []
         self.sent_log = SentLog(config.sent_log_dir)
+        # Issued tokens: access token -> expiry (monotonic); refresh tokens still usable.
+        self.access_tokens: dict[str, float] = {}
+        self.refresh_tokens: set[str] = set()
+        self.grants: collections.Counter[str] = collections.Counter()  # by grant_type
+        self.logins: list[str] = []  # the token (or user) of each Login, reissues included
+        self._token_serial = itertools.count(1)
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_post("/auth/oauth2/v1/token", self._token_v1)
+        app.router.add_post("/auth/oauth2/v2/token", self._token_v2)
+        return app
+
+    def _issue(self, refresh: bool) -> dict[str, Any]:
+        serial = next(self._token_serial)
+        access = f"access-{serial}-{secrets.token_hex(8)}"
+        self.access_tokens[access] = time.monotonic() + self.config.token_lifetime_s
+        reply: dict[str, Any] = {
+            "access_token": access, "token_type": "Bearer",
+            "expires_in": str(round(self.config.token_lifetime_s)),
+            "scope": "trapi.streaming.pricing.read",
+        }  # fmt: skip
+        if refresh:
+            reply["refresh_token"] = f"refresh-{serial}-{secrets.token_hex(8)}"
+            self.refresh_tokens.add(reply["refresh_token"])
+        return reply
+
+    @staticmethod
+    def _oauth_error(error: str, description: str, status: int = 400) -> web.Response:
+        return web.json_response({"error": error, "error_description": description}, status=status)
+
+    async def _token_v1(self, request: web.Request) -> web.Response:
+        """The password grant and its refresh (RDP ``/auth/oauth2/v1/token``)."""
+        form = await request.post()
+        grant = str(form.get("grant_type", ""))
+        cfg = self.config
+        if grant == "password":
+            user, password = str(form.get("username", "")), str(form.get("password", ""))
+            if not (_accepts(cfg.username, user) and _accepts(cfg.password, password)):
+                return self._oauth_error("access_denied", "Invalid username or password.")
+        elif grant == "refresh_token":
+            token = str(form.get("refresh_token", ""))
+            if cfg.refuse_refresh or token not in self.refresh_tokens:
+                self.grants["refresh_token refused"] += 1
+                return self._oauth_error("invalid_grant", "refresh token is invalid or expired")
+            self.refresh_tokens.discard(token)  # each refresh token is used once
+        else:
+            return self._oauth_error("unsupported_grant_type", f"grant_type {grant!r}")
+        self.grants[grant] += 1
+        return web.json_response(self._issue(refresh=True))
+
+    async def _token_v2(self, request: web.Request) -> web.Response:
+        """The client-credentials grant (RDP ``/auth/oauth2/v2/token``): no refresh token."""
+        form = await request.post()
+        grant = str(form.get("grant_type", ""))
+        if grant != "client_credentials":
+            return self._oauth_error("unsupported_grant_type", f"grant_type {grant!r}")
+        cid, secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
+        cfg = self.config
+        if not (_accepts(cfg.client_id, cid) and _accepts(cfg.client_secret, secret)):
+            return self._oauth_error("invalid_client", "Invalid client credentials.", 401)
+        self.grants[grant] += 1
+        return web.json_response(self._issue(refresh=False))
 
     def open_items(self) -> list[str]:
         """Names streaming on every live connection (tests check re-subscription with it)."""
@@ -203,10 +286,16 @@ class RefinitivSimulator(WebSocketSimulator):
     async def _on_login(self, conn: _Connection, req: codec.ClientRequest) -> bool:
         cfg = self.config
         elements = req.elements
+        conn.token_expires_at = None
         if req.name_type == "AuthnToken":
             token = elements.get("AuthenticationToken")
             good = isinstance(token, str) and bool(token) and cfg.token in (None, token)
+            if isinstance(token, str) and token in self.access_tokens:
+                # One this service issued: good only until it expires.
+                conn.token_expires_at = self.access_tokens[token]
+                good = time.monotonic() < conn.token_expires_at
             user = "token"
+            self.logins.append(str(token))
         else:
             user = req.names[0] if req.names else ""
             good = bool(user) and cfg.user in (None, user)
@@ -323,6 +412,12 @@ class RefinitivSimulator(WebSocketSimulator):
             if conn.silent:
                 continue
             now = time.monotonic()
+            if conn.token_expires_at is not None and now >= conn.token_expires_at:
+                await conn.send([codec.login_status(
+                    "Closed", "Suspect", "NotEntitled", "AuthenticationToken expired"
+                )])  # fmt: skip
+                await conn.ws.close(code=1000, message=b"token expired")
+                return
             if conn.ping_sent_at is not None:
                 if now - conn.ping_sent_at >= cfg.ping_timeout_s:
                     await conn.ws.close(code=1000, message=b"no Pong within PingTimeout")
@@ -330,6 +425,11 @@ class RefinitivSimulator(WebSocketSimulator):
             elif now - conn.last_client_traffic >= cfg.ping_interval_s:
                 conn.ping_sent_at = now
                 await conn.send([codec.ping_message()])
+
+
+def _accepts(expected: str | None, given: str) -> bool:
+    """A credential is given, and it is the configured one where one is configured."""
+    return bool(given) and expected in (None, given)
 
 
 def _filtered(fields: dict[str, Any], view: frozenset[str] | None) -> dict[str, Any]:

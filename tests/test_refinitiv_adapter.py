@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -320,3 +321,91 @@ async def test_quote_only_instrument_gets_a_quote_view() -> None:
     assert (request.names, request.batch) == (["IBM.N"], False)
     assert request.view is not None and "TRDPRC_1" not in request.view
     assert {r.data_type for r in records} == {DataType.QUOTE}
+
+
+# ---------------------------------------------------------------- token lifecycle (RTO)
+
+
+def token_adapter(url: str, grant: str = "password") -> RefinitivAdapter:
+    os.environ["FEEDFLEET_TEST_RDP_PASSWORD"] = "rdp-pass"
+    os.environ["FEEDFLEET_TEST_RDP_SECRET"] = "rdp-secret"
+    base = url.replace("ws://", "http://").removesuffix("/WebSocket")
+    version = "v1" if grant == "password" else "v2"
+    return make_adapter(
+        url, user=None, token_url=f"{base}/auth/oauth2/{version}/token", grant_type=grant,
+        username="rdp-user", password_env="FEEDFLEET_TEST_RDP_PASSWORD", client_id="app-key",
+        client_secret_env="FEEDFLEET_TEST_RDP_SECRET",
+    )  # fmt: skip
+
+
+async def stream_through_renewals(
+    sim: RefinitivSimulator, adapter: RefinitivAdapter, renewals: int
+) -> list[RawMarketData]:
+    """Read until the adapter has renewed its token ``renewals`` times and data came after
+    the last one; the connection must be the first all along."""
+    await adapter.connect()
+    await adapter.subscribe(instruments("TRI.N", "IBM.N"))
+    ws = adapter._ws
+    seen_at_renewal: list[int] = []
+
+    def done(records: list[RawMarketData]) -> bool:
+        if adapter.token_renewals > len(seen_at_renewal):
+            seen_at_renewal.append(len(records))
+        return len(seen_at_renewal) >= renewals and len(records) > seen_at_renewal[-1] + 50
+
+    records = await collect(adapter, done, timeout=30)
+    assert adapter._ws is ws and not ws.closed  # never reconnected
+    assert sim.open_items() == ["IBM.N", "TRI.N"]  # the item streams survived every Login
+    return records
+
+
+async def test_password_grant_tokens_are_refreshed_and_re_sent_on_the_open_login() -> None:
+    async with running(token_lifetime_s=1.0, ping_interval_s=0.4, rate=500.0) as (sim, url):
+        adapter = token_adapter(url)
+        try:
+            await stream_through_renewals(sim, adapter, renewals=3)
+        finally:
+            await adapter.disconnect()
+    assert sim.grants["password"] == 1 and sim.grants["refresh_token"] >= 3
+    # Each Login (the first and every reissue) carried a token the service had just issued.
+    assert len(sim.logins) == 1 + adapter.token_renewals and len(set(sim.logins)) == len(sim.logins)
+    assert all(t in sim.access_tokens for t in sim.logins)
+
+
+async def test_client_credentials_tokens_are_renewed_the_same_way() -> None:
+    async with running(token_lifetime_s=1.0, ping_interval_s=0.4, rate=500.0) as (sim, url):
+        adapter = token_adapter(url, grant="client_credentials")
+        try:
+            await stream_through_renewals(sim, adapter, renewals=2)
+        finally:
+            await adapter.disconnect()
+    assert sim.grants["client_credentials"] >= 3 and sim.grants["password"] == 0
+
+
+async def test_a_refused_refresh_is_answered_by_authenticating_again() -> None:
+    async with running(token_lifetime_s=1.0, ping_interval_s=0.4, rate=500.0,
+                       refuse_refresh=True) as (sim, url):  # fmt: skip
+        adapter = token_adapter(url)
+        try:
+            await stream_through_renewals(sim, adapter, renewals=2)
+        finally:
+            await adapter.disconnect()
+    assert sim.grants["refresh_token refused"] >= 2
+    assert sim.grants["password"] == 1 + adapter.token_renewals
+
+
+async def test_bad_credentials_and_an_unrenewed_token() -> None:
+    async with running(token_lifetime_s=1.0, ping_interval_s=0.4, password="right") as (_sim, url):
+        adapter = token_adapter(url)  # its password is "rdp-pass"
+        with pytest.raises(ProviderAuthError, match="HTTP 400 access_denied"):
+            await adapter.connect()
+        assert adapter.connection_status is ConnectionStatus.ERROR
+        # A client that never renews: the server closes its login when the token expires.
+        adapter = token_adapter(url)
+        os.environ["FEEDFLEET_TEST_RDP_PASSWORD"] = "right"
+        await adapter.connect()
+        adapter._renew_at = None  # as a client that ignores expires_in
+        await adapter.subscribe(instruments("TRI.N"))
+        with pytest.raises(ProviderAuthError, match="AuthenticationToken expired"):
+            await collect(adapter, lambda _: False, timeout=20)
+        await adapter.disconnect()

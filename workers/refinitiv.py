@@ -8,6 +8,15 @@ connection_config keys:
   ``position``             Position, the client's IP address (default ``"127.0.0.1"``)
   ``token_env``            optional: environment variable holding an AuthenticationToken (RTO);
                            the login then uses NameType AuthnToken instead of ``user``
+  ``token_url``            optional: the RDP token endpoint (``.../auth/oauth2/v1/token`` for the
+                           password grant, ``.../v2/token`` for client credentials). The adapter
+                           then gets its own access tokens and keeps them fresh, see below
+  ``grant_type``           ``password`` (default: ``username`` + ``password_env``, with a refresh
+                           token) or ``client_credentials`` (``client_id`` + ``client_secret_env``)
+  ``username``, ``password_env``, ``client_id``, ``client_secret_env``, ``scope``
+                           the grant's parameters (``scope`` default
+                           ``trapi.streaming.pricing.read``); secrets are read from the
+                           environment variables named
   ``service``              optional Key.Service of item requests (name or number)
   ``view``                 optional list of field names; default: the quote and/or trade fields
                            plus their time/date fields, per instrument; ``[]`` asks for all fields
@@ -15,6 +24,14 @@ connection_config keys:
                            connection (default: the server's PingTimeout, else 30); the
                            adapter sends its own Ping after a third of it
   ``login_timeout_s``      how long to wait for the Login Refresh (default 10)
+
+Token lifecycle (LSEG Real-Time Optimized): with ``token_url`` the adapter obtains an
+access token before connecting and logs in with it. Before it expires (5% of
+``expires_in`` ahead, or 300 s for tokens of 10 minutes or more, as LSEG's examples do) it
+gets a new one (the refresh-token grant, or client credentials again) and re-sends the Login
+(ID 1) with it on the open WebSocket: the item streams stay as they are. A refused refresh
+is answered by a full authentication; only when that fails too does the session end
+(``ProviderAuthError``).
 
 The server's Ping is answered with a Pong at once. Item Status codes TooManyItems,
 MaxLoginsReached and ExceededMaxMountsPerUser raise ``ProviderRateLimited``; any other closed
@@ -76,11 +93,84 @@ class RefinitivAdapter(ProviderAdapter):
         self.pings_answered = 0
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self.token_url = cc.get("token_url")
+        self.grant_type = str(cc.get("grant_type", "password"))
+        if self.grant_type not in ("password", "client_credentials"):
+            raise ProviderConfigError("connection_config.grant_type must be password or "
+                                      "client_credentials")  # fmt: skip
+        self._token: str | None = None
+        self._refresh_token: str | None = None
+        self._renew_at: float | None = None  # loop time at which to get the next token
+        self.token_renewals = 0  # tokens obtained after the first, re-sent on the Login
+
+    # ------------------------------------------------------------ tokens
+
+    async def _obtain_token(self, *, refresh: bool) -> None:
+        """A new access token from ``token_url``: the refresh-token grant when asked and a
+        refresh token is held, else the configured grant. Raises ProviderAuthError when the
+        service refuses, ProviderDisconnected when it cannot be reached."""
+        cc = self.config.connection_config
+        if refresh and self._refresh_token is not None:
+            form = {"grant_type": "refresh_token", "refresh_token": self._refresh_token}
+            if cc.get("client_id"):
+                form["client_id"] = str(cc["client_id"])
+        elif self.grant_type == "password":
+            form = {
+                "grant_type": "password", "username": str(cc.get("username", "")),
+                "password": self.config.secret("password_env"),
+                "scope": str(cc.get("scope", "trapi.streaming.pricing.read")),
+                "takeExchangeRefreshToken": "true",
+            }  # fmt: skip
+            if cc.get("client_id"):
+                form["client_id"] = str(cc["client_id"])
+        else:
+            form = {
+                "grant_type": "client_credentials", "client_id": str(cc.get("client_id", "")),
+                "client_secret": self.config.secret("client_secret_env"),
+                "scope": str(cc.get("scope", "trapi.streaming.pricing.read")),
+            }  # fmt: skip
+        try:
+            timeout = aiohttp.ClientTimeout(total=10)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                http.post(str(self.token_url), data=form) as resp,
+            ):
+                status = resp.status
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise ProviderDisconnected(f"token service {self.token_url}: {exc}") from exc
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(token, str) or not token:
+            error = body.get("error") if isinstance(body, dict) else None
+            raise ProviderAuthError(f"token service refused {form['grant_type']}: "
+                                    f"HTTP {status} {error or ''}".strip())  # fmt: skip
+        try:
+            expires_in = float(body.get("expires_in", 300))
+        except (TypeError, ValueError):
+            expires_in = 300.0
+        margin = 300.0 if expires_in >= 600 else expires_in * 0.05
+        self._token = token
+        self._refresh_token = body.get("refresh_token") or None
+        self._renew_at = asyncio.get_running_loop().time() + max(0.0, expires_in - margin)
+
+    async def _renew_token(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """A fresh token, re-sent on the Login of the open connection."""
+        try:
+            await self._obtain_token(refresh=True)
+        except ProviderAuthError as exc:
+            if self._refresh_token is None:
+                raise
+            log.warning("token_refresh_refused", provider=self.config.name, error=str(exc))
+            self._refresh_token = None
+            await self._obtain_token(refresh=False)  # authenticate again from scratch
+        self.token_renewals += 1
+        log.info("token_renewed", provider=self.config.name)
+        await self._send_or_disconnect(ws, self._login_request())
 
     # ------------------------------------------------------------ connection
 
     def _login_request(self) -> str:
-        token = (
+        token = self._token or (
             self.config.secret("token_env")
             if self.config.connection_config.get("token_env")
             else None
@@ -97,8 +187,18 @@ class RefinitivAdapter(ProviderAdapter):
         )
 
     async def connect(self) -> None:
-        login = self._login_request()
         self.connection_status = ConnectionStatus.CONNECTING
+        if self.token_url:
+            try:
+                await self._obtain_token(refresh=False)
+            except ProviderError as exc:
+                self.last_error = str(exc)
+                refused = isinstance(exc, ProviderAuthError | ProviderConfigError)
+                self.connection_status = (
+                    ConnectionStatus.ERROR if refused else ConnectionStatus.DISCONNECTED
+                )
+                raise
+        login = self._login_request()
         self.consumer.reset()
         self._http = aiohttp.ClientSession()
         try:
@@ -236,6 +336,13 @@ class RefinitivAdapter(ProviderAdapter):
                 self.connection_status = ConnectionStatus.DISCONNECTED
                 raise ProviderDisconnected(f"no traffic for {idle:.1f}s (heartbeat timeout)")
             wait = ping_after - idle if not pinged and idle < ping_after else timeout - idle
+            if self._renew_at is not None:
+                renew_in = self._renew_at - loop.time()
+                if renew_in <= 0:
+                    self._renew_at = None
+                    await self._renew_token(ws)
+                    continue
+                wait = min(wait, renew_in)
             try:
                 msg = await ws.receive(timeout=wait)
             except TimeoutError:
