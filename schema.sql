@@ -243,12 +243,14 @@ END $$;
 
 -- The seed's ingestion_timestamp (when the row was written, as ingested_at) and
 -- quality_score: 1 for a record without flags, 0.25 less for each quality flag but
--- failover (which says who served it, not how good it is), never below 0.
+-- failover and backfill (which say who served it and when, not how good it is), never
+-- below 0.
 ALTER TABLE raw_market_data
     ADD COLUMN IF NOT EXISTS ingestion_timestamp TIMESTAMPTZ NOT NULL DEFAULT now();
 ALTER TABLE raw_market_data ADD COLUMN IF NOT EXISTS quality_score REAL
     GENERATED ALWAYS AS (
-        greatest(0.0, 1.0 - 0.25 * cardinality(array_remove(quality_flags, 'failover')))
+        greatest(0.0, 1.0 - 0.25 * cardinality(
+            array_remove(array_remove(quality_flags, 'failover'), 'backfill')))
     ) STORED;
 
 CREATE INDEX IF NOT EXISTS idx_raw_data_symbol_time ON raw_market_data (symbol, timestamp DESC);

@@ -41,6 +41,8 @@ class QualityFlag(enum.StrEnum):
     PRICE_OUTLIER = "price_outlier"
     MISSING_FIELDS = "missing_fields"
     FAILOVER = "failover"
+    # Fetched afterwards from the provider's REST history (missed while disconnected).
+    BACKFILL = "backfill"
 
 
 @dataclass(slots=True)

@@ -5,15 +5,23 @@ key, answers subscribe/unsubscribe per channel, then streams T/Q frames at the c
 rate over the subscribed symbols and an AM bar per symbol each minute. Every frame is a
 TEXT message holding a JSON array, as the real service sends them. The ``rate_limit`` fault
 answers the auth message with ``max_connections`` and closes, as the real service does when
-a key has too many connections. ``capture_path``
-(``--capture``) also writes every data frame sent, one per line, as ``feedfleet decode
-polygon`` reads them: what a test counts as sent.
+a key has too many connections. ``capture_path`` (``--capture``) also writes every data
+frame sent, one per line, as ``feedfleet decode polygon`` reads them: what a test counts as
+sent.
+
+REST: ``GET /v3/trades/{ticker}`` serves the trades the simulator made (its tape), with
+``timestamp.gte/gt/lte/lt`` (ns), ``limit`` and cursor pagination through ``next_url``, key
+in ``apiKey`` or ``Authorization: Bearer``. The market does not stop for a dropped client:
+trades of the symbols a ``drop_after`` connection had are made for the time it was away (one
+per ``away_trade_ms`` per symbol) when it subscribes them again, so they exist only in the
+tape, for the client to backfill.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import time
 from dataclasses import dataclass, field
@@ -38,6 +46,10 @@ from simulators.market import (
     symbols_from_args,
 )
 
+REST_RATE_LIMITED = (
+    "You've exceeded the maximum requests per minute, please wait or upgrade your "
+    "subscription to continue. https://polygon.io/pricing"
+)
 MAX_CONNECTIONS = (
     "Maximum number of websocket connections exceeded. You have reached the connection limit"
     " for your account. Please contact support at https://polygon.io/contact to increase your"
@@ -56,6 +68,8 @@ class PolygonSimConfig:
     stamp_send_ns: bool = False
     capture_path: str | None = None  # also write every data frame sent here, one per line
     sent_log_dir: str | None = None  # every frame sent, one file per connection (SentLog)
+    away_trade_ms: int = 10  # a dropped client's symbols trade this often while it is away
+    tape_size: int = 50_000  # trades kept per symbol for /v3/trades
 
 
 class _Connection:
@@ -97,6 +111,71 @@ class PolygonSimulator(WebSocketSimulator):
         self.events_sent = 0
         self._capture: BinaryIO | None = None
         self.sent_log = SentLog(config.sent_log_dir)
+        # Every trade made, per symbol, oldest first: what /v3/trades serves.
+        self.tape: dict[str, collections.deque[dict[str, object]]] = {}
+        # Symbols of a dropped connection -> when it dropped (ms): they trade while away.
+        self.away: dict[str, int] = {}
+        self.rest_requests = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v3/trades/{ticker}", self._trades)
+        app.router.add_get("/{tail:.*}", self._handle)  # the WebSocket, on any other path
+        return app
+
+    def _record(self, event: dict[str, object]) -> None:
+        sym = str(event["sym"])
+        tape = self.tape.get(sym)
+        if tape is None:
+            tape = self.tape[sym] = collections.deque(maxlen=self.config.tape_size)
+        tape.append(event)
+
+    def _trade_while_away(self, sym: str, now_ms: int) -> None:
+        """The trades ``sym`` made since its client dropped: into the tape only."""
+        since = self.away.pop(sym, None)
+        if since is None:
+            return
+        step = max(1, self.config.away_trade_ms)
+        for t_ms in range(since + step, now_ms, step):
+            event, _ = tick_event(self.walk, "T", sym, t_ms)
+            self._record(event)
+
+    async def _trades(self, request: web.Request) -> web.Response:
+        """``GET /v3/trades/{ticker}`` from the tape."""
+        self.rest_requests += 1
+        query = request.query
+        auth = request.headers.get("Authorization", "")
+        key = query.get("apiKey") or auth.removeprefix("Bearer ").strip()
+        expected = self.config.api_key
+        if not key or (expected and key != expected):
+            body = {"status": "ERROR", "request_id": "sim", "error": "Unknown API Key"}
+            return web.json_response(body, status=401)
+        if self.config.faults.rate_limit:
+            body = {"status": "ERROR", "request_id": "sim", "error": REST_RATE_LIMITED}
+            return web.json_response(body, status=429)
+        ticker = request.match_info["ticker"]
+        try:
+            if "cursor" in query:
+                gte, lt, offset, limit = (int(v) for v in query["cursor"].split("-"))
+            else:
+                gte = int(query.get("timestamp.gte") or int(query.get("timestamp.gt", -1)) + 1)
+                lt = int(query.get("timestamp.lt") or int(query.get("timestamp.lte", 2**62)) + 1)
+                offset, limit = 0, min(50_000, max(1, int(query.get("limit", 1000))))
+        except ValueError:
+            body = {"status": "ERROR", "request_id": "sim", "error": "bad query parameters"}
+            return web.json_response(body, status=400)
+        trades = [
+            codec.rest_trade(e) for e in self.tape.get(ticker, ())
+            if gte <= int(str(e["t"])) * 1_000_000 < lt
+        ]  # fmt: skip
+        page = trades[offset : offset + limit]
+        next_url = None
+        if offset + limit < len(trades):
+            next_url = (f"http://{request.host}{codec.trades_path(ticker)}"
+                        f"?cursor={gte}-{lt}-{offset + limit}-{limit}")  # fmt: skip
+        return web.Response(
+            body=codec.encode_trades_page(page, next_url), content_type="application/json"
+        )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         if self.config.capture_path:
@@ -179,6 +258,8 @@ class PolygonSimulator(WebSocketSimulator):
             if sym == "*":
                 (conn.wildcard.add if adding else conn.wildcard.discard)(ev)
             elif adding:
+                if ev == "T":
+                    self._trade_while_away(sym, int(time.time() * 1000))
                 conn.channels[ev].add(sym)
             else:
                 conn.channels[ev].discard(sym)
@@ -204,6 +285,8 @@ class PolygonSimulator(WebSocketSimulator):
                 ev, sym = targets[rr % len(targets)]
                 rr += 1
                 event, st = tick_event(walk, ev, sym, now_ms)
+                if ev == "T":
+                    self._record(event)
                 if faults.skip_seq_every and st.sequence % faults.skip_seq_every == 0:
                     st.sequence += 1
                 events.append(event)
@@ -231,6 +314,9 @@ class PolygonSimulator(WebSocketSimulator):
             conn.sent += len(events)
             self.events_sent += len(events)
             if faults.drop_after and conn.sent >= faults.drop_after:
+                for ev, sym in targets:
+                    if ev == "T":
+                        self.away.setdefault(sym, now_ms)
                 abort_websocket(conn.ws)
                 return
             await pacer.wait_for(len(events))

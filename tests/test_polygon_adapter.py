@@ -4,6 +4,7 @@ to auth followed by a close, and (kept for older servers) BINARY data frames."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -13,8 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from common.model import ConnectionStatus, DataType
-from common.provider import Instrument, ProviderConfig, ProviderRateLimited
+from common.model import ConnectionStatus, DataType, QualityFlag, RawMarketData
+from common.provider import Instrument, ProviderConfig, ProviderDisconnected, ProviderRateLimited
 from simulators.market import Faults
 from simulators.polygon import MAX_CONNECTIONS, PolygonSimConfig, PolygonSimulator
 from workers.polygon import PolygonAdapter
@@ -151,3 +152,46 @@ async def test_the_adapter_still_accepts_binary_data_frames() -> None:
     finally:
         await adapter.disconnect()
         await runner.cleanup()
+
+
+async def test_after_a_reconnect_the_missed_trades_are_backfilled_over_rest() -> None:
+    """The simulator drops the connection; the symbol goes on trading while the client is
+    away (into the simulator's tape only). Reconnected, the adapter fetches those trades from
+    /v3/trades, page by page, flagged backfill, before live data: every trade the tape holds
+    up to the last one received arrives exactly once."""
+    config = PolygonSimConfig(symbols=["AAA"], rate=2000, batch=5, away_trade_ms=5,
+                              faults=Faults(drop_after=100))  # fmt: skip
+    simulator = PolygonSimulator(config)
+    port = await simulator.start()
+    adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")
+    adapter.rest_url = f"http://127.0.0.1:{port}"
+    adapter.backfill_page_size = 16
+    trades: list[RawMarketData] = []
+    try:
+        await adapter.connect()
+        await adapter.subscribe([Instrument("AAA", frozenset({DataType.TRADE}))])
+        with pytest.raises(ProviderDisconnected):
+            async for batch in adapter.stream_batches():
+                trades.extend(batch)
+        live_before = len(trades)
+        assert live_before > 0 and adapter.backfilled == 0
+        # The outage: the market moves on meanwhile.
+        await asyncio.sleep(0.3)
+        await adapter.disconnect()
+        await adapter.connect()
+        async for batch in adapter.stream_batches():
+            trades.extend(batch)
+            if len(trades) > live_before + adapter.backfilled + 20:
+                break
+    finally:
+        await adapter.disconnect()
+        await simulator.stop()
+    backfilled = [r for r in trades if QualityFlag.BACKFILL in r.quality_flags]
+    assert len(backfilled) == adapter.backfilled >= 40  # 0.3 s at one trade per 5 ms
+    assert simulator.rest_requests >= 3  # pages of 16
+    # Handed over right after the live trades of before, ahead of the live ones of after.
+    assert trades[live_before : live_before + len(backfilled)] == backfilled
+    seqs = [r.provider_sequence for r in trades]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    tape = [e["q"] for e in simulator.tape["AAA"]]
+    assert seqs == tape[: len(seqs)]  # no trade missing, none twice

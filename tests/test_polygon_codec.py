@@ -10,6 +10,7 @@ import pytest
 
 from common.codecs import polygon as codec
 from common.codecs.base import CaptureError, DecodeError
+from common.events import build_events
 from common.model import DataType, QualityFlag, RawMarketData
 
 RECV = 1_700_000_000_000_000_000
@@ -247,3 +248,58 @@ def test_every_known_untracked_event_is_counted_as_skipped() -> None:
     frame = b'[{"ev":"LULD","T":"X"},{"ev":"NOI","T":"X"},{"ev":"V","T":"I:SPX"}]'
     out = codec.decode_frame(frame, RECV)
     assert (out.skipped, out.records, out.errors) == (3, [], [])
+
+
+# A /v3/trades page in the shape the specification gives (prices, sizes and times made up).
+TRADES_PAGE = (
+    b'{"results":[{"conditions":[12,37],"exchange":11,"id":"52983525034386",'
+    b'"participant_timestamp":1517562000015577000,"price":171.55,"sequence_number":1063,'
+    b'"sip_timestamp":1517562000016036581,"size":100,"tape":3},'
+    b'{"exchange":4,"id":"7","price":171.56,"sequence_number":1070,'
+    b'"sip_timestamp":1517562000999999999,"size":5,"tape":3}],'
+    b'"status":"OK","request_id":"a47d1beb8c11b6ae897ab76cdbbf35a3",'
+    b'"next_url":"https://api.massive.com/v3/trades/AAPL?cursor=YWN0aXZlPXRydWU"}'
+)
+
+
+def test_a_v3_trades_page_decodes_to_the_records_the_websocket_gives() -> None:
+    page = codec.decode_trades_page(TRADES_PAGE, "AAPL", RECV, "poly")
+    assert page.errors == []
+    assert page.next_url == "https://api.massive.com/v3/trades/AAPL?cursor=YWN0aXZlPXRydWU"
+    assert [(r.symbol, r.provider, r.timestamp_ns, r.data_type, r.price, r.volume,
+             r.provider_sequence, r.stream, r.receive_ns, r.quality_flags, r.provider_specific)
+            for r in page.records] == [
+        ("AAPL", "poly", 1517562000016000000, DataType.TRADE, 171.55, 100, 1063, "T.AAPL", RECV,
+         [QualityFlag.BACKFILL], {"x": 11, "i": "52983525034386", "z": 3, "c": [12, 37]}),
+        ("AAPL", "poly", 1517562000999000000, DataType.TRADE, 171.56, 5, 1070, "T.AAPL", RECV,
+         [QualityFlag.BACKFILL], {"x": 4, "i": "7", "z": 3}),
+    ]  # fmt: skip
+
+
+def test_a_backfilled_trade_gets_the_event_id_of_the_live_one() -> None:
+    live_event = codec.trade_event("AAPL", 171.55, 100, 1517562000016, 1063, exchange=11,
+                                   trade_id="52983525034386", conditions=[12, 37])  # fmt: skip
+    [live] = codec.decode_frame(codec.encode_events([live_event]), RECV, "poly").records
+    rest = codec.rest_trade(live_event)
+    body = codec.encode_trades_page([rest], None)
+    [backfilled] = codec.decode_trades_page(body, "AAPL", RECV + 5, "poly").records
+    assert backfilled.provider_specific == live.provider_specific
+    ids = [build_events([r], RECV)[0].event_id for r in (live, backfilled)]
+    assert ids[0] == ids[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "invalid JSON"),
+        (b'{"status":"ERROR","error":"Unknown API Key"}', "without a results list"),
+        (b'{"results":[1]}', "not an object"),
+        (b'{"results":[{"price":1.0,"size":1}]}', "sip_timestamp"),
+    ],
+)
+def test_bad_trades_pages_are_errors(body: bytes, reason: str) -> None:
+    page = codec.decode_trades_page(body, "AAPL", RECV)
+    assert page.records == [] and page.next_url is None
+    assert len(page.errors) == 1 and reason in page.errors[0].reason
+    # An empty range: OK without results is no error.
+    assert codec.decode_trades_page(b'{"status":"OK","request_id":"x"}', "A", RECV).errors == []

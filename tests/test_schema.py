@@ -108,7 +108,7 @@ async def test_quality_score_follows_the_flags(conn: db.Conn) -> None:
     gets its ingestion_timestamp by itself."""
     cases = {
         "QS0": [], "QS1": ["stale"], "QS2": ["gap", "duplicate"], "QSF": ["failover"],
-        "QSFG": ["failover", "gap"],
+        "QSFG": ["failover", "gap", "backfill"],
         "QS5": ["stale", "gap", "crossed", "duplicate", "missing_fields"],
     }  # fmt: skip
     for symbol, flags in cases.items():

@@ -50,6 +50,7 @@ DEMO_PROVIDERS = [
     DemoProvider(
         "polygon", "polygon",
         {"url": "ws://127.0.0.1:{FEEDFLEET_SIM_POLYGON_PORT}/stocks",
+         "rest_url": "http://127.0.0.1:{FEEDFLEET_SIM_POLYGON_PORT}",
          "api_key_env": "POLYGON_API_KEY"},
         list(DEMO_SYMBOLS),
     ),

@@ -4,27 +4,44 @@ connection_config keys:
   ``url``          e.g. ``wss://socket.massive.com/stocks`` (the simulator: ``ws://127.0.0.1:8765/stocks``)
   ``api_key_env``  name of the environment variable holding the API key
   ``heartbeat_s``  WebSocket ping interval; a missing pong closes the socket (default 10)
+  ``rest_url``     REST base for backfill (default ``https://api.massive.com``; the simulator
+                   serves it on its WebSocket port: ``http://127.0.0.1:8765``)
+  ``backfill``     fetch the trades missed while disconnected (default true)
+  ``backfill_page_size``  ``limit`` of each ``/v3/trades`` request (default 50000, its maximum)
+  ``backfill_max_pages``  pages per symbol at most, so a long outage cannot stall the stream
+                   (default 20; what is left is logged)
+
+Backfill: after a reconnect, the trades of every subscribed symbol from its last trade
+received to the moment the connection was back are fetched from ``GET /v3/trades/{ticker}``
+(``timestamp.gte``/``timestamp.lt``, cursor pagination through ``next_url``, the row's
+``rate_limits`` and the provider's shared budget honoured) and handed over before the live
+data, flagged ``backfill``. They are decoded to exactly the records the WebSocket would have
+given (SIP time in ms, same stream and sequence), so their event ids are those of the live
+trades and nothing is doubled; the trades already received are left out by sequence.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from urllib.parse import urlencode
 
 import aiohttp
 import structlog
 
 from common.codecs import polygon as codec
-from common.model import ConnectionStatus, RawMarketData
+from common.model import ConnectionStatus, DataType, RawMarketData
 from common.provider import (
     Instrument,
     ProviderAdapter,
     ProviderAuthError,
     ProviderConfig,
     ProviderDisconnected,
+    ProviderError,
     ProviderProtocolError,
     ProviderRateLimited,
 )
+from common.ratelimit import RateLimiter
 
 log = structlog.get_logger("feedfleet.polygon")
 
@@ -42,6 +59,16 @@ class PolygonAdapter(ProviderAdapter):
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self.skipped_events = 0
+        self.rest_url = str(cc.get("rest_url", "https://api.massive.com")).rstrip("/")
+        self.backfill = bool(cc.get("backfill", True))
+        self.backfill_page_size = config.integer("backfill_page_size", 50_000)
+        self.backfill_max_pages = config.integer("backfill_max_pages", 20)
+        # Per symbol, the last trade handed over: (SIP time ns, sequence). Where a backfill
+        # starts after a reconnect.
+        self._last_trade: dict[str, tuple[int, int | None]] = {}
+        self._backfill_until_ns: int | None = None  # set by a reconnect: backfill is due
+        self._limiter: RateLimiter | None = None
+        self.backfilled = 0
 
     async def connect(self) -> None:
         api_key = self.config.secret("api_key_env")
@@ -67,6 +94,9 @@ class PolygonAdapter(ProviderAdapter):
             await self.disconnect()
             raise
         self.connection_status = ConnectionStatus.CONNECTED
+        if self.backfill and self._last_trade:
+            # Back after a disconnect: what traded meanwhile is fetched before live data.
+            self._backfill_until_ns = time.time_ns()
         # A reconnect must restore what was subscribed before the drop.
         if self.subscribed:
             await self._send_channels("subscribe", list(self.subscribed.values()))
@@ -109,6 +139,14 @@ class PolygonAdapter(ProviderAdapter):
         if ws is None:
             raise ProviderDisconnected("not connected")
         name = self.config.name
+        if self._backfill_until_ns is not None:
+            until_ns, self._backfill_until_ns = self._backfill_until_ns, None
+            for symbol, inst in list(self.subscribed.items()):
+                if DataType.TRADE in inst.data_types and symbol in self._last_trade:
+                    records = await self._backfill(symbol, until_ns)
+                    if records:
+                        self._note_trades(records)
+                        yield records
         while True:
             msg = await ws.receive()
             receive_ns = time.time_ns()
@@ -127,7 +165,83 @@ class PolygonAdapter(ProviderAdapter):
                 self._on_statuses(frame.statuses)
             self.skipped_events += frame.skipped
             if frame.records:
+                if self.backfill:
+                    self._note_trades(frame.records)
                 yield frame.records
+
+    def _note_trades(self, records: list[RawMarketData]) -> None:
+        last = self._last_trade
+        for r in records:
+            if r.data_type is DataType.TRADE:
+                last[r.symbol] = (r.timestamp_ns, r.provider_sequence)
+
+    async def _backfill(self, symbol: str, until_ns: int) -> list[RawMarketData]:
+        """The trades of ``symbol`` after the last one handed over, before ``until_ns``."""
+        since_ns, since_seq = self._last_trade[symbol]
+        name = self.config.name
+        query = urlencode({
+            "timestamp.gte": since_ns, "timestamp.lt": until_ns, "order": "asc",
+            "sort": "timestamp", "limit": self.backfill_page_size,
+        })  # fmt: skip
+        url: str | None = f"{self.rest_url}{codec.trades_path(symbol)}?{query}"
+        out: list[RawMarketData] = []
+        pages = 0
+        while url is not None:
+            if pages >= self.backfill_max_pages:
+                log.warning("backfill_truncated", provider=name, symbol=symbol, pages=pages,
+                            next_url=url)  # fmt: skip
+                break
+            body = await self._rest_get(url)
+            if body is None:
+                break
+            pages += 1
+            page = codec.decode_trades_page(body, symbol, time.time_ns(), name)
+            if page.errors:
+                self.decode_errors += len(page.errors)
+                for err in page.errors[:3]:
+                    log.warning("decode_error", provider=name, reason=err.reason, raw=err.raw)
+            for r in page.records:
+                # The live trades already handed over: by sequence where both have one.
+                seq = r.provider_sequence
+                if (seq is not None and since_seq is not None and seq <= since_seq) or (
+                    r.timestamp_ns < since_ns
+                ):
+                    continue
+                out.append(r)
+            url = page.next_url
+        self.backfilled += len(out)
+        log.info("backfilled", provider=name, symbol=symbol, trades=len(out), pages=pages)
+        return out
+
+    async def _rest_get(self, url: str) -> bytes | None:
+        """One REST request within the row's rate limits; None (logged) when it fails: a
+        backfill that cannot be had must not stop the live stream."""
+        if self._limiter is None:
+            try:
+                self._limiter = RateLimiter(self.config.rate_limits)
+            except ValueError:
+                self._limiter = RateLimiter({})
+        await self._limiter.acquire()
+        if self.budget is not None:
+            await self.budget.acquire()
+        headers = {"Authorization": f"Bearer {self.config.secret('api_key_env')}"}
+        try:
+            timeout = aiohttp.ClientTimeout(total=30)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                http.get(url, headers=headers) as resp,
+            ):
+                body = await resp.read()
+                self.bytes_received += len(body)
+                if resp.status == 200:
+                    return body
+                if resp.status == 429 and self.budget is not None:
+                    await self.budget.hold(60.0)
+                log.warning("backfill_refused", provider=self.config.name, status=resp.status,
+                            body=body[:200].decode("utf-8", "replace"))  # fmt: skip
+        except (aiohttp.ClientError, OSError, TimeoutError, ProviderError) as exc:
+            log.warning("backfill_failed", provider=self.config.name, error=str(exc))
+        return None
 
     def _on_statuses(self, statuses: list[codec.StatusMessage]) -> None:
         for status in statuses:

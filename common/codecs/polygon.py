@@ -258,6 +258,84 @@ def encode_events(events: list[dict[str, Any]]) -> bytes:
     return orjson.dumps(events)
 
 
+# ---------------------------------------------------------------- REST: v3 trades
+
+
+@dataclass(slots=True)
+class TradesPage:
+    """One page of ``GET /v3/trades/{ticker}``: its trades as records, and the next page."""
+
+    records: list[RawMarketData] = field(default_factory=list)
+    next_url: str | None = None
+    errors: list[DecodeError] = field(default_factory=list)
+
+
+_REST_TRADE_EXTRA = {"exchange": "x", "id": "i", "tape": "z", "conditions": "c"}
+
+
+def trades_path(symbol: str) -> str:
+    return f"/v3/trades/{symbol}"
+
+
+def decode_trades_page(
+    body: bytes, symbol: str, receive_ns: int, provider: str = PROVIDER
+) -> TradesPage:
+    """REST trades as the records the WebSocket gives for the same trades: the SIP time cut
+    to the millisecond (the WebSocket's ``t``), the same stream, sequence and extras under
+    the WebSocket's keys, so each gets the same event id as if it had come live. Flagged
+    ``backfill``."""
+    page = TradesPage()
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        page.errors.append(DecodeError(f"invalid JSON: {exc}", clip(body)))
+        return page
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, list):
+        if isinstance(doc, dict) and doc.get("status") == "OK" and "results" not in doc:
+            return page  # no trades in the range
+        page.errors.append(DecodeError("trades response without a results list", clip(body)))
+        return page
+    next_url = doc.get("next_url")
+    page.next_url = next_url if isinstance(next_url, str) and next_url else None
+    for item in results:
+        if not isinstance(item, dict):
+            page.errors.append(DecodeError("trade is not an object", clip(item)))
+            continue
+        sip = item.get("sip_timestamp")
+        if type(sip) is not int or sip <= 0:
+            page.errors.append(DecodeError("trade without a valid sip_timestamp", clip(item)))
+            continue
+        flags: list[str] = [QualityFlag.BACKFILL]
+        price = _number(item, "price", flags)
+        size = _number(item, "size", flags)
+        seq = item.get("sequence_number")
+        specific = {ws: item[rest] for rest, ws in _REST_TRADE_EXTRA.items() if rest in item}
+        page.records.append(RawMarketData(
+            symbol, provider, sip - sip % _MS, DataType.TRADE, price, size, None, None,
+            specific, seq if type(seq) is int else None, "T." + symbol, False, receive_ns,
+            flags,
+        ))  # fmt: skip
+    return page
+
+
+def rest_trade(event: dict[str, Any]) -> dict[str, Any]:
+    """A WebSocket trade event as ``/v3/trades`` lists it (the simulator's tape)."""
+    item = {rest: event[ws] for rest, ws in _REST_TRADE_EXTRA.items() if ws in event}
+    item.update(
+        price=event["p"], size=event["s"], sequence_number=event["q"],
+        sip_timestamp=event["t"] * _MS, participant_timestamp=event["t"] * _MS,
+    )  # fmt: skip
+    return item
+
+
+def encode_trades_page(trades: list[dict[str, Any]], next_url: str | None) -> bytes:
+    doc: dict[str, Any] = {"results": trades, "status": "OK", "request_id": "feedfleet-sim"}
+    if next_url:
+        doc["next_url"] = next_url
+    return orjson.dumps(doc)
+
+
 def trade_event(
     sym: str, price: float, size: int, t_ms: int, seq: int, *, exchange: int = 4,
     trade_id: str = "1", tape: int = 3, conditions: list[int] | None = None,
