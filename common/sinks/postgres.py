@@ -108,7 +108,7 @@ class PostgresSink(DurableSink):
                     if data:
                         async with cur.copy(_COPY) as copy:
                             await copy.write(data)
-                    await self._insert_rejected(cur, rejected)
+                    await self._insert_rejected(cur, _dead_letters(rejected))
             except psycopg.errors.UniqueViolation:
                 await self._insert_skipping_duplicates(conn, data, rejected)
         except psycopg.Error as exc:
@@ -126,7 +126,7 @@ class PostgresSink(DurableSink):
             log.error("row_rejected_by_postgres", count=len(bad), error=_text(error, 300),
                       event_ids=[e.event_id for e in events])  # fmt: skip
             async with conn.transaction(), conn.cursor() as cur:
-                await self._insert_rejected(cur, rejected + bad)
+                await self._insert_rejected(cur, _dead_letters(rejected) + bad)
             return
         half = len(events) // 2
         # The batch's own rejected records go with the first half, once.
@@ -134,15 +134,17 @@ class PostgresSink(DurableSink):
         await self._store(conn, events[half:], [])
 
     @staticmethod
-    async def _insert_rejected(cur: psycopg.AsyncCursor, rejected: list[Event]) -> None:
+    async def _insert_rejected(cur: psycopg.AsyncCursor, rejected: list[_DeadLetter]) -> None:
+        """Rows of ``rejected_records``: each document names its provider, symbol and reason
+        (``events.rejected_event``, ``_rejected_row``)."""
         if not rejected:
             return
         rows = []
-        for e in rejected:
-            doc = orjson.loads(e.payload)
+        for event_id, document in rejected:
+            doc = orjson.loads(document)
             rows.append(
-                (e.event_id, _text(doc.get("provider", "")), _text(doc.get("symbol", ""), 200),
-                 _text(doc.get("reason", "")), e.payload)
+                (event_id, _text(doc["provider"]), _text(doc["symbol"], 200),
+                 _text(doc["reason"]), document)
             )  # fmt: skip
         await cur.executemany(_INSERT_REJECTED, rows)
 
@@ -166,7 +168,7 @@ class PostgresSink(DurableSink):
             await cur.execute("SELECT count(*) FROM raw_market_data_staging")
             row = await cur.fetchone()
             skipped = (row[0] if row else 0) - inserted
-            await self._insert_rejected(cur, rejected)
+            await self._insert_rejected(cur, _dead_letters(rejected))
         if skipped:
             # Rows already stored by an earlier attempt (a replay after an ambiguous commit).
             self.duplicates_skipped += skipped
@@ -212,18 +214,23 @@ class PostgresSink(DurableSink):
         await self._drop_connection()
 
 
-def _rejected_row(event: Event, error: psycopg.Error) -> Event:
-    """A stored event PostgreSQL refused, as a dead-letter event with its reason."""
-    payload = orjson.dumps(
+# (event id, dead-letter document): what a rejected_records row is made of.
+_DeadLetter = tuple[str, bytes]
+
+
+def _dead_letters(rejected: list[Event]) -> list[_DeadLetter]:
+    return [(e.event_id, e.payload) for e in rejected]
+
+
+def _rejected_row(event: Event, error: psycopg.Error) -> _DeadLetter:
+    """A stored event PostgreSQL refused, as a dead-letter document with its reason."""
+    document = orjson.dumps(
         {
             "event_id": event.event_id,
-            "provider": orjson.loads(event.payload).get("provider", ""),
+            "provider": orjson.loads(event.payload)["provider"],
             "symbol": event.symbol,
             "reason": f"refused by PostgreSQL: {_text(error, 500)}",
             "event": orjson.Fragment(event.payload),
         }
     )
-    return Event(
-        event.event_id, event.symbol, payload, b"", event.receive_ns, event.origin_ns,
-        event.stream, event.sequence, rejected=True,
-    )  # fmt: skip
+    return event.event_id, document
