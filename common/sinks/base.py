@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 from typing import ClassVar
 
 import structlog
@@ -192,8 +191,7 @@ class DurableSink(abc.ABC):
                 await self.catch_up_loop()
             except Exception:
                 log.exception("catch_up_failed", sink=self.name)
-                with contextlib.suppress(Exception):
-                    await asyncio.sleep(1.0)
+                await asyncio.sleep(1.0)
 
     @abc.abstractmethod
     async def run(self) -> None:
