@@ -548,6 +548,8 @@ MIDNIGHT = 1_714_780_800_000_000_000  # 2024-05-04T00:00:00Z
         # tomorrow's; further ahead it is this morning's, as a recap's last trade time is.
         (dt.time(0, 0, 1), MIDNIGHT - 1_000_000_000, MIDNIGHT + 1_000_000_000),
         (dt.time(0, 4, 58), MIDNIGHT - 1_000_000_000, MIDNIGHT + 298_000_000_000),
+        # Exactly five minutes ahead is still today's.
+        (dt.time(0, 4, 59), MIDNIGHT - 1_000_000_000, MIDNIGHT - 86_101_000_000_000),
         (dt.time(0, 5, 0), MIDNIGHT - 1_000_000_000, MIDNIGHT - 86_100_000_000_000),
         (dt.time(9, 30), MIDNIGHT + 79_200_000_000_000, MIDNIGHT + 34_200_000_000_000),
         ("2024-05-04", RECEIVE_NS, MIDNIGHT),

@@ -1101,9 +1101,9 @@ def test_failing_again_five_minutes_after_a_failback_is_no_flap() -> None:
     w = _failed_over()
     w.now = 10
     w.start("p2", "P", since=10)
-    _fail_back(w, 40, "p2")  # completes at 41
+    _fail_back(w, 40, "p2")  # starts at 40
     w.kill("p2")
-    w.step(41 + 300)
+    w.step(40 + 300)
     w.now = 350
     w.start("p3", "P", since=350)
     assert w.step(350).wake_at == 380  # 30 s, not doubled
@@ -1131,7 +1131,7 @@ def test_a_later_loss_under_the_same_failback_brings_the_hold_down_back_to_its_b
 def test_stranded_symbols_stay_on_a_live_instance_not_refusing_them() -> None:
     """Nobody can serve them (P down past its grace, no backup): each keeps a row on one
     of P's live instances that does not refuse it, chosen by symbol, so it resumes there."""
-    symbols = [f"S{i}" for i in range(8)]
+    symbols = [f"S{i}" for i in range(40)]
     w = World([provider("P", 1)], subs("P", *symbols))
     w.start("p1", "P", status="DISCONNECTED", since=-100.0)
     w.start("p2", "P", status="DISCONNECTED", since=-100.0)
@@ -1203,3 +1203,50 @@ def test_a_plan_forgets_old_refusals_only_of_the_symbols_it_planned() -> None:
 def test_names_in_the_log_fall_back_to_the_id() -> None:
     health = assess_providers([provider("P", 1)], [], 0.0, Memory())
     assert (_name(health, "P"), _name(health, "gone-id")) == ("p", "gone-id")
+
+
+def _latest_of(w: World, symbol: str) -> tuple[str, str | None]:
+    [row] = [r for r in w.rows if r.symbol == symbol and r.latest]
+    return row.provider_id, row.serving_provider_id
+
+
+def test_latest_prefers_the_best_server_over_a_primary_row() -> None:
+    """P's A is on its backup Q (priority 2); R (priority 3) serves its own A: Q is the
+    better server, so P's failover row writes latest, not R's primary one."""
+    w = World(
+        [provider("P", 1), provider("Q", 2, failover_symbols="*"), provider("R", 3)],
+        subs("P", "A") + subs("R", "A"),
+    )
+    w.start("q1", "Q")
+    w.start("r1", "R")
+    w.step(0)
+    assert _latest_of(w, "A") == ("P", "Q")
+
+
+def test_latest_never_goes_to_a_disabled_or_removed_server() -> None:
+    """P's A stays on Q's row when Q is switched off (or removed) with nobody else to take
+    it; R's own A, in its grace, is not serving either: still R's row, not the row of a
+    server that is off, writes latest (R outranks Q when Q is disabled; when Q is gone it
+    ranks last whatever R's priority)."""
+    for r_priority, change in ((1, "disable"), (100, "remove")):
+        q = provider("Q", 2, failover_symbols="*")
+        w = World([provider("P", 1), q, provider("R", r_priority)], subs("P", "A") + subs("R", "A"))
+        w.start("q1", "Q")
+        w.start("r1", "R")
+        w.step(0)
+        assert {h[:4] for h in w.held("A")} == {
+            ("P", FAILOVER, "Q", "q1"),
+            ("R", PRIMARY, "R", "r1"),
+        }
+        w.now = 1
+        w.report("r1", "DISCONNECTED")  # R in its grace: its row stays, not serving
+        if change == "disable":
+            w.providers[1] = replace(q, enabled=False)
+        else:
+            del w.providers[1]
+        w.step(1)
+        assert {h[:4] for h in w.held("A")} == {
+            ("P", FAILOVER, "Q", "q1"),
+            ("R", PRIMARY, "R", "r1"),
+        }
+        assert _latest_of(w, "A") == ("R", "R"), change

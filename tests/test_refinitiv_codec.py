@@ -323,8 +323,9 @@ def test_a_status_without_state_changes_nothing() -> None:
     forgotten as closed, a login is not taken for refused)."""
     consumer = codec.ConsumerProtocol()
     _open(consumer, "A.N", 2)
-    out = consumer.decode(frame({"ID": 2, "Type": "Status", "Key": {"Name": "A.N"}}), RECEIVE_NS)
-    assert (out.statuses, out.errors, out.skipped) == ([], [], 1)
+    stateless = {"ID": 2, "Type": "Status", "Key": {"Name": "A.N"}}
+    out = consumer.decode(frame(stateless, stateless), RECEIVE_NS)
+    assert (out.statuses, out.errors, out.skipped) == ([], [], 2)
     assert consumer.ids_by_name == {"A.N": 2}
     login = consumer.decode(frame({"ID": 1, "Type": "Status", "Domain": "Login"}), RECEIVE_NS)
     assert (login.logins, login.errors, login.skipped) == ([], [], 1)
