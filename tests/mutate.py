@@ -11,7 +11,7 @@ PostgreSQL, Redis and the broker come from ``FEEDFLEET_DATABASE_URL`` /
 ``FEEDFLEET_REDIS_URL`` / ``FEEDFLEET_PULSAR_URL`` when set, else embedded ones are started
 once here, so each mutant's test run only creates its own database instead of a server.
 
-    python -m tests.mutate               # every module (about 40 minutes on 2 cores)
+    python -m tests.mutate               # every module (about an hour on 2 cores)
     python -m tests.mutate --quick       # the small pure modules (about a minute)
     python -m tests.mutate quality fix   # chosen modules, by the names in MODULES
     python -m tests.mutate --report      # scores of the last run, without running
