@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -127,7 +128,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The chaos run has its own options (feedfleet chaos --help).
         from chaos.run import main as chaos_main
 
-        raise SystemExit(chaos_main(raw[1:]))
+        code = chaos_main(raw[1:])
+        # The run, the fleet's stop and the report are done. Skip the interpreter's
+        # teardown: the Pulsar client's C++ library has aborted there ("terminate called
+        # without an active exception") after a clean close(), turning a passed run into
+        # a crash.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     args = build_parser().parse_args(raw)
     if args.command == "worker":
         from workers.worker import run_worker
