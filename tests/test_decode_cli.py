@@ -209,3 +209,24 @@ def test_codec_helper_modules_are_not_providers() -> None:
     for name in ("base", "pcap"):
         code, rows, err = decode(name, b"x")
         assert (code, rows, err) == (2, [], f"decode: unknown provider {name!r}\n")
+
+
+def test_a_reader_that_stops_early_is_no_error(fixtures_dir: Path) -> None:
+    """`feedfleet decode polygon capture | head -1`: the first line, then a quiet exit 0 when
+    the reader goes (no BrokenPipeError traceback)."""
+    lines = (fixtures_dir / "polygon_ws.jsonl").read_bytes().splitlines()
+    line = next(x for x in lines if b'"ev":"T"' in x)
+    capture = b"\n".join([line] * 20_000) + b"\n"  # far more than a pipe buffer holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "decode", "polygon"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(capture)
+    proc.stdin.close()
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert set(orjson.loads(first)) == KEYS
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -15,7 +15,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -43,9 +43,6 @@ async def _db_init() -> None:
 def decode_main(provider: str, path: str | None, symbol: str | None) -> int:
     """Print one JSON object per record; errors to stderr. Exit 1 if anything failed to
     decode (an empty input included), 2 for an unknown provider or an unreadable file."""
-    from common.codecs.base import CaptureError
-    from common.model import iso_ns
-
     try:
         codec = importlib.import_module(f"common.codecs.{provider}")
     except ModuleNotFoundError:
@@ -68,9 +65,25 @@ def decode_main(provider: str, path: str | None, symbol: str | None) -> int:
         # Some codecs find nothing wrong in no data; an empty capture is still a failed one.
         print("decode: empty input", file=sys.stderr)
         return 1
+    try:
+        failed = _print_records(decode_capture(data, symbol=symbol))
+    except BrokenPipeError:
+        # The reader has had enough (`feedfleet decode ... | head`): not an error. Point
+        # stdout at /dev/null so the interpreter's own flush at exit does not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return 1 if failed else 0
+
+
+def _print_records(items: Iterable[Any]) -> bool:
+    """One JSON line per record, errors to stderr; True if anything failed to decode."""
+    from common.codecs.base import CaptureError
+    from common.model import iso_ns
+
     failed = False
     out = sys.stdout.buffer
-    for item in decode_capture(data, symbol=symbol):
+    for item in items:
         if isinstance(item, CaptureError):
             failed = True
             print(f"{item.location}: {item.reason}", file=sys.stderr)
@@ -93,7 +106,7 @@ def decode_main(provider: str, path: str | None, symbol: str | None) -> int:
             + b"\n"
         )
     out.flush()
-    return 1 if failed else 0
+    return failed
 
 
 def build_parser() -> argparse.ArgumentParser:
