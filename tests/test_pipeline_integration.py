@@ -233,6 +233,7 @@ async def test_stopping_writes_metrics_and_a_disconnected_status(
         lambda: fleet.worker.pipeline is not None and fleet.worker.pipeline.received > 500,
         20, "data",
     )  # fmt: skip
+    await until(lambda: fleet.worker.throughput > 0, 20, "a throughput measured")
     fleet.worker.stop()
     await asyncio.wait_for(fleet.running.worker_task, 30)
     received = fleet.running.received
@@ -268,6 +269,14 @@ async def test_stopping_writes_metrics_and_a_disconnected_status(
     assert str(meta[0]["endpoint"]).startswith("ws://127.0.0.1:")
     status = orjson.loads(await redis_client.get(f"provider:{fleet.provider_id}:status") or b"{}")
     assert status["status"] == "DISCONNECTED"
+    # Stopped, it ingests nothing: not the rate of its last second.
+    assert status["throughput_per_sec"] == 0.0
+    cur = await conn.execute(
+        "SELECT throughput_per_sec FROM ingestion_metrics WHERE provider_id = %s "
+        "ORDER BY id DESC LIMIT 1",
+        (fleet.provider_id,),
+    )
+    assert await cur.fetchone() == (0.0,)
     cur = await conn.execute(
         "SELECT count(*) FROM worker_instances WHERE instance_id = %s", (fleet.worker.instance_id,)
     )

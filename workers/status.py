@@ -266,8 +266,10 @@ class StatusReporter:
         await db.ensure_partitions(await self._db())
 
     async def final_report(self) -> None:
-        """At stop: the last status, row and metrics, then deregister; each on its own."""
-        self._update_throughput()
+        """At stop: the last status, row and metrics, then deregister; each on its own.
+        A stopped worker ingests nothing: its last documents say a throughput of 0, not
+        the rate of its last second (which the API and page would go on showing)."""
+        self.throughput = 0.0
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("redis_status", self.publish),
             ("connection_status", self.record_status),
