@@ -42,7 +42,10 @@ class Settings:
     pulsar_send_timeout_ms: int = 10_000
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    # One token, or several separated by commas while one replaces another.
     api_token: str | None = None
+    # "token" (the default): a non-loopback API needs a token; "none" opens it on purpose.
+    api_auth: str = "token"
     log_format: str = "json"
     log_level: str = "info"
     # The workers' write-ahead journals, one directory per provider under it.
@@ -75,6 +78,7 @@ class Settings:
             api_host=_env("FEEDFLEET_API_HOST", "127.0.0.1") or "127.0.0.1",
             api_port=int(port),
             api_token=_env("FEEDFLEET_API_TOKEN"),
+            api_auth=_choice("FEEDFLEET_API_AUTH", ("token", "none")),
             log_format=_env("FEEDFLEET_LOG_FORMAT", "json") or "json",
             log_level=_env("FEEDFLEET_LOG_LEVEL", "info") or "info",
             # FEEDFLEET_SPOOL_DIR is the journal's former name, still honoured.

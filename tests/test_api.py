@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +19,7 @@ from common import db
 from common.config import Settings
 from common.model import ConnectionStatus, DataType, RawMarketData
 from tests.conftest import Services
-from workers.api import build_app
+from workers.api import build_app, refuse_to_serve
 from workers.worker import WorkerParts, build_parts
 
 
@@ -221,3 +224,54 @@ async def test_token_guards_writes(services: Services, provider: tuple[str, str]
                           headers={"Authorization": "Bearer s3cret-token"})  # fmt: skip
         assert ok.status == 200
         assert (await c.get("/health")).status == 200  # reads stay open
+
+
+async def test_several_tokens_are_accepted_during_a_rotation(
+    services: Services, provider: tuple[str, str]
+) -> None:
+    app = build_app(services.settings(api_token="new-token, old-token"))
+    async with TestClient(TestServer(app)) as c:
+        url = f"/api/v1/providers/{provider[0]}/subscribe"
+        for token in ("new-token", "old-token"):
+            ok = await c.post(url, json={"symbols": ["A"]},
+                              headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            assert ok.status == 200, token
+        for wrong in ("Bearer new-token, old-token", "Bearer other", "new-token"):
+            refused = await c.post(url, json={"symbols": ["A"]},
+                                   headers={"Authorization": wrong})  # fmt: skip
+            assert refused.status == 401, wrong
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "auth", "refused"),
+    [
+        ("127.0.0.1", None, "token", False),
+        ("::1", None, "token", False),
+        ("localhost", None, "token", False),
+        ("0.0.0.0", None, "token", True),
+        ("10.1.2.3", "", "token", True),
+        ("api.internal", None, "token", True),
+        ("0.0.0.0", "s3cret", "token", False),
+        ("0.0.0.0", None, "none", False),
+    ],
+)
+def test_the_api_refuses_to_serve_open_writes_beyond_loopback(
+    services: Services, host: str, token: str | None, auth: str, refused: bool
+) -> None:
+    settings = services.settings(api_host=host, api_token=token, api_auth=auth)
+    problem = refuse_to_serve(settings)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem is not None and host in problem and "FEEDFLEET_API_TOKEN" in problem
+
+
+def test_feedfleet_api_exits_with_the_reason_on_an_open_address(services: Services) -> None:
+    env = {**os.environ, "FEEDFLEET_DATABASE_URL": services.database_url,
+           "FEEDFLEET_REDIS_URL": services.redis_url, "FEEDFLEET_PULSAR_URL": services.pulsar_url,
+           "FEEDFLEET_API_HOST": "0.0.0.0", "FEEDFLEET_API_PORT": "1"}  # fmt: skip
+    env.pop("FEEDFLEET_API_TOKEN", None)
+    env.pop("FEEDFLEET_API_AUTH", None)
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "api"], env=env,
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert b"refusing to serve the API on 0.0.0.0 without a token" in proc.stderr

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import html
+import ipaddress
 import re
 import time
 from dataclasses import asdict
@@ -119,13 +120,38 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return _json({"error": "internal error"}, 500)
 
 
+def api_tokens(settings: Settings) -> list[str]:
+    """The bearer tokens accepted: FEEDFLEET_API_TOKEN, comma-separated for a rotation."""
+    return [t.strip() for t in (settings.api_token or "").split(",") if t.strip()]
+
+
+def refuse_to_serve(settings: Settings) -> str | None:
+    """Why the API must not start as configured: open writes on a non-loopback address
+    unless FEEDFLEET_API_AUTH=none says so."""
+    if api_tokens(settings) or settings.api_auth == "none":
+        return None
+    host = settings.api_host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a name or an address that is not ours alone
+    if loopback:
+        return None
+    return (
+        f"refusing to serve the API on {host} without a token: set FEEDFLEET_API_TOKEN "
+        "(several, comma-separated, during a rotation), or FEEDFLEET_API_AUTH=none to open it"
+    )
+
+
 def _require_token(request: web.Request) -> None:
-    token = request.app[SETTINGS].api_token
-    if not token:
+    tokens = api_tokens(request.app[SETTINGS])
+    if not tokens:
         return
-    given = request.headers.get("Authorization", "")
     # header bytes that are not UTF-8 arrive as surrogate escapes; compare them as sent
-    if not hmac.compare_digest(given.encode(errors="surrogateescape"), f"Bearer {token}".encode()):
+    given = request.headers.get("Authorization", "").encode(errors="surrogateescape")
+    # Every token compared, so the time taken does not say which one nearly matched.
+    matches = [hmac.compare_digest(given, f"Bearer {t}".encode()) for t in tokens]
+    if not any(matches):
         raise ApiError(401, "missing or wrong bearer token")
 
 
@@ -517,6 +543,9 @@ async def run_api() -> None:
 
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
+    refused = refuse_to_serve(settings)
+    if refused is not None:
+        raise SystemExit(f"feedfleet api: {refused}")
     runner = ApiRunner(build_app(settings), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.api_host, settings.api_port).start()
