@@ -25,8 +25,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
+def port_is_free(port: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> bool:
+    """Whether ``port`` can be bound on loopback, for TCP or (``SOCK_DGRAM``) UDP."""
+    with socket.socket(socket.AF_INET, kind) as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

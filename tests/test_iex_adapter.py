@@ -338,3 +338,39 @@ async def test_multicast_on_loopback() -> None:
     finally:
         await adapter.disconnect()
     assert len(records) >= 10
+
+
+async def test_a_unicast_port_is_ours_alone() -> None:
+    """A second listener on the same unicast port (another fleet on the host) is refused
+    instead of sharing the port and mixing the two feeds; a multicast group can be joined
+    by both."""
+    port = free_udp_port()
+    first = make_adapter(host="127.0.0.1", port=port, heartbeat_timeout_s=5.0)
+    second = make_adapter(host="127.0.0.1", port=port, heartbeat_timeout_s=5.0)
+    await first.connect()
+    try:
+        with pytest.raises(ProviderDisconnected, match=f"cannot listen on UDP {port}"):
+            await second.connect()
+        assert second.connection_status is ConnectionStatus.ERROR
+    finally:
+        await first.disconnect()
+    group = {"port": port, "multicast_group": "239.255.42.98", "interface": "127.0.0.1"}
+    a, b = make_adapter(**group), make_adapter(**group)
+    try:
+        await a.connect()
+        await b.connect()
+    except ProviderDisconnected as exc:
+        pytest.skip(f"multicast join not possible here: {exc}")
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+
+
+def test_the_fleet_moves_the_iex_port_when_its_udp_side_is_taken() -> None:
+    from workers.fleet import _port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        assert _port(port, udp=True) != port  # TCP is free there, UDP is not
+        assert _port(port) == port

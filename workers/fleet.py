@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ DEMO_PROVIDERS = [
         list(DEMO_SYMBOLS),
     ),
 ]  # fmt: skip
+# The ports that carry UDP (the IEX simulator sends its feed to the worker's port).
+UDP_PORTS = {"FEEDFLEET_SIM_IEX_PORT"}
 SIMULATOR_PORTS = {
     "FEEDFLEET_SIM_POLYGON_PORT": 8765,
     "FEEDFLEET_SIM_REFINITIV_PORT": 15000,
@@ -105,8 +108,11 @@ def _fill(value: object, env: dict[str, str]) -> object:
     return int(filled) if filled.isdigit() and value.startswith("{") else filled
 
 
-def _port(preferred: int) -> int:
-    return preferred if port_is_free(preferred) else free_port()
+def _port(preferred: int, *, udp: bool = False) -> int:
+    """``preferred`` if nothing holds it (for UDP too where the port carries datagrams:
+    IEX's feed), else a free one."""
+    free = port_is_free(preferred) and (not udp or port_is_free(preferred, socket.SOCK_DGRAM))
+    return preferred if free else free_port()
 
 
 async def seed_demo(database_url: str, env: dict[str, str]) -> None:
@@ -175,7 +181,7 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
         }
     )
     for name, port in SIMULATOR_PORTS.items():
-        env[name] = env.get(name) or str(_port(port))
+        env[name] = env.get(name) or str(_port(port, udp=name in UDP_PORTS))
     # Production hosts set FEEDFLEET_DEMO=false: no simulators, no demo rows.
     demo = env.get("FEEDFLEET_DEMO", "true").lower() not in ("0", "false", "no")
     env["FEEDFLEET_DEMO"] = str(demo).lower()

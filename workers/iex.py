@@ -166,7 +166,10 @@ class IexAdapter(ProviderAdapter):
     def _open_socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.multicast_group is not None:
+                # Several listeners may join one group on one port, as multicast intends; a
+                # unicast port is ours alone, so another fleet's feed cannot mix into it.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # The kernel may cap the buffer size; the default still works.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
@@ -330,6 +333,9 @@ class IexAdapter(ProviderAdapter):
         self._queue = None
         if transport is not None:
             transport.close()
+            # The socket closes on the loop's next turn: let it, so that a connect right
+            # after (a reconnect) can bind the port again, which is ours alone.
+            await asyncio.sleep(0)
         if replay is not None:
             replay.close()
         self.connection_status = ConnectionStatus.DISCONNECTED
