@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from common.embedded import free_port
@@ -70,6 +71,16 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
 
         doc = _wait(polygon_flowing, 120, "polygon CONNECTED with throughput", proc)
         assert doc["components"] == {"database": "up", "redis": "up"}
+        # var/env, sourced in another shell, reaches this fleet's database.
+        env_file = var / "env"
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        sourced = subprocess.run(
+            ["bash", "-c", f"source {env_file} && echo $FEEDFLEET_DATABASE_URL"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+        with psycopg.connect(sourced) as conn:
+            names = {r[0] for r in conn.execute("SELECT name FROM providers").fetchall()}
+        assert {"polygon", "refinitiv", "alphavantage", "iex", "fix", "bloomberg"} <= names
 
         def all_connected() -> dict[str, Any] | None:
             doc = _get_json(health_url) or {}
@@ -108,6 +119,7 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
         # The stopped worker's own last report says so; a report left to expire (after 30 s)
         # would be replaced by one the API makes up, which counts nothing.
         assert poly["messages_received"] > 0, poly
+        assert poly["throughput_per_sec"] == 0, poly  # stopped: not its last second's rate
         metrics = _get_json(f"http://127.0.0.1:{api_port}/metrics") or {}
         poly = metrics["providers"]["polygon"]
         # A clean stop drains: everything received was published and stored.

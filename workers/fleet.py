@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -191,6 +192,22 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
     return env, postgres
 
 
+SERVICE_URLS = ("FEEDFLEET_DATABASE_URL", "FEEDFLEET_REDIS_URL", "FEEDFLEET_PULSAR_URL")
+
+
+def write_env_file(var: Path, env: dict[str, str]) -> Path:
+    """``var/env``: the services' URLs as ``export`` lines an operator can source, so
+    ``psql "$FEEDFLEET_DATABASE_URL"`` reaches this fleet's database, not the machine's.
+    Readable by its owner only (a production URL may hold a password)."""
+    path = var / "env"
+    lines = [f"export {name}={shlex.quote(env[name])}\n" for name in SERVICE_URLS if env.get(name)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(lines)
+    os.chmod(path, 0o600)
+    return path
+
+
 def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
     var = (var or ROOT / "var").resolve()
     env, postgres = fleet_environment(var)
@@ -199,9 +216,13 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
             asyncio.run(seed_demo(env["FEEDFLEET_DATABASE_URL"], env))
         else:
             asyncio.run(_apply_schema(env["FEEDFLEET_DATABASE_URL"]))
+        env_file = write_env_file(var, env)
+        for name in SERVICE_URLS:
+            print(f"feedfleet: {name}={env.get(name, '')}", file=sys.stderr)
         print(
             f"feedfleet: api on http://{env.get('FEEDFLEET_API_HOST', '127.0.0.1')}:"
-            f"{env.get('FEEDFLEET_API_PORT', '8080')}/ ; Ctrl-C stops the fleet",
+            f"{env.get('FEEDFLEET_API_PORT', '8080')}/ ; `source {env_file}` in another shell "
+            "to reach these with psql and the like; Ctrl-C stops the fleet",
             file=sys.stderr,
         )
         conf = config or ROOT / "supervisord.conf"
