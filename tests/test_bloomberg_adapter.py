@@ -348,7 +348,8 @@ async def test_the_adapter_flags_what_blpapi_dropped_and_says_it_is_behind() -> 
     """Data keeps coming while the worker is not reading: blpapi's queue overflows. The
     status says so (RATE_LIMITED until SlowConsumerWarningCleared, then CONNECTED), the
     loss is counted, and the next record of the symbol after it is flagged ``gap``."""
-    async with running(sim={"batch": 1, "rate": 5000.0}, max_event_queue_size=20,
+    # 1,000/s: the queue overflows while nobody reads, and the adapter drains it once it does.
+    async with running(sim={"batch": 1, "rate": 1000.0}, max_event_queue_size=20,
                        max_pending_events=2) as (_sim, adapter):  # fmt: skip
         await adapter.connect()
         await adapter.subscribe(instruments("AAPL"))
