@@ -58,8 +58,8 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     health_url = f"http://127.0.0.1:{api_port}/health"
-    ctl = [sys.executable, "-m", "supervisor.supervisorctl", "-s",
-           f"unix://{var}/supervisor.sock"]  # fmt: skip
+    # As README and deploy/runbook.md write it: the venv's feedfleet, naming the state dir.
+    ctl = [str(Path(sys.executable).parent / "feedfleet"), "ctl", "--var", str(var)]
     try:
 
         def polygon_flowing() -> dict[str, Any] | None:
@@ -107,7 +107,14 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
 
         _wait(every_provider_reached_every_sink, 60, "events from each provider in all sinks", proc)
 
-        out = subprocess.run([*ctl, "stop", "worker:polygon"], capture_output=True, timeout=60)
+        # Only the fleet's user may open supervisord's socket.
+        assert (var / "supervisor.sock").stat().st_mode & 0o777 == 0o700
+        out = subprocess.run([*ctl, "status"], capture_output=True, timeout=60, env=env)
+        polygon = [line for line in out.stdout.splitlines() if line.startswith(b"worker:polygon ")]
+        assert len(polygon) == 1 and b"RUNNING" in polygon[0], out
+        out = subprocess.run(
+            [*ctl, "stop", "worker:polygon"], capture_output=True, timeout=60, env=env
+        )
         assert b"stopped" in out.stdout, out
 
         def polygon_disconnected() -> dict[str, Any] | None:

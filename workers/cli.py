@@ -1,12 +1,15 @@
 """The ``feedfleet`` command.
 
 feedfleet run                      the whole fleet under supervisord (make run)
-feedfleet worker NAME              one provider's worker (also: python -m workers NAME)
+feedfleet worker NAME              one provider's worker (also: python -m workers NAME);
+                                   --metrics-port N serves its Prometheus exposition
 feedfleet coordinator | api        the other fleet processes
 feedfleet db init                  apply schema.sql (idempotent)
 feedfleet seed-demo                demo provider rows and 20 subscribed symbols
 feedfleet decode PROVIDER [FILE]   captured provider data -> normalized JSON lines
 feedfleet chaos [--quick]          faults injected into the fleet, hand-over measured
+feedfleet status [--api URL]       the fleet as tables in the terminal; --watch redraws
+feedfleet ctl [--var DIR] ARGS     supervisorctl against the running fleet's supervisord
 """
 
 from __future__ import annotations
@@ -109,6 +112,12 @@ def _print_records(items: Iterable[Any]) -> bool:
     return failed
 
 
+def _port_number(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0-65535): {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feedfleet", description="market-data ingestion fleet")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--var", default=None, help="state directory (default: ./var)")
     w = sub.add_parser("worker", help="run one provider's worker")
     w.add_argument("name", help="providers.name of the row to serve")
+    w.add_argument(
+        "--metrics-port", type=_port_number, default=None,
+        help="serve this worker's Prometheus exposition on this port, GET /metrics "
+        "(default: FEEDFLEET_METRICS_PORT; host: FEEDFLEET_METRICS_HOST, 127.0.0.1)",
+    )  # fmt: skip
     sub.add_parser("coordinator", help="run the coordinator")
     sub.add_parser("api", help="run the REST API")
     d = sub.add_parser("db", help="database tasks")
@@ -123,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("seed-demo", help="insert demo provider rows and subscriptions")
     sub.add_parser("bench", help="measure the pipeline (feedfleet bench --help)")
     sub.add_parser("chaos", help="inject faults into the fleet (feedfleet chaos --help)")
+    st = sub.add_parser("status", help="the fleet's state from the API, as tables")
+    st.add_argument(
+        "--api",
+        default=None,
+        metavar="URL",
+        help="the API's base URL (default: http://$FEEDFLEET_API_HOST:$FEEDFLEET_API_PORT, "
+        "else http://127.0.0.1:8080; `source var/env` sets the running fleet's)",
+    )
+    st.add_argument("--watch", action="store_true", help="redraw every 2 s until Ctrl-C")
+    sub.add_parser("ctl", help="supervisorctl for the running fleet (feedfleet ctl --help)")
     dec = sub.add_parser("decode", help="decode captured provider data to JSON lines")
     dec.add_argument("provider")
     dec.add_argument("file", nargs="?", default=None)
@@ -137,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workers.bench import main as bench_main
 
         raise SystemExit(bench_main(raw[1:]))
+    if raw[:1] == ["ctl"]:
+        # Everything after it is supervisorctl's (`feedfleet ctl tail -f worker:polygon`).
+        from workers.ctl import main as ctl_main
+
+        raise SystemExit(ctl_main(raw[1:]))
     if raw[:1] == ["chaos"]:
         # The chaos run has its own options (feedfleet chaos --help).
         from chaos.run import main as chaos_main
@@ -153,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "worker":
         from workers.worker import run_worker
 
-        _run(run_worker(args.name))
+        _run(run_worker(args.name, args.metrics_port))
     elif args.command == "coordinator":
         from workers.coordinator import run_coordinator
 
@@ -168,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workers.fleet import seed_demo_from_env
 
         _run(seed_demo_from_env())
+    elif args.command == "status":
+        from workers.status_view import main as status_main
+
+        raise SystemExit(status_main(args.api, args.watch))
     elif args.command == "decode":
         raise SystemExit(decode_main(args.provider, args.file, args.symbol))
     elif args.command == "run":
