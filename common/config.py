@@ -33,6 +33,15 @@ def _integer(name: str, default: int) -> int:
     return int(value)
 
 
+def _port(name: str) -> int | None:
+    value = _env(name)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) > 65535:
+        raise SystemExit(f"{name} must be a port number (0-65535), got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
@@ -53,6 +62,9 @@ class Settings:
     journal_fsync: str = "interval"  # always | interval | never (see common/journal.py)
     journal_max_bytes: int = 2 * 1024**3
     host: str = field(default_factory=socket.gethostname)
+    # A worker's own Prometheus exposition (workers/metrics_endpoint.py); None: not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -88,4 +100,6 @@ class Settings:
             journal_fsync=_choice("FEEDFLEET_JOURNAL_FSYNC", ("interval", "always", "never")),
             journal_max_bytes=_integer("FEEDFLEET_JOURNAL_MAX_BYTES", 2 * 1024**3),
             host=_env("FEEDFLEET_HOST") or socket.gethostname(),
+            metrics_host=_env("FEEDFLEET_METRICS_HOST", "127.0.0.1") or "127.0.0.1",
+            metrics_port=_port("FEEDFLEET_METRICS_PORT"),
         )

@@ -101,6 +101,21 @@ SIMULATOR_PORTS = {
     "FEEDFLEET_SIM_BLOOMBERG_PORT": 8194,
 }
 
+# Each worker program's own Prometheus port: supervisord.conf hands the program its
+# FEEDFLEET_METRICS_<NAME>_PORT as FEEDFLEET_METRICS_PORT; deploy/prometheus.yml scrapes them.
+WORKER_METRICS_PORTS = {
+    "polygon": 9401,
+    "refinitiv": 9402,
+    "alphavantage": 9403,
+    "iex": 9404,
+    "fix": 9405,
+    "bloomberg": 9406,
+}
+
+
+def metrics_port_variable(worker: str) -> str:
+    return f"FEEDFLEET_METRICS_{worker.upper()}_PORT"
+
 
 def _fill(value: object, env: dict[str, str]) -> object:
     if not isinstance(value, str) or "{" not in value:
@@ -183,6 +198,9 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
     )
     for name, port in SIMULATOR_PORTS.items():
         env[name] = env.get(name) or str(_port(port, udp=name in UDP_PORTS))
+    for worker, port in WORKER_METRICS_PORTS.items():
+        name = metrics_port_variable(worker)
+        env[name] = env.get(name) or str(_port(port))
     # Production hosts set FEEDFLEET_DEMO=false: no simulators, no demo rows.
     demo = env.get("FEEDFLEET_DEMO", "true").lower() not in ("0", "false", "no")
     env["FEEDFLEET_DEMO"] = str(demo).lower()
@@ -225,6 +243,9 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
             "to reach these with psql and the like; Ctrl-C stops the fleet",
             file=sys.stderr,
         )
+        ports = ", ".join(f"{w} {env[metrics_port_variable(w)]}" for w in WORKER_METRICS_PORTS)
+        host = env.get("FEEDFLEET_METRICS_HOST") or "127.0.0.1"
+        print(f"feedfleet: worker metrics (GET /metrics) on {host}: {ports}", file=sys.stderr)
         conf = config or ROOT / "supervisord.conf"
         proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env=env

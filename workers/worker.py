@@ -7,6 +7,8 @@ its own module:
 - ``AssignmentFollower`` (``workers/assignments.py``): the provider row and the symbols
   the coordinator assigned, through database outages;
 - ``StatusReporter`` (``workers/status.py``): Redis status, heartbeats, metrics rows;
+- ``MetricsEndpoint`` (``workers/metrics_endpoint.py``), when a metrics port is set: the
+  worker's own Prometheus exposition;
 - the journal (``common/journal.py``) and the sinks: Pulsar, PostgreSQL COPY, Redis cache.
 
 Start-up needs no database when an earlier run left its provider row and assignments
@@ -21,7 +23,7 @@ import gc
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import psycopg
@@ -43,6 +45,7 @@ from common.sinks.pulsar import PulsarSink
 from common.sinks.redis import LatestCache
 from workers.adapters import adapter_class
 from workers.assignments import AssignmentFollower, load_last_assignment
+from workers.metrics_endpoint import MetricsEndpoint
 from workers.session import ProviderSession
 from workers.status import StatusReporter
 
@@ -70,6 +73,7 @@ class WorkerParts:
     session: ProviderSession
     follower: AssignmentFollower
     status: StatusReporter
+    metrics: MetricsEndpoint | None = None  # when settings.metrics_port is set
 
 
 def stale_after(provider: ProviderConfig) -> float | None:
@@ -143,8 +147,11 @@ def build_parts(
         settings.database_url, instance_id, session, directory / "last_assignment.json",
         lambda: status.registered,
     )  # fmt: skip
+    metrics = None
+    if settings.metrics_port is not None:
+        metrics = MetricsEndpoint(status, settings.metrics_host, settings.metrics_port)
     return WorkerParts(journal, pipeline, publisher, store, cache, redis, session, follower,
-                       status)  # fmt: skip
+                       status, metrics)  # fmt: skip
 
 
 class Worker:
@@ -211,6 +218,8 @@ class Worker:
             asyncio.create_task(parts.follower.run(), name="assignments"),
             asyncio.create_task(parts.status.run(), name="status"),
         ]
+        if parts.metrics is not None:
+            tasks.append(asyncio.create_task(parts.metrics.run(), name="metrics"))
         stop_wait = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -269,6 +278,8 @@ class Worker:
         await parts.publisher.close()
         parts.journal.close()
         await parts.status.final_report()
+        if parts.metrics is not None:
+            await parts.metrics.close()
         log.info("worker_stopped", drained=drained, **asdict(parts.pipeline.counts()))
         await parts.redis.aclose()
 
@@ -300,10 +311,13 @@ async def stop_tasks(tasks: list[asyncio.Task[Any]], timeout_s: float) -> list[s
     return names
 
 
-async def run_worker(provider_name: str) -> None:
+async def run_worker(provider_name: str, metrics_port: int | None = None) -> None:
+    """``metrics_port`` (the CLI's ``--metrics-port``) overrides FEEDFLEET_METRICS_PORT."""
     from common.log import configure_logging
 
     settings = Settings.from_env()
+    if metrics_port is not None:
+        settings = replace(settings, metrics_port=metrics_port)
     configure_logging(settings.log_format, settings.log_level)
     structlog.contextvars.bind_contextvars(provider=provider_name)
     await Worker(settings, provider_name).run()
