@@ -6,6 +6,8 @@ Endpoints (the seed's):
   PUT  /api/v1/providers/{provider_id}/connect     enable the provider (its worker connects)
   GET  /health                                     HealthResponse
   GET  /metrics                                    MetricsResponse
+  GET  /metrics/prometheus                         the Prometheus exposition (common/prometheus.py),
+                                                   also /metrics with Accept: text/plain
 plus POST .../unsubscribe, GET /api/v1/providers, GET /api/v1/assignments (which instance
 serves which symbol, for whom and why: primary, failover, failback) and a status page at
 ``/``. ``/health`` also counts the symbols served by a backup provider.
@@ -43,6 +45,7 @@ from redis.exceptions import RedisError
 from common import db
 from common.config import Settings
 from common.model import ConnectionStatus, DataType, ProviderStatus, SubscriptionRequest, iso_ns
+from common.prometheus import StatusCollector, render, wants_exposition
 from common.provider import ProviderConfig
 from common.redis_keys import provider_status_key
 
@@ -418,6 +421,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    if wants_exposition(request.headers.get("Accept", "")):
+        return await prometheus_metrics(request)
     statuses, _, _ = await _gather_providers(request)
     per_provider = {s["provider_name"]: s.get("metrics") or {} for s in statuses}
     keys = ("received", "journaled", "published", "stored", "spooled", "replayed",
@@ -429,6 +434,17 @@ async def metrics(request: web.Request) -> web.Response:
         sum(float(m.get("throughput_per_sec") or 0) for m in per_provider.values()), 1
     )
     return _json({"timestamp": iso_ns(time.time_ns()), "totals": totals, "providers": per_provider})
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """Every provider's status document as the Prometheus exposition; OpenMetrics when the
+    Accept header names it."""
+    statuses, db_up, redis_up = await _gather_providers(
+        request, redis_up=await _redis_ping(request)
+    )
+    collector = StatusCollector(lambda: statuses, {"database": db_up, "redis": redis_up})
+    body, content_type = render(collector, request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def status_page(request: web.Request) -> web.Response:
@@ -468,6 +484,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/assignments", list_assignments)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics/prometheus", prometheus_metrics)
     app.router.add_get("/", status_page)
 
     async def resources(app: web.Application) -> Any:
