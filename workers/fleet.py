@@ -211,14 +211,20 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
 
 
 SERVICE_URLS = ("FEEDFLEET_DATABASE_URL", "FEEDFLEET_REDIS_URL", "FEEDFLEET_PULSAR_URL")
+# Where the API listens, with the API's own defaults: what `feedfleet status` reads.
+API_ADDRESS = (("FEEDFLEET_API_HOST", "127.0.0.1"), ("FEEDFLEET_API_PORT", "8080"))
 
 
 def write_env_file(var: Path, env: dict[str, str]) -> Path:
-    """``var/env``: the services' URLs as ``export`` lines an operator can source, so
-    ``psql "$FEEDFLEET_DATABASE_URL"`` reaches this fleet's database, not the machine's.
-    Readable by its owner only (a production URL may hold a password)."""
+    """``var/env``: the services' URLs and the API's address as ``export`` lines an operator
+    can source, so ``psql "$FEEDFLEET_DATABASE_URL"`` reaches this fleet's database, not the
+    machine's, and ``feedfleet status`` this fleet's API. Readable by its owner only (a
+    production URL may hold a password)."""
     path = var / "env"
     lines = [f"export {name}={shlex.quote(env[name])}\n" for name in SERVICE_URLS if env.get(name)]
+    lines += [
+        f"export {name}={shlex.quote(env.get(name) or default)}\n" for name, default in API_ADDRESS
+    ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.writelines(lines)
