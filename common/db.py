@@ -301,6 +301,25 @@ async def delete_dead_instances(conn: Conn, older_than_s: float) -> int:
     return cur.rowcount
 
 
+async def instance_report(conn: Conn, live_within_s: float) -> list[dict[str, Any]]:
+    """Every registered worker instance with its provider's name, for the API; ``live``
+    when it heartbeated within ``live_within_s`` (ages by the server's clock)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """
+            SELECT w.instance_id, p.name AS provider, w.host, w.pid, w.status,
+                   w.started_at, w.status_since,
+                   greatest(extract(epoch FROM now() - w.heartbeat_at), 0)::float8
+                       AS heartbeat_age_s,
+                   w.heartbeat_at > now() - make_interval(secs => %s) AS live
+            FROM worker_instances w JOIN providers p ON p.id = w.provider_id
+            ORDER BY p.name, w.instance_id
+            """,
+            (live_within_s,),
+        )
+        return list(await cur.fetchall())
+
+
 # ---------------------------------------------------------------- assignments
 
 

@@ -9,8 +9,9 @@ Endpoints (the seed's):
   GET  /metrics/prometheus                         the Prometheus exposition (common/prometheus.py),
                                                    also /metrics with Accept: text/plain
 plus POST .../unsubscribe, GET /api/v1/providers, GET /api/v1/assignments (which instance
-serves which symbol, for whom and why: primary, failover, failback) and a status page at
-``/``. ``/health`` also counts the symbols served by a backup provider.
+serves which symbol, for whom and why: primary, failover, failback), GET /api/v1/instances
+(the registered worker instances: host, pid, status, heartbeat) and the status page at
+``/`` (workers/status_page.py). ``/health`` also counts the symbols served by a backup provider.
 ``provider_id`` is the provider's name or uuid. With ``FEEDFLEET_API_TOKEN`` set, the
 writing endpoints need ``Authorization: Bearer <token>``.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import html
 import ipaddress
 import re
 import time
@@ -48,6 +48,8 @@ from common.model import ConnectionStatus, DataType, ProviderStatus, Subscriptio
 from common.prometheus import StatusCollector, render, wants_exposition
 from common.provider import ProviderConfig
 from common.redis_keys import provider_status_key
+from workers.coordinator import INSTANCE_TIMEOUT_S
+from workers.status_page import add_status_page
 
 log = structlog.get_logger("feedfleet.api")
 
@@ -365,6 +367,23 @@ async def list_assignments(request: web.Request) -> web.Response:
     )
 
 
+async def list_instances(request: web.Request) -> web.Response:
+    """Every registered worker instance: its provider, host, pid, status and heartbeat."""
+    async with request.app[POOL].connection() as conn:
+        rows = await db.instance_report(conn, INSTANCE_TIMEOUT_S)
+    return _json(
+        [
+            r
+            | {
+                "started_at": r["started_at"].isoformat(),
+                "status_since": r["status_since"].isoformat(),
+                "heartbeat_age_s": round(r["heartbeat_age_s"], 3),
+            }
+            for r in rows
+        ]
+    )
+
+
 async def _failover_state(request: web.Request) -> dict[str, Any] | None:
     """What is served by a backup now; None when the database does not answer."""
     try:
@@ -447,29 +466,6 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def status_page(request: web.Request) -> web.Response:
-    statuses, db_up, _ = await _gather_providers(request)
-    rows = "".join(
-        "<tr><td>{}</td><td class='{}'>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-            html.escape(s["provider_name"]),
-            html.escape(s["status"].lower()),
-            html.escape(s["status"]),
-            s.get("throughput_per_sec", 0),
-            s.get("messages_received", 0),
-            html.escape(s.get("last_error") or ""),
-        )
-        for s in statuses
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
-<meta http-equiv="refresh" content="2"><title>feedfleet</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.3em 1em;text-align:left}}
-.connected{{color:#080}}.error,.disconnected{{color:#b00}}.rate_limited{{color:#c80}}</style>
-</head><body><h1>feedfleet</h1><p>database: {"up" if db_up else "down"}</p>
-<table><tr><th>provider</th><th>status</th><th>events/s</th><th>received</th>
-<th>last error</th></tr>{rows}</table></body></html>"""
-    return web.Response(text=page, content_type="text/html")
-
-
 # ---------------------------------------------------------------- app
 
 
@@ -485,7 +481,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/metrics/prometheus", prometheus_metrics)
-    app.router.add_get("/", status_page)
+    app.router.add_get("/api/v1/instances", list_instances)
+    add_status_page(app)
 
     async def resources(app: web.Application) -> Any:
         pool = AsyncConnectionPool(
