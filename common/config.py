@@ -26,6 +26,18 @@ def _choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _retention_days(name: str, default: int | None) -> int | None:
+    """Whole days, or None to keep forever (``0`` or ``none``)."""
+    value = (_env(name) or "").strip().lower()
+    if not value:
+        return default
+    if value == "none":
+        return None
+    if not value.isdigit():
+        raise SystemExit(f"{name} must be a whole number of days, 0 or none, got {value!r}")
+    return int(value) or None
+
+
 def _integer(name: str, default: int) -> int:
     value = _env(name, str(default)) or str(default)
     if not value.isdigit():
@@ -62,6 +74,11 @@ class Settings:
     journal_fsync: str = "interval"  # always | interval | never (see common/journal.py)
     journal_max_bytes: int = 2 * 1024**3
     host: str = field(default_factory=socket.gethostname)
+    # raw_market_data's retention: hourly partitions wholly older than this many days are
+    # dropped (or detached) by the active coordinator; None keeps everything. From the
+    # environment it is 7 unless set; built in code (tests, tools) it keeps everything.
+    retention_days: int | None = None
+    retention_mode: str = "drop"  # drop | detach (see common/retention.py)
     # A worker's own Prometheus exposition (workers/metrics_endpoint.py); None: not served.
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
@@ -100,6 +117,8 @@ class Settings:
             journal_fsync=_choice("FEEDFLEET_JOURNAL_FSYNC", ("interval", "always", "never")),
             journal_max_bytes=_integer("FEEDFLEET_JOURNAL_MAX_BYTES", 2 * 1024**3),
             host=_env("FEEDFLEET_HOST") or socket.gethostname(),
+            retention_days=_retention_days("FEEDFLEET_RETENTION_DAYS", 7),
+            retention_mode=_choice("FEEDFLEET_RETENTION_MODE", ("drop", "detach")),
             metrics_host=_env("FEEDFLEET_METRICS_HOST", "127.0.0.1") or "127.0.0.1",
             metrics_port=_port("FEEDFLEET_METRICS_PORT"),
         )

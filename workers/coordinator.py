@@ -50,6 +50,7 @@ from common import db
 from common.config import Settings
 from common.model import ConnectionStatus
 from common.provider import ProviderConfig
+from common.retention import RetentionPolicy, keep_retention
 
 log = structlog.get_logger("feedfleet.coordinator")
 
@@ -65,6 +66,9 @@ COALESCE_S = 0.05
 # wrote since (it is the only writer of assignments); this bounds how long a change nobody
 # announced (a hand edit of assignments) can go unseen.
 FULL_RESYNC_S = 60.0
+# raw_market_data's retention runs when a coordinator takes over and this often after,
+# as often as the workers create the partitions ahead (common/retention.py).
+RETENTION_INTERVAL_S = 600.0
 # The longest wait between passes while a failback waits for its symbol to flow.
 PENDING_POLL_S = 0.5
 # The notification payloads that only worker_instances changed (common/db.py sends them):
@@ -743,11 +747,23 @@ class Coordinator:
             # are taken afresh from the instances' status_since.
             self._known, self._memory, self._wake_at = None, Memory(), None
             changes: set[str] = set()
+            retention_at = time.monotonic()  # after the first pass: assignments come first
             while not self._stopping.is_set():
                 await self.reconcile(conn, full=self._full_pass_due(changes))
+                if time.monotonic() >= retention_at:
+                    retention_at = time.monotonic() + RETENTION_INTERVAL_S
+                    await self._keep_retention(conn)
                 changes = await self._next_changes(conn, self._wait_s())
         finally:
             await conn.close()
+
+    async def _keep_retention(self, conn: db.Conn) -> None:
+        """One retention pass; a failure is logged and tried again next time, never a
+        reason to give up the lock."""
+        try:
+            await keep_retention(conn, RetentionPolicy.from_settings(self.settings))
+        except psycopg.Error as exc:
+            log.warning("retention_failed", error=str(exc))
 
     async def _take_lock(self, conn: db.Conn) -> bool:
         """Hold the lock (True), or wait in the server's queue for it until stopped (False)."""
