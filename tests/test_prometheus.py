@@ -46,7 +46,7 @@ class Feed:
     sim: PolygonSimulator
     running: RunningWorker
     provider: str
-    settings_port: int  # the worker's metrics port, once it listens
+    metrics_port: int  # the worker's metrics port, once it listens
 
     @property
     def received(self) -> int:
@@ -105,7 +105,7 @@ async def _get(url: str, accept: str | None = None) -> tuple[str, str]:
 
 
 async def test_the_workers_own_port_serves_its_counts_at_scrape_time(feed: Feed) -> None:
-    url = f"http://127.0.0.1:{feed.settings_port}/metrics"
+    url = f"http://127.0.0.1:{feed.metrics_port}/metrics"
     before = feed.received
     content_type, text = await _get(url)
     after = feed.received
