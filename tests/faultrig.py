@@ -1066,7 +1066,7 @@ class FaultRig:
         assert self.query is not None
         rows = await self.query.rows(
             "SELECT event_id::text, symbol, provider_sequence, quality_flags, "
-            "provider_specific -> 'gap', timestamp, ingested_at "
+            "provider_specific -> 'gap', timestamp, ingestion_timestamp "
             "FROM raw_market_data WHERE provider = %s",
             (self.provider,),
         )

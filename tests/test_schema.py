@@ -18,7 +18,7 @@ TABLES = {
 }  # fmt: skip
 INDEXES = {
     "idx_providers_enabled", "idx_subscriptions_provider", "idx_connections_provider_status",
-    "idx_metrics_provider_timestamp", "idx_raw_data_symbol_time", "idx_raw_data_provider_time",
+    "idx_metrics_provider_timestamp", "idx_raw_data_symbol_time",
 }  # fmt: skip
 
 
