@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint bench chaos mutate mutate-quick clean
+.PHONY: setup browser run test test-fast lint bench chaos mutate mutate-quick clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/feedfleet run
 
-test: setup
+# Headless Chromium for the status page's test in the fleet run (Debian's package; root).
+browser:
+	command -v chromium >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

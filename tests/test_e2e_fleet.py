@@ -1,9 +1,11 @@
 """The fleet under supervisord, from nothing: embedded services, simulators, workers,
-coordinator and api, as `make run` starts them."""
+coordinator and api, as `make run` starts them; its status page in headless Chromium
+(tests/browser.py) and `feedfleet status`, on the same run."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +18,25 @@ import psycopg
 import pytest
 
 from common.embedded import free_port
+from tests.browser import HeadlessPage, chromium_path
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = ("polygon", "refinitiv", "alphavantage", "iex", "fix", "bloomberg")
+# A provider row named in markup: the page must show it as text and run none of it.
+MARKUP_NAME = '<img src=x onerror="window.__xss=1">'
+# Each provider row of the status page as shown: name -> [status, instances · hosts].
+PAGE_ROWS = (
+    "Object.fromEntries([...document.querySelectorAll('#providers tbody tr[data-provider]')]"
+    ".map(r => [r.dataset.provider, [r.querySelector('.c-status').textContent,"
+    " r.querySelector('.c-instances').textContent]]))"
+)
+SCREENSHOT_COPY = Path("/tmp/feedfleet-status-page.png")
+
+
+def _page_shows(rows_test: str) -> str:
+    """A page expression: the provider rows when ``rows_test`` (JS over ``rows``) holds."""
+    return f"(() => {{ const rows = {PAGE_ROWS}; return ({rows_test}) ? rows : null; }})()"
 
 
 def _get_json(url: str) -> dict[str, Any] | None:
@@ -48,6 +66,7 @@ def _wait(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[byte
 
 
 def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) -> None:
+    chromium_path()  # fails now, saying how to install it, rather than after the fleet
     var = tmp_path / "var"
     api_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDFLEET_")}
@@ -60,6 +79,7 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
     health_url = f"http://127.0.0.1:{api_port}/health"
     # As README and deploy/runbook.md write it: the venv's feedfleet, naming the state dir.
     ctl = [str(Path(sys.executable).parent / "feedfleet"), "ctl", "--var", str(var)]
+    page: HeadlessPage | None = None
     try:
 
         def polygon_flowing() -> dict[str, Any] | None:
@@ -107,6 +127,30 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
 
         _wait(every_provider_reached_every_sink, 60, "events from each provider in all sinks", proc)
 
+        # The status page in headless Chromium, on this same fleet.
+        with psycopg.connect(sourced) as conn:
+            conn.execute(
+                "INSERT INTO providers (name, provider_type, enabled) "
+                "VALUES (%s, 'polygon', false)",
+                (MARKUP_NAME,),
+            )
+        page = HeadlessPage(f"http://127.0.0.1:{api_port}/", tmp_path).start()
+        wanted = orjson.dumps([*DEMO, MARKUP_NAME]).decode()
+        rows = page.wait_for(
+            _page_shows(
+                f"{wanted}.every(n => n in rows) && "
+                f"{orjson.dumps(DEMO).decode()}.every(n => rows[n][0] === 'CONNECTED') && "
+                "rows.polygon[1].startsWith('1 · ')"  # one live instance, and its host
+            ),
+            30, "every demo provider CONNECTED, polygon's instance and the markup-named row",
+        )  # fmt: skip
+        assert rows[MARKUP_NAME][0] == "DISCONNECTED", rows  # disabled
+        assert page.evaluate(
+            "window.__xss === undefined && !document.querySelector('#providers img')"
+        ), "a provider's name was parsed as markup"
+        page.evaluate("window.loadedBeforeStop = true")  # a reload would forget it
+        polls_before = int(page.evaluate("document.body.dataset.polls"))
+
         # Only the fleet's user may open supervisord's socket.
         assert (var / "supervisor.sock").stat().st_mode & 0o777 == 0o700
         out = subprocess.run([*ctl, "status"], capture_output=True, timeout=60, env=env)
@@ -116,6 +160,29 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
             [*ctl, "stop", "worker:polygon"], capture_output=True, timeout=60, env=env
         )
         assert b"stopped" in out.stdout, out
+        # the page sees it by itself, without a reload
+        rows = page.wait_for(
+            _page_shows("rows.polygon[0] === 'DISCONNECTED' && rows.polygon[1] === 'none live'"),
+            10, "polygon DISCONNECTED with no live instance",
+        )  # fmt: skip
+        assert rows["refinitiv"][0] == "CONNECTED", rows
+        assert page.evaluate("window.loadedBeforeStop === true"), "the page was reloaded"
+        assert int(page.evaluate("document.body.dataset.polls")) > polls_before
+        screenshot = page.screenshot(var / "status-page.png")
+        shutil.copyfile(screenshot, SCREENSHOT_COPY)
+        print(f"status page screenshot: {screenshot} (copied to {SCREENSHOT_COPY})")
+        page.close()
+
+        # `feedfleet status` in another shell that sourced var/env: the same picture.
+        status = subprocess.run(
+            ["bash", "-c", f"source {env_file} && {Path(sys.executable).parent}/feedfleet status"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert status.returncode == 0, status
+        shown = {n: line for line in status.stdout.splitlines() for n in DEMO if f" {n} " in line}
+        assert sorted(shown) == sorted(DEMO), status.stdout
+        assert "DISCONNECTED" in shown["polygon"].split(), shown
+        assert "CONNECTED" in shown["refinitiv"].split(), shown
 
         def polygon_disconnected() -> dict[str, Any] | None:
             doc = _get_json(health_url) or {}
@@ -133,6 +200,8 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
         assert poly["received"] > 0
         assert poly["received"] == poly["published"] == poly["stored"]
     finally:
+        if page is not None:
+            page.close()
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=90)
