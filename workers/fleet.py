@@ -29,6 +29,7 @@ from common.embedded import (
 )
 from common.model import DataType
 from simulators.market import DEMO_SYMBOLS
+from workers.broker_store import CHECK_INTERVAL_S, BrokerStoreCap, max_bytes_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +180,8 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
         env["FEEDFLEET_PULSAR_URL"] = f"pulsar://127.0.0.1:{pulsar_port}"
     for name in ("redis", "pulsar", "log", "journal"):
         (var / name).mkdir(parents=True, exist_ok=True)
-    # Its metrics listener would take 0.0.0.0:8080, the API's port.
+    # Its metrics listener would take 0.0.0.0:8080, the API's port. It has no retention
+    # settings: workers/broker_store.py caps its store instead.
     (var / "pulsar-lite.toml").write_text("[metrics]\nenabled = false\n")
     env.update(
         {
@@ -204,6 +206,9 @@ def fleet_environment(var: Path) -> tuple[dict[str, str], EmbeddedPostgres | Non
     # Production hosts set FEEDFLEET_DEMO=false: no simulators, no demo rows.
     demo = env.get("FEEDFLEET_DEMO", "true").lower() not in ("0", "false", "no")
     env["FEEDFLEET_DEMO"] = str(demo).lower()
+    # The demo's rows are kept a day, not the 7 of a production host (README, Storage).
+    if demo:
+        env["FEEDFLEET_RETENTION_DAYS"] = env.get("FEEDFLEET_RETENTION_DAYS") or "1"
     # Demo keys for the simulators; a real deployment sets its own.
     env.setdefault("POLYGON_API_KEY", "demo-polygon-key")
     env.setdefault("ALPHAVANTAGE_API_KEY", "demo-alphavantage-key")
@@ -236,6 +241,10 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
     var = (var or ROOT / "var").resolve()
     env, postgres = fleet_environment(var)
     try:
+        store_cap = None
+        if env["FEEDFLEET_EMBED_PULSAR"] == "true" and (cap := max_bytes_from_env(env)):
+            store_cap = BrokerStoreCap(var / "pulsar", cap, var)
+            store_cap.before_start()
         if env["FEEDFLEET_DEMO"] == "true":
             asyncio.run(seed_demo(env["FEEDFLEET_DATABASE_URL"], env))
         else:
@@ -265,6 +274,11 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
 
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGTERM, forward)
+        while store_cap is not None:
+            try:
+                return proc.wait(timeout=CHECK_INTERVAL_S)
+            except subprocess.TimeoutExpired:
+                store_cap.check()
         return proc.wait()
     finally:
         if postgres is not None:
