@@ -483,6 +483,9 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics/prometheus", prometheus_metrics)
     app.router.add_get("/api/v1/instances", list_instances)
     add_status_page(app)
+    from workers.openapi import PATH, serve_document  # it describes this module: imports it
+
+    app.router.add_get(PATH, serve_document)
 
     async def resources(app: web.Application) -> Any:
         pool = AsyncConnectionPool(
