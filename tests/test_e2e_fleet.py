@@ -179,7 +179,9 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
             capture_output=True, text=True, timeout=60, env=env,
         )  # fmt: skip
         assert status.returncode == 0, status
-        shown = {n: line for line in status.stdout.splitlines() for n in DEMO if f" {n} " in line}
+        first_cells = {line.split("│")[1].strip(): line for line in status.stdout.splitlines()
+                       if line.startswith("│")}  # fmt: skip
+        shown = {n: line for n, line in first_cells.items() if n in DEMO}
         assert sorted(shown) == sorted(DEMO), status.stdout
         assert "DISCONNECTED" in shown["polygon"].split(), shown
         assert "CONNECTED" in shown["refinitiv"].split(), shown

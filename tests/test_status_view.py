@@ -58,7 +58,12 @@ async def _status(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 def _row(output: str, name: str) -> str:
-    lines = [line for line in output.splitlines() if name in line]
+    """The table row whose first cell is ``name``."""
+    lines = [
+        line
+        for line in output.splitlines()
+        if [cell.strip() for cell in line.split("│")[1:2]] == [name]
+    ]
     assert len(lines) == 1, output
     return lines[0]
 
@@ -135,8 +140,13 @@ async def test_an_unreachable_api_is_a_clear_error_and_status_1() -> None:
     code, out, err = await _status("--api", url, env=_env())
     assert code == 1 and out == ""
     assert f"feedfleet status: cannot reach the API at {url}" in err
-    code, _, err = await _status("--api", "localhost:8080", env=_env())
-    assert code == 2 and "--api must be an http:// or https:// URL" in err
+    for bad in ("localhost:8080", "ftp://x", "http://[::1", "http://127.0.0.1:99999"):
+        code, _, err = await _status("--api", bad, env=_env())
+        assert code == 2, (bad, err)
+        assert err.startswith("feedfleet status: --api ") and repr(bad) in err, err
+    # from the environment, named as such
+    code, _, err = await _status(env=_env(FEEDFLEET_API_PORT="eighty"))
+    assert code == 2 and "FEEDFLEET_API_HOST/FEEDFLEET_API_PORT" in err, err
 
 
 def test_fields_are_read_as_the_api_gives_them_and_missing_ones_stay_empty() -> None:

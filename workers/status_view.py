@@ -153,12 +153,14 @@ def fleet_view(
         h = h if isinstance(h, dict) else {}
         m = metric_providers.get(name)
         m = m if isinstance(m, dict) else {}
-        if "rate_limit_remaining" not in m:
+        # null is unlimited; absent, that nobody reported it
+        budget_from = h if "rate_limit_remaining" in h else m
+        if "rate_limit_remaining" not in budget_from:
             budget = DASH
-        elif m["rate_limit_remaining"] is None:
+        elif budget_from["rate_limit_remaining"] is None:
             budget = "unlimited"
         else:
-            budget = _fmt(_number(m["rate_limit_remaining"]), 0)
+            budget = _fmt(_number(budget_from["rate_limit_remaining"]), 0)
         rows.append(
             ProviderRow(
                 name=name,
@@ -173,9 +175,11 @@ def fleet_view(
                 last_event_age_s=_number(
                     _first(h.get("last_event_age_s"), m.get("last_event_age_s"))
                 ),
-                circuit=_text(m.get("circuit_state")),
+                circuit=_text(_first(h.get("circuit_state"), m.get("circuit_state"))),
                 rate_budget=budget,
-                spool=_integer(_first(m.get("spool_depth"), m.get("spooled"))),
+                spool=_integer(
+                    _first(h.get("spool_depth"), m.get("spool_depth"), m.get("spooled"))
+                ),
                 queue=_integer(_first(h.get("queue_depth"), m.get("queue_depth"))),
                 symbols=len(held.get(name, ())) if assignments is not None else None,
                 last_error=_text(h.get("last_error")),
@@ -247,11 +251,16 @@ def default_api_url(env: dict[str, str] | os._Environ[str] = os.environ) -> str:
     return f"http://{host}:{port}"
 
 
-def check_api_url(api: str) -> str | None:
-    """Why ``api`` cannot be used as the API's base URL, or None."""
-    parts = urllib.parse.urlsplit(api)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return f"--api must be an http:// or https:// URL, not {api!r}"
+def check_api_url(api: str, given_as: str = "--api") -> str | None:
+    """Why ``api`` cannot be used as the API's base URL, or None; ``given_as`` names where
+    it came from."""
+    try:
+        parts = urllib.parse.urlsplit(api)
+        port = parts.port  # raises for a port that is not a number in range
+    except ValueError as exc:
+        return f"{given_as} {api!r} is not a usable URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        return f"{given_as} must be an http:// or https:// URL, not {api!r}"
     return None
 
 
@@ -332,17 +341,17 @@ def _console() -> Console:
 
 
 def main(api: str | None, watch: bool) -> int:
+    given_as = "--api" if api else "FEEDFLEET_API_HOST/FEEDFLEET_API_PORT"
     api = api or default_api_url()
-    problem = check_api_url(api)
-    err = Console(stderr=True)
+    problem = check_api_url(api, given_as)
     if problem:
-        err.print(f"feedfleet status: {problem}", markup=False, highlight=False)
+        print(f"feedfleet status: {problem}", file=sys.stderr)
         return 2
     console = _console()
     try:
         view = read_view(api)
     except ApiUnreachable as exc:
-        err.print(f"feedfleet status: {exc}", markup=False, highlight=False)
+        print(f"feedfleet status: {exc}", file=sys.stderr)
         return 1
     if not watch:
         console.print(render(view))
