@@ -170,6 +170,17 @@ class ProviderAdapter(abc.ABC):
         """A directory that outlives the process (the worker's journal directory), for an
         adapter whose protocol state must survive a restart (FIX sequence numbers)."""
 
+    def take_queued(self) -> list[RawMarketData]:
+        """After ``disconnect``: the records in what was received but still queued, so they
+        reach the pipeline instead of vanishing with the connection (an adapter that queues
+        nothing of its own returns none)."""
+        return []
+
+    def queue_depth(self) -> int:
+        """Frames or datagrams received and not yet handed to the pipeline, for an adapter
+        that queues them itself (0 where the socket's own buffer is the queue)."""
+        return 0
+
     def requests_sent(self) -> int:
         """Requests made to a request-based provider so far (0 for streaming ones).
 

@@ -374,3 +374,63 @@ def test_the_fleet_moves_the_iex_port_when_its_udp_side_is_taken() -> None:
         port = held.getsockname()[1]
         assert _port(port, udp=True) != port  # TCP is free there, UDP is not
         assert _port(port) == port
+
+
+def _feed_datagrams(count: int) -> list[bytes]:
+    """The simulator's own session opening, then ``count`` data segments of 5 messages."""
+    from simulators.iex import IexFeed
+
+    feed = IexFeed(IexSimConfig(symbols=SYMBOLS, destination=("127.0.0.1", 9), batch=5))
+    now = time.time_ns()
+    out = list(feed.open_session(now))
+    for _ in range(count):
+        out += feed.data_segment(now)[0]
+    return out
+
+
+async def _sent_and_queued(adapter: IexAdapter, port: int, datagrams: list[bytes]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+    await until(lambda: adapter.queue_depth() == len(datagrams), 5, "every datagram queued")
+
+
+async def test_a_reader_behind_takes_waiting_datagrams_in_one_batch() -> None:
+    """A consumer that fell behind catches up: the datagrams already waiting are decoded
+    into one batch (up to DATAGRAMS_PER_BATCH), not one batch each, so the per-batch costs
+    downstream are paid once for many."""
+    from workers.iex import DATAGRAMS_PER_BATCH
+
+    port = free_udp_port()
+    adapter = make_adapter(port=port, host="127.0.0.1", all_symbols=True)
+    await adapter.connect()
+    try:
+        datagrams = _feed_datagrams(150)
+        await _sent_and_queued(adapter, port, datagrams)
+        sizes = []
+        stream = adapter.stream_batches()
+        async for batch in stream:
+            sizes.append(len(batch))
+            if adapter.queue_depth() == 0:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        # 5 data messages per data segment; the opening's directory messages are no records
+        assert sum(sizes) == 150 * 5
+        assert len(sizes) <= -(-len(datagrams) // DATAGRAMS_PER_BATCH)
+        assert max(sizes) > 5 * 30
+    finally:
+        await adapter.disconnect()
+
+
+async def test_datagrams_queued_at_disconnect_are_taken_not_dropped() -> None:
+    port = free_udp_port()
+    adapter = make_adapter(port=port, host="127.0.0.1", all_symbols=True)
+    await adapter.connect()
+    datagrams = _feed_datagrams(40)
+    await _sent_and_queued(adapter, port, datagrams)
+    assert adapter.queue_depth() == len(datagrams)  # reported while waiting
+    await adapter.disconnect()
+    records = adapter.take_queued()
+    assert len(records) == 40 * 5
+    assert [r.provider_sequence for r in records] == sorted(r.provider_sequence for r in records)
+    assert adapter.queue_depth() == 0 and adapter.take_queued() == []

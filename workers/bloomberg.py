@@ -72,6 +72,8 @@ from common.provider import (
 
 log = structlog.get_logger("feedfleet.bloomberg")
 
+# Waiting events decoded into one batch (see stream_batches).
+EVENTS_PER_BATCH = 64
 INSTALL_HINT = (
     "blpapi is not on PyPI; install it from Bloomberg's own package index, e.g. "
     "`pip install --index-url=https://blpapi.bloomberg.com/repository/releases/python/simple/ "
@@ -366,27 +368,40 @@ class BloombergAdapter(ProviderAdapter):
                 self.connection_status = ConnectionStatus.DISCONNECTED
                 self.last_error = f"no events from blpapi for {silence:g}s"
                 raise ProviderDisconnected(self.last_error) from None
-            with contextlib.suppress(ValueError):  # disconnect()'s wake-up took no slot
-                slots.release()
-            decoded = codec.decode_messages(
-                snaps, receive_ns, self._symbol_by_cid, name, self._quotes
-            )
-            errors = errors + decoded.errors
-            if errors:
-                self.decode_errors += len(errors)
-                for err in errors[:3]:
-                    log.warning("decode_error", provider=name, reason=err.reason, raw=err.raw)
-            self.skipped_messages += decoded.skipped
+            records: list[RawMarketData] = []
             ended: ProviderError | None = None
-            for status in decoded.statuses:
-                ended = self._on_status(status) or ended
-            records = decoded.records
-            if self._gap_pending and records:
-                self._flag_gaps(records)
+            taken = 0
+            while True:
+                with contextlib.suppress(ValueError):  # disconnect()'s wake-up took no slot
+                    slots.release()
+                decoded = codec.decode_messages(
+                    snaps, receive_ns, self._symbol_by_cid, name, self._quotes
+                )
+                errors = errors + decoded.errors
+                if errors:
+                    self.decode_errors += len(errors)
+                    for err in errors[:3]:
+                        log.warning("decode_error", provider=name, reason=err.reason, raw=err.raw)
+                self.skipped_messages += decoded.skipped
+                for status in decoded.statuses:
+                    ended = self._on_status(status) or ended
+                if self._gap_pending and decoded.records:
+                    self._flag_gaps(decoded.records)
+                records += decoded.records
+                taken += 1
+                # Events already waiting join this batch, so a reader that fell behind
+                # pays the per-batch costs once for several and catches up.
+                if ended is not None or taken == EVENTS_PER_BATCH or queue.empty():
+                    break
+                receive_ns, snaps, errors = queue.get_nowait()
             if records:
                 yield records
             if ended is not None:
                 raise ended
+
+    def queue_depth(self) -> int:
+        """blpapi events handed to the event loop and not yet decoded."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     def _flag_gaps(self, records: list[RawMarketData]) -> None:
         pending = self._gap_pending

@@ -49,6 +49,10 @@ log = structlog.get_logger("feedfleet.iex")
 # Datagrams waiting for the consumer; past this the socket reader drops them, and the
 # sequence tracker then reports the loss as a gap.
 QUEUE_LIMIT = 100_000
+# Datagrams decoded into one batch when several are waiting: a reader that fell behind
+# pays the per-batch costs (journal write, sink hand-over, a loop turn) once per this many,
+# so it catches up instead of staying behind; one that keeps up sees batches of one.
+DATAGRAMS_PER_BATCH = 64
 RECEIVE_BUFFER = 8 * 1024 * 1024
 REPLAY_CHUNK = 1 << 20
 
@@ -101,6 +105,7 @@ class IexAdapter(ProviderAdapter):
         self._transport: asyncio.DatagramTransport | None = None
         self._receiver: _Receiver | None = None
         self._queue: asyncio.Queue[tuple[bytes, int] | None] | None = None
+        self._closed_queue: asyncio.Queue[tuple[bytes, int] | None] | None = None
         self._replay: BinaryIO | None = None
         self._quote_symbols: set[str] | None = None
         self._trade_symbols: set[str] | None = None
@@ -221,15 +226,38 @@ class IexAdapter(ProviderAdapter):
                 item = await asyncio.wait_for(queue.get(), timeout)
             except TimeoutError:
                 self._gone(f"no IEX-TP segment, not even a heartbeat, for {timeout:g}s")
-            if item is None:
-                self._gone("socket closed")
-            data, receive_ns = item
-            self.bytes_received += len(data)
-            records = self._decode(data, receive_ns)
+            records: list[RawMarketData] = []
+            taken = 0
+            while item is not None:
+                data, receive_ns = item
+                self.bytes_received += len(data)
+                records += self._decode(data, receive_ns)
+                taken += 1
+                if self.session_ended or taken == DATAGRAMS_PER_BATCH or queue.empty():
+                    break
+                item = queue.get_nowait()
             if records:
                 yield records
+            if item is None:
+                self._gone("socket closed")
             if self.session_ended:
                 self._gone("end of messages (System Event C)")
+
+    def queue_depth(self) -> int:
+        """Datagrams received from the socket and not yet decoded."""
+        queue = self._queue or self._closed_queue
+        return queue.qsize() if queue is not None else 0
+
+    def take_queued(self) -> list[RawMarketData]:
+        """The records in the datagrams received before ``disconnect`` and not yet read."""
+        queue, self._closed_queue = self._closed_queue, None
+        records: list[RawMarketData] = []
+        while queue is not None and not queue.empty():
+            item = queue.get_nowait()
+            if item is not None:
+                self.bytes_received += len(item[0])
+                records += self._decode(item[0], item[1])
+        return records
 
     async def _replay_batches(self, file: BinaryIO) -> AsyncIterator[list[RawMarketData]]:
         reader = pcap.PcapReader()
@@ -330,6 +358,9 @@ class IexAdapter(ProviderAdapter):
     async def disconnect(self) -> None:
         transport, replay = self._transport, self._replay
         self._transport = self._replay = None
+        # Kept for take_queued: datagrams already received are not dropped with the socket.
+        if self._queue is not None:
+            self._closed_queue = self._queue
         self._queue = None
         if transport is not None:
             transport.close()

@@ -149,8 +149,7 @@ class ProviderSession:
                 self._fail(ConnectionStatus.ERROR, exc)
             finally:
                 if self.adapter is not None:
-                    with contextlib.suppress(Exception):
-                        await self.adapter.disconnect()
+                    await self._disconnect(self.adapter)
             await self._wait_reconnect(delay)
 
     async def _stream(self, adapter: ProviderAdapter) -> None:
@@ -213,10 +212,19 @@ class ProviderSession:
                 await asyncio.wait_for(self._reconnect.wait(), timeout=seconds)
         self._reconnect.clear()
 
+    async def _disconnect(self, adapter: ProviderAdapter) -> None:
+        """Disconnect, bounded (a provider that does not answer must not hold up a stop),
+        then hand the pipeline what the adapter had received and not yet yielded."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await adapter.disconnect()
+        leftover = adapter.take_queued()
+        if leftover:
+            self.symbols.rename(leftover)
+            self.pipeline.process(leftover)
+            log.info("queued_records_taken", provider=self.provider.name, records=len(leftover))
+
     async def close(self) -> None:
-        """Disconnect, bounded: a provider that does not answer must not hold up a stop."""
         self._set_status(ConnectionStatus.DISCONNECTED, None)
         if self.adapter is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5.0):
-                    await self.adapter.disconnect()
+            await self._disconnect(self.adapter)
