@@ -53,6 +53,7 @@ class Pipeline:
         self.store = store
         self.cache = cache
         self.received = 0
+        self.last_received_ns = 0  # when the last record arrived (0: none yet)
         self.dead_lettered = 0  # records turned into rejected events
         # Nothing is dropped; the counter is kept so a loss would show.
         self.dropped = 0
@@ -66,7 +67,8 @@ class Pipeline:
         self.received += len(records)
         self.quality.check(records)
         rejected: list[Event] = []
-        events = build_events(records, time.time_ns(), rejected)
+        now_ns = self.last_received_ns = time.time_ns()
+        events = build_events(records, now_ns, rejected)
         if rejected:
             self.dead_lettered += len(rejected)
         if self._held is not None:

@@ -47,7 +47,8 @@ from common.config import Settings
 from common.model import ConnectionStatus, DataType, ProviderStatus, SubscriptionRequest, iso_ns
 from common.prometheus import StatusCollector, render, wants_exposition
 from common.provider import ProviderConfig
-from common.redis_keys import provider_status_key
+from common.redis_keys import provider_status_key, ratelimit_key
+from workers import health as health_rules
 from workers.coordinator import INSTANCE_TIMEOUT_S
 from workers.status_page import add_status_page
 
@@ -255,6 +256,8 @@ def _status_doc(
     if provider.enabled and (not redis_up or raw):
         synthesized["status"] = STATUS_UNKNOWN
         synthesized["reason"] = "unreadable status document" if redis_up else "redis unavailable"
+    elif provider.enabled:
+        synthesized["reason"] = "no worker is reporting"
     return synthesized
 
 
@@ -334,18 +337,26 @@ async def list_providers(request: web.Request) -> web.Response:
     )
 
 
-async def _gather_providers(
+async def _gather_provider_states(
     request: web.Request, *, redis_up: bool = True
-) -> tuple[list[dict[str, Any]], bool, bool]:
-    """Every provider's status; whether the database and Redis answered."""
+) -> tuple[list[tuple[ProviderConfig, dict[str, Any]]], bool, bool]:
+    """Every provider row with its status; whether the database and Redis answered."""
     try:
         async with request.app[POOL].connection(timeout=2.0) as conn:
             providers = await db.list_providers(conn)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
         return [], False, redis_up
     statuses, redis_up = await _live_statuses(request, providers, redis_up=redis_up)
-    statuses = [s | {"enabled": p.enabled} for p, s in zip(providers, statuses, strict=True)]
-    return statuses, True, redis_up
+    states = [(p, s | {"enabled": p.enabled}) for p, s in zip(providers, statuses, strict=True)]
+    return states, True, redis_up
+
+
+async def _gather_providers(
+    request: web.Request, *, redis_up: bool = True
+) -> tuple[list[dict[str, Any]], bool, bool]:
+    """Every provider's status; whether the database and Redis answered."""
+    states, db_up, redis_up = await _gather_provider_states(request, redis_up=redis_up)
+    return [s for _, s in states], db_up, redis_up
 
 
 async def list_assignments(request: web.Request) -> web.Response:
@@ -402,38 +413,93 @@ async def _redis_ping(request: web.Request) -> bool:
         return False
 
 
+TROUBLED_COMPONENT = ("down", "degraded", "low", "critical")
+TROUBLED = (health_rules.DEGRADED, health_rules.DOWN)
+
+
+async def _requests_left(
+    request: web.Request, providers: list[ProviderConfig]
+) -> dict[str, int | None]:
+    """This minute's requests left under each provider's requests_per_minute (None: no such
+    limit, or Redis did not answer), from the counts the workers keep in Redis."""
+    limits: dict[str, int] = {}
+    for p in providers:
+        limit = p.rate_limits.get("requests_per_minute")
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+            limits[p.name] = int(limit)
+    left: dict[str, int | None] = {p.name: None for p in providers}
+    if not limits:
+        return left
+    minute = int(time.time() // 60)
+    try:
+        used = await request.app[REDIS].mget([ratelimit_key(n, minute) for n in limits])
+    except (RedisError, OSError):
+        return left
+    for (name, limit), count in zip(limits.items(), used, strict=True):
+        try:
+            left[name] = max(0, limit - int(count or 0))
+        except ValueError:
+            left[name] = None
+    return left
+
+
+def _provider_entry(
+    provider: ProviderConfig, s: dict[str, Any], now_s: float, requests_left: int | None
+) -> dict[str, Any]:
+    verdict = health_rules.provider_health(provider, s, now_s)
+    m = s.get("metrics") or {}
+    return {
+        "status": s["status"],
+        "health": verdict.health,
+        "reason": verdict.reason,
+        "enabled": s["enabled"],
+        "throughput_per_sec": s.get("throughput_per_sec", 0.0),
+        "messages_received": s.get("messages_received", 0),
+        "subscribed_symbols": s.get("subscribed_symbols", 0),
+        "instance_id": s.get("instance_id"),
+        "last_event_age_s": health_rules.last_event_age_s(s, now_s),
+        "publish_lag_p99_ms": m.get("latency_p99_ms"),
+        "queue_depth": m.get("queue_depth", 0),
+        "spool_depth": m.get("spool_depth", 0),
+        "circuit_state": m.get("circuit_state"),
+        "rate_limit_remaining": requests_left,
+        "last_update": s.get("last_update"),
+        "last_error": s.get("last_error"),
+    }
+
+
 async def health(request: web.Request) -> web.Response:
+    """Overall ``healthy`` only when every component is up and every enabled provider is
+    connected and fresh (workers/health.py); ``unhealthy`` (503) without the database."""
     # ping first: with Redis down, reading each status would only wait on it again
-    statuses, db_up, redis_up = await _gather_providers(
+    states, db_up, redis_up = await _gather_provider_states(
         request, redis_up=await _redis_ping(request)
     )
-    enabled = [s for s in statuses if s["enabled"]]
-    connected = [s for s in enabled if s["status"] == ConnectionStatus.CONNECTED.value]
+    now_s = time.time()
+    left = await _requests_left(request, [p for p, _ in states]) if redis_up else {}
+    providers = {p.name: _provider_entry(p, s, now_s, left.get(p.name)) for p, s in states}
+    reporting = [s for _, s in states if isinstance(s.get("metrics"), dict)]
+    components = {
+        "database": {"status": "up" if db_up else "down"},
+        "redis": {"status": "up" if redis_up else "down"},
+        "pulsar": health_rules.pulsar_component(reporting),
+        "disk": health_rules.disk_component(reporting),
+    }
+    # "unknown" (nothing reports on it yet) is not counted against the fleet
+    troubled = [n for n, c in components.items() if c["status"] in TROUBLED_COMPONENT]
+    troubled += [f"provider {n}" for n, e in providers.items() if e["health"] in TROUBLED]
     if not db_up:
         overall = "unhealthy"
-    elif redis_up and len(connected) == len(enabled):
-        overall = "healthy"
-    else:
+    elif troubled:
         overall = "degraded"
+    else:
+        overall = "healthy"
     body = {
         "status": overall,
         "timestamp": iso_ns(time.time_ns()),
-        "components": {
-            "database": "up" if db_up else "down",
-            "redis": "up" if redis_up else "down",
-        },
-        "providers": {
-            s["provider_name"]: {
-                "status": s["status"],
-                "enabled": s["enabled"],
-                "throughput_per_sec": s.get("throughput_per_sec", 0.0),
-                "messages_received": s.get("messages_received", 0),
-                "last_update": s.get("last_update"),
-                "last_error": s.get("last_error"),
-                "reason": s.get("reason"),
-            }
-            for s in statuses
-        },
+        "reasons": troubled,
+        "components": components,
+        "providers": providers,
         "failover": await _failover_state(request) if db_up else None,
     }
     return _json(body, 200 if overall != "unhealthy" else 503)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -317,6 +318,15 @@ class StatusReporter:
             instance_id=self.instance_id,
         )
 
+    def journal_disk(self) -> dict[str, Any] | None:
+        """Free space where the journal lives (None when it cannot be read)."""
+        path = self.pipeline.journal.directory
+        try:
+            usage = shutil.disk_usage(path)
+        except OSError:
+            return None
+        return {"path": str(path), "free_bytes": usage.free, "total_bytes": usage.total}
+
     def metrics(self) -> dict[str, Any]:
         pipeline = self.pipeline
         counts = pipeline.counts()
@@ -326,8 +336,17 @@ class StatusReporter:
         journal = pipeline.journal
         latency = publisher.latency.percentiles_ms()
         adapter = self.session.adapter
+        now_ns = time.time_ns()
+        last_ns = pipeline.last_received_ns
         return {
             **asdict(counts),
+            # freshness, for a health that sees a feed falling behind (see workers/health.py)
+            "last_event_at": iso_ns(last_ns) if last_ns else None,
+            "last_event_age_s": round((now_ns - last_ns) / 1e9, 3) if last_ns else None,
+            "queue_depth": adapter.queue_depth() if adapter else 0,
+            "spool_depth": max(publisher.backlog, store.backlog),
+            "circuit_state": self.circuit.state.value,
+            "disk": self.journal_disk(),
             "decode_errors": adapter.decode_errors if adapter else 0,
             "bytes_received": adapter.bytes_received if adapter else 0,
             "error_count": self.session.error_count,
@@ -347,7 +366,13 @@ class StatusReporter:
             "database_registered": self.registered,
             "sinks": {
                 "pulsar": publisher.counters.as_dict()
-                | {"healthy": publisher.healthy, "backlog": publisher.backlog},
+                | {
+                    "healthy": publisher.healthy,
+                    "backlog": publisher.backlog,
+                    "last_receipt_at": (
+                        iso_ns(publisher.last_receipt_ns) if publisher.last_receipt_ns else None
+                    ),
+                },
                 "postgres": store.counters.as_dict()
                 | {
                     "healthy": store.healthy,

@@ -101,6 +101,7 @@ class PulsarSink(DurableSink):
         # since start, per event: the part of the above spent in the client's batching,
         # the network and the broker
         self.round_trip_latency = LatencyWindow()
+        self.last_receipt_ns = 0  # when the broker last acknowledged a batch (0: never)
         self._client: pulsar.Client | None = None
         self._producer: Any = None
         self._dead_letter: Any = None
@@ -188,7 +189,7 @@ class PulsarSink(DurableSink):
         if receipt.error is not None:
             self._failed(batch, receipt.error, receipt.generation)
             return
-        now_ns = time.time_ns()
+        now_ns = self.last_receipt_ns = time.time_ns()
         events = batch.events
         if events:
             round_trip_us = int((time.monotonic() - receipt.sent_at) * 1e6)
