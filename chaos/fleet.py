@@ -194,7 +194,7 @@ class ChaosFleet:
         var = self.var
         out = [
             "; Written by `feedfleet chaos` from supervisord.conf; removed with its work dir.",
-            "[unix_http_server]", f"file={var}/supervisor.sock", "",
+            "[unix_http_server]", f"file={var}/supervisor.sock", "chmod=0700", "",
             "[supervisord]", f"logfile={var}/log/supervisord.log",
             f"pidfile={var}/supervisord.pid", f"childlogdir={var}/log",
             "user=%(ENV_FEEDFLEET_SUPERVISOR_USER)s", f"directory={ROOT}", "",
