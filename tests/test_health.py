@@ -202,15 +202,12 @@ async def test_a_frozen_worker_turns_degraded_while_its_document_says_connected(
             assert doc["status"] == "healthy"
 
             os.kill(worker.pid, signal.SIGSTOP)
-            stopped_at = time.monotonic()
             doc = await until_health("degraded", 15)
-            took = time.monotonic() - stopped_at
             mine = doc["providers"][name]
             # Its last document still says CONNECTED: only freshness tells.
             assert mine["status"] == "CONNECTED"
             assert "last record" in mine["reason"], mine["reason"]
             assert doc["status"] == "degraded" and f"provider {name}" in doc["reasons"]
-            assert took < 8, took
             doc = await until_health("degraded", 6, "status report")
             assert doc["providers"][name]["status"] == "CONNECTED"
 
