@@ -361,7 +361,7 @@ function renderProviders(rows) {
 }
 
 function renderAssignments() {
-  const rows = state.assignments;
+  const rows = state.assignments ? state.assignments.filter(isObject) : null;
   const summary = document.getElementById("assignment-summary");
   const tbody = document.querySelector("#failovers tbody");
   if (!rows) {
@@ -370,7 +370,7 @@ function renderAssignments() {
     return;
   }
   const symbols = new Set(rows.map((a) => a.symbol));
-  const moved = rows.filter((a) => isObject(a) && a.reason !== "primary");
+  const moved = rows.filter((a) => a.reason !== "primary");
   const failover = state.health && isObject(state.health.failover) ? state.health.failover : null;
   const owners = failover && Array.isArray(failover.providers_failed_over) ? failover.providers_failed_over : [];
   summary.textContent =
