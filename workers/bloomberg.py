@@ -358,26 +358,27 @@ class BloombergAdapter(ProviderAdapter):
             raise ProviderDisconnected("not connected")
         name = self.config.name
         silence = self.silence_timeout_s
+        # An event with status messages taken while filling a batch: it starts the next
+        # one, so the session sees the status each record arrived under.
+        carried: tuple[codec.DecodedEvent, list[DecodeError]] | None = None
         while True:
-            try:
-                if silence > 0:
-                    receive_ns, snaps, errors = await asyncio.wait_for(queue.get(), silence)
-                else:
-                    receive_ns, snaps, errors = await queue.get()
-            except TimeoutError:
-                self.connection_status = ConnectionStatus.DISCONNECTED
-                self.last_error = f"no events from blpapi for {silence:g}s"
-                raise ProviderDisconnected(self.last_error) from None
+            if carried is None:
+                try:
+                    if silence > 0:
+                        item = await asyncio.wait_for(queue.get(), silence)
+                    else:
+                        item = await queue.get()
+                except TimeoutError:
+                    self.connection_status = ConnectionStatus.DISCONNECTED
+                    self.last_error = f"no events from blpapi for {silence:g}s"
+                    raise ProviderDisconnected(self.last_error) from None
+                carried = self._decode(item, slots)
             records: list[RawMarketData] = []
             ended: ProviderError | None = None
             taken = 0
-            while True:
-                with contextlib.suppress(ValueError):  # disconnect()'s wake-up took no slot
-                    slots.release()
-                decoded = codec.decode_messages(
-                    snaps, receive_ns, self._symbol_by_cid, name, self._quotes
-                )
-                errors = errors + decoded.errors
+            while carried is not None:
+                decoded, errors = carried
+                carried = None
                 if errors:
                     self.decode_errors += len(errors)
                     for err in errors[:3]:
@@ -393,11 +394,24 @@ class BloombergAdapter(ProviderAdapter):
                 # pays the per-batch costs once for several and catches up.
                 if ended is not None or taken == EVENTS_PER_BATCH or queue.empty():
                     break
-                receive_ns, snaps, errors = queue.get_nowait()
+                carried = self._decode(queue.get_nowait(), slots)
+                if carried[0].statuses:
+                    break
             if records:
                 yield records
             if ended is not None:
                 raise ended
+
+    def _decode(
+        self, item: _Item, slots: threading.BoundedSemaphore
+    ) -> tuple[codec.DecodedEvent, list[DecodeError]]:
+        receive_ns, snaps, errors = item
+        with contextlib.suppress(ValueError):  # disconnect()'s wake-up took no slot
+            slots.release()
+        decoded = codec.decode_messages(
+            snaps, receive_ns, self._symbol_by_cid, self.config.name, self._quotes
+        )
+        return decoded, errors + decoded.errors
 
     def queue_depth(self) -> int:
         """blpapi events handed to the event loop and not yet decoded."""
