@@ -5,9 +5,11 @@ real exposition; HdrHistograms turned into buckets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from structlog.testing import capture_logs
 
 from common import db
 from common.metrics import LatencyWindow
@@ -29,6 +32,7 @@ from tests.running import RunningWorker, until
 from tests.test_api import reporting_worker
 from tests.test_coordinator import eventually
 from workers.api import build_app
+from workers.metrics_endpoint import MetricsEndpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "FEEDFLEET_TEST_PROMETHEUS_KEY"
@@ -231,6 +235,43 @@ async def provider(conn: db.Conn) -> AsyncIterator[tuple[str, str]]:
     pid = await db.upsert_provider(conn, name, "polygon", {"url": "ws://x"})
     yield name, pid
     await db.set_provider_enabled(conn, pid, False)
+
+
+async def test_a_busy_metrics_port_is_retried_and_served_once_free(
+    services: Services, provider: tuple[str, str]
+) -> None:
+    name, _ = provider
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    async def scrape() -> str | None:
+        try:
+            return (await _get(url))[1]
+        except aiohttp.ClientError:
+            return None
+
+    async with reporting_worker(services.settings(), name, received=2) as parts:
+        endpoint = MetricsEndpoint(parts.status, "127.0.0.1", port, retry_s=0.05)
+        with capture_logs() as logs:
+            task = asyncio.create_task(endpoint.run())
+            try:
+                await until(
+                    lambda: any(e["event"] == "metrics_port_unavailable" for e in logs),
+                    10, "the busy port to be reported",
+                )  # fmt: skip
+                assert not task.done()  # a busy port stops nothing
+                blocker.close()
+                text = await eventually(scrape, lambda t: t is not None, "the freed port")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await endpoint.close()
+    assert text is not None
+    assert value(samples(text), "feedfleet_events_received_total", provider=name) == 2
+    assert [e["event"] for e in logs].count("metrics_port_unavailable") == 1  # once, not per try
 
 
 def test_hdr_histograms_become_cumulative_buckets_in_seconds() -> None:

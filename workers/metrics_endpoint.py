@@ -28,10 +28,13 @@ BIND_RETRY_S = 5.0
 
 
 class MetricsEndpoint:
-    def __init__(self, reporter: StatusReporter, host: str, port: int) -> None:
+    def __init__(
+        self, reporter: StatusReporter, host: str, port: int, retry_s: float = BIND_RETRY_S
+    ) -> None:
         self.reporter = reporter
         self.host = host
         self.port = port  # 0: any free port; ``port`` is the bound one once listening
+        self.retry_s = retry_s
         self.collector = StatusCollector(self.documents)
         self._runner: web.AppRunner | None = None
 
@@ -61,9 +64,9 @@ class MetricsEndpoint:
             except OSError as exc:
                 if not logged:
                     log.error("metrics_port_unavailable", host=self.host, port=self.port,
-                              error=str(exc), retry_s=BIND_RETRY_S)  # fmt: skip
+                              error=str(exc), retry_s=self.retry_s)  # fmt: skip
                     logged = True
-                await asyncio.sleep(BIND_RETRY_S)
+                await asyncio.sleep(self.retry_s)
         self.port = runner.addresses[0][1]
         log.info("metrics_listening", host=self.host, port=self.port)
         await asyncio.Event().wait()
