@@ -26,6 +26,8 @@ import psycopg
 import pulsar
 
 from chaos.measure import Key, Tick
+from common.config import PulsarAccess
+from common.pulsar_client import new_pulsar_client
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -97,7 +99,9 @@ class TopicWatcher:
         # thread only (one landing in a client thread made it abort at exit).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            self._client = pulsar.Client(self.url, operation_timeout_seconds=10, logger=quiet)
+            self._client = new_pulsar_client(
+                PulsarAccess.from_env(self.url), operation_timeout_seconds=10, logger=quiet
+            )
             self._consumer = self._client.subscribe(
                 self.topics, self._subscription, receiver_queue_size=100_000,
                 initial_position=pulsar.InitialPosition.Earliest,

@@ -1,15 +1,19 @@
 """Settings from ``FEEDFLEET_*`` environment variables.
 
-Secrets (API keys, the API token) are read from the environment only, never from the
-database; provider rows name the variable that holds their key.
+Secrets (API keys, the API token, the Pulsar token) are read from the environment (or a
+file it names) only, never from the database; provider rows name the variable that holds
+their key.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from common.log import add_secret
 
 DEFAULT_TOPIC = "persistent://public/default/raw-market-data"
 
@@ -54,12 +58,82 @@ def _port(name: str) -> int | None:
     return int(value)
 
 
+TLS_SCHEME = "pulsar+ssl://"
+
+
+@dataclass(frozen=True, slots=True)
+class PulsarAccess:
+    """Where the Pulsar broker is and how to prove who we are to it.
+
+    ``token``: a JWT for Pulsar's token authentication (kept out of ``repr`` so it cannot
+    reach a log line). ``tls_trust_certs``: the CA file the broker's certificate is checked
+    against, used with a ``pulsar+ssl://`` URL only (without it, the system's CAs).
+    """
+
+    url: str
+    token: str | None = field(default=None, repr=False)
+    tls_trust_certs: Path | None = None
+    tls_validate_hostname: bool = True
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.startswith(TLS_SCHEME)
+
+    @classmethod
+    def from_env(cls, url: str, environ: Mapping[str, str] | None = None) -> PulsarAccess:
+        """``url`` with the token and TLS settings of ``FEEDFLEET_PULSAR_*``. A token file is
+        read here, once, at start; a missing or empty one is a clear error (SystemExit)."""
+        env = os.environ if environ is None else environ
+        token = env.get("FEEDFLEET_PULSAR_TOKEN") or None
+        token_file = env.get("FEEDFLEET_PULSAR_TOKEN_FILE") or None
+        if token and token_file:
+            raise SystemExit("set FEEDFLEET_PULSAR_TOKEN or FEEDFLEET_PULSAR_TOKEN_FILE, not both")
+        if token_file:
+            token = _read_token_file(token_file)
+        trust = env.get("FEEDFLEET_PULSAR_TLS_TRUST_CERTS") or None
+        if trust and not url.startswith(TLS_SCHEME):
+            raise SystemExit(
+                f"FEEDFLEET_PULSAR_TLS_TRUST_CERTS is set but the Pulsar URL is not "
+                f"{TLS_SCHEME}... ({url}): use the broker's TLS port, e.g. "
+                f"{TLS_SCHEME}broker:6651"
+            )
+        if trust and not Path(trust).is_file():
+            raise SystemExit(f"FEEDFLEET_PULSAR_TLS_TRUST_CERTS: no such file: {trust}")
+        validate = (env.get("FEEDFLEET_PULSAR_TLS_VALIDATE_HOSTNAME") or "true").lower()
+        if validate not in ("true", "false", "1", "0", "yes", "no"):
+            raise SystemExit(
+                f"FEEDFLEET_PULSAR_TLS_VALIDATE_HOSTNAME must be true or false, got {validate!r}"
+            )
+        return cls(
+            url=url,
+            token=token,
+            tls_trust_certs=Path(trust) if trust else None,
+            tls_validate_hostname=validate in ("true", "1", "yes"),
+        )
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(
+            f"FEEDFLEET_PULSAR_TOKEN_FILE: cannot read {path}: {exc.strerror or exc}"
+        ) from None
+    if not token:
+        raise SystemExit(f"FEEDFLEET_PULSAR_TOKEN_FILE: {path} is empty")
+    # Not in the environment, so the log's masking must be told of it.
+    add_secret(token)
+    return token
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str
     redis_url: str
     pulsar_url: str
     pulsar_topic: str = DEFAULT_TOPIC
+    # The token and TLS settings for pulsar_url (its url is pulsar_url's); None: neither.
+    pulsar_access: PulsarAccess | None = None
     pulsar_send_timeout_ms: int = 10_000
     api_host: str = "127.0.0.1"
     api_port: int = 8080
@@ -102,6 +176,7 @@ class Settings:
             database_url=_env("FEEDFLEET_DATABASE_URL") or "",
             redis_url=_env("FEEDFLEET_REDIS_URL") or "",
             pulsar_url=_env("FEEDFLEET_PULSAR_URL") or "",
+            pulsar_access=PulsarAccess.from_env(_env("FEEDFLEET_PULSAR_URL") or ""),
             pulsar_topic=_env("FEEDFLEET_PULSAR_TOPIC", DEFAULT_TOPIC) or DEFAULT_TOPIC,
             pulsar_send_timeout_ms=int(_env("FEEDFLEET_PULSAR_SEND_TIMEOUT_MS", "10000") or 0),
             api_host=_env("FEEDFLEET_API_HOST", "127.0.0.1") or "127.0.0.1",
@@ -122,3 +197,11 @@ class Settings:
             metrics_host=_env("FEEDFLEET_METRICS_HOST", "127.0.0.1") or "127.0.0.1",
             metrics_port=_port("FEEDFLEET_METRICS_PORT"),
         )
+
+    @property
+    def pulsar(self) -> PulsarAccess:
+        """How to reach pulsar_url: with the token and TLS settings read at start, if any."""
+        if self.pulsar_access is None:
+            return PulsarAccess(self.pulsar_url)
+        # pulsar_url is what tests and tools override: it wins over the url read at start.
+        return replace(self.pulsar_access, url=self.pulsar_url)

@@ -32,14 +32,24 @@ def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+# Secrets read from files at start (FEEDFLEET_PULSAR_TOKEN_FILE), not in the environment.
+_file_secrets: set[str] = set()
+
+
+def add_secret(value: str) -> None:
+    """Mask ``value`` in every log line from now on, as a secret from the environment is."""
+    if len(value) >= 6:
+        _file_secrets.add(value)
+
+
 def _known_secrets() -> list[str]:
     # Longest first: a secret containing another is masked whole, not left with its tail.
-    found = (
+    found = [
         v
         for k, v in os.environ.items()
         if len(v) >= 6 and _SECRET_KEYS.search(k) and not k.endswith("_ENV")
-    )
-    return sorted(found, key=len, reverse=True)
+    ]
+    return sorted([*found, *_file_secrets], key=len, reverse=True)
 
 
 def configure_logging(fmt: str = "json", level: str = "info") -> None:

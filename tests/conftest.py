@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from common import db
-from common.config import Settings
+from common.config import PulsarAccess, Settings
 from common.embedded import (
     EmbeddedPostgres,
     EmbeddedProcess,
@@ -46,6 +46,8 @@ class Services:
             database_url=self.database_url,
             redis_url=self.redis_url,
             pulsar_url=self.pulsar_url,
+            # A broker set by FEEDFLEET_PULSAR_URL may want a token or TLS.
+            pulsar_access=PulsarAccess.from_env(self.pulsar_url),
             pulsar_topic=f"persistent://public/default/test-{uuid.uuid4().hex[:12]}",
             journal_dir=self.work_dir / f"journal-{uuid.uuid4().hex[:8]}",
         )

@@ -52,6 +52,7 @@ from common import db
 from common.codecs import iex as iex_codec
 from common.codecs import polygon as polygon_codec
 from common.codecs.base import CaptureError
+from common.config import PulsarAccess
 from common.embedded import (
     EmbeddedPostgres,
     EmbeddedProcess,
@@ -61,6 +62,7 @@ from common.embedded import (
     wait_for_port,
 )
 from common.model import DataType
+from common.pulsar_client import new_pulsar_client
 from tests.conftest import Services
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,8 +312,8 @@ class TopicCollector:
         self._thread: threading.Thread | None = None
 
     def open(self) -> None:
-        self._client = pulsar.Client(
-            self.url, operation_timeout_seconds=10,
+        self._client = new_pulsar_client(
+            PulsarAccess.from_env(self.url), operation_timeout_seconds=10,
             logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
         )  # fmt: skip
         self._consumer = self._client.subscribe(

@@ -16,6 +16,9 @@ from typing import Any
 import orjson
 import pulsar
 
+from common.config import PulsarAccess
+from common.pulsar_client import new_pulsar_client
+
 
 @dataclass
 class ReceivedEvent:
@@ -27,7 +30,7 @@ class ReceivedEvent:
 
 class PulsarCollector:
     def __init__(self, url: str, topic: str) -> None:
-        self.client = pulsar.Client(url, operation_timeout_seconds=10)
+        self.client = new_pulsar_client(PulsarAccess.from_env(url), operation_timeout_seconds=10)
         self.consumer = self.client.subscribe(
             topic,
             f"test-{uuid.uuid4().hex[:8]}",

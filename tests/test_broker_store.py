@@ -15,6 +15,7 @@ import pulsar
 import pytest
 
 from common.embedded import free_port, pulsar_command, wait_for_port
+from common.pulsar_client import new_pulsar_client
 from workers.broker_store import BrokerStoreCap, max_bytes_from_env, store_bytes
 
 
@@ -72,7 +73,7 @@ def supervised_broker(tmp_path: Path) -> Iterator[tuple[Path, int]]:
 
 
 def _send(port: int, topic: str, count: int) -> None:
-    client = pulsar.Client(f"pulsar://127.0.0.1:{port}", operation_timeout_seconds=10)
+    client = new_pulsar_client(f"pulsar://127.0.0.1:{port}", operation_timeout_seconds=10)
     try:
         producer = client.create_producer(topic)
         for _ in range(count):

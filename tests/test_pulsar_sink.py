@@ -21,10 +21,12 @@ import pytest
 from structlog.testing import CapturingLogger
 
 import common.sinks.pulsar as pulsar_sink
+from common.config import PulsarAccess
 from common.embedded import free_port, pulsar_command, wait_for_port
 from common.events import EVENT_TYPE, Event, build_events
 from common.journal import Batch, Journal
 from common.model import DataType, RawMarketData
+from common.pulsar_client import new_pulsar_client
 from common.sinks.pulsar import PulsarSink
 from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
@@ -80,7 +82,7 @@ class Received:
 def _receive(url: str, topic: str, count: int, timeout_s: float = 30.0) -> dict[str, Received]:
     """The topic's messages from its start, by event id, with what the broker kept of each
     message's producer (blocking: run it in a thread)."""
-    client = pulsar.Client(url, operation_timeout_seconds=10)
+    client = new_pulsar_client(PulsarAccess.from_env(url), operation_timeout_seconds=10)
     try:
         consumer = client.subscribe(
             topic,

@@ -19,9 +19,11 @@ import orjson
 import pulsar
 
 from common import db
+from common.config import PulsarAccess
 from common.events import build_events
 from common.journal import Batch, Journal
 from common.model import DataType, RawMarketData
+from common.pulsar_client import new_pulsar_client
 from common.sinks.base import DurableSink
 from common.sinks.postgres import PostgresSink
 from common.sinks.pulsar import PulsarSink
@@ -88,7 +90,7 @@ async def _stop(tasks: list[asyncio.Task[None]], sinks: tuple[DurableSink, ...])
 
 def _read_topic(url: str, topic: str, expected: int, timeout: float) -> list[tuple[str, int]]:
     """(symbol, sequence) of every message in the topic, in the broker's order."""
-    client = pulsar.Client(url, operation_timeout_seconds=10)
+    client = new_pulsar_client(PulsarAccess.from_env(url), operation_timeout_seconds=10)
     try:
         consumer = client.subscribe(
             topic,

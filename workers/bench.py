@@ -66,7 +66,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from common import db
 from common.codecs import polygon as codec
-from common.config import Settings
+from common.config import PulsarAccess, Settings
 from common.embedded import (
     EmbeddedPostgres,
     EmbeddedProcess,
@@ -77,6 +77,7 @@ from common.embedded import (
 )
 from common.metrics import new_latency_histogram
 from common.model import DataType
+from common.pulsar_client import new_pulsar_client
 from common.redis_keys import provider_status_key
 from simulators.market import symbol_universe
 
@@ -529,8 +530,8 @@ class Bench:
         self.redis = aioredis.from_url(svc.redis_url)
         # A C++ logger: a Python one would be called from the client's threads, up to and
         # during interpreter shutdown.
-        self.pulsar = pulsar.Client(
-            svc.pulsar_url, operation_timeout_seconds=10,
+        self.pulsar = new_pulsar_client(
+            PulsarAccess.from_env(svc.pulsar_url), operation_timeout_seconds=10,
             logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error),
         )  # fmt: skip
         settings = Settings(svc.database_url, svc.redis_url, svc.pulsar_url)

@@ -117,7 +117,7 @@ def build_parts(
     quality.restore(recovered.sequences)
     journal.sequence_snapshot = quality.sequences
     publisher = PulsarSink(
-        settings.pulsar_url, settings.pulsar_topic, journal,
+        settings.pulsar, settings.pulsar_topic, journal,
         producer_name=f"feedfleet-{provider.name}-{settings.host}",
         stall_timeout_s=settings.pulsar_send_timeout_ms / 1000,
     )  # fmt: skip

@@ -39,9 +39,11 @@ import _pulsar
 import pulsar
 import structlog
 
+from common.config import PulsarAccess
 from common.events import EVENT_TYPE, Event
 from common.journal import Batch, Journal
 from common.metrics import LatencyWindow
+from common.pulsar_client import new_pulsar_client
 from common.sinks.base import DurableSink
 
 log = structlog.get_logger("feedfleet.pulsar")
@@ -84,11 +86,14 @@ class PulsarSink(DurableSink):
     name = "pulsar"
 
     def __init__(
-        self, url: str, topic: str, journal: Journal, *, producer_name: str | None = None,
-        max_pending: int = 100_000, stall_timeout_s: float = 10.0,
+        self, url: str | PulsarAccess, topic: str, journal: Journal, *,
+        producer_name: str | None = None, max_pending: int = 100_000,
+        stall_timeout_s: float = 10.0,
     ) -> None:  # fmt: skip
         super().__init__(journal, max_pending=max_pending)
-        self.url = url
+        # A bare URL: no token, no CA file (the worker passes its settings' PulsarAccess).
+        self.access = url if isinstance(url, PulsarAccess) else PulsarAccess(url)
+        self.url = self.access.url
         self.topic = topic
         self.dead_letter_topic = f"{topic}-dlq"
         self.producer_name = producer_name
@@ -122,8 +127,8 @@ class PulsarSink(DurableSink):
         if self._client is None:
             # The client's own console logger: a Python logger makes its threads take the
             # GIL for every line and was seen to abort the process at exit.
-            self._client = pulsar.Client(
-                self.url, operation_timeout_seconds=10, connection_timeout_ms=5000,
+            self._client = new_pulsar_client(
+                self.access, operation_timeout_seconds=10, connection_timeout_ms=5000,
                 io_threads=1, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
             )  # fmt: skip
         client = self._client
