@@ -10,6 +10,8 @@ feedfleet decode PROVIDER [FILE]   captured provider data -> normalized JSON lin
 feedfleet chaos [--quick]          faults injected into the fleet, hand-over measured
 feedfleet status [--api URL]       the fleet as tables in the terminal; --watch redraws
 feedfleet ctl [--var DIR] ARGS     supervisorctl against the running fleet's supervisord
+feedfleet fleet-config --host H    one host's supervisord configuration (its workers, api,
+                                   coordinators); feedfleet run --config FILE runs it
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the fleet under supervisord (embedded services as needed)")
     r.add_argument("--var", default=None, help="state directory (default: ./var)")
+    r.add_argument(
+        "--config", default=None, metavar="FILE",
+        help="supervisord configuration (default: supervisord.conf; a host's own is written "
+        "by feedfleet fleet-config)",
+    )  # fmt: skip
     w = sub.add_parser("worker", help="run one provider's worker")
     w.add_argument("name", help="providers.name of the row to serve")
     w.add_argument(
@@ -147,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--watch", action="store_true", help="redraw every 2 s until Ctrl-C")
     sub.add_parser("ctl", help="supervisorctl for the running fleet (feedfleet ctl --help)")
+    sub.add_parser(
+        "fleet-config",
+        help="write one host's supervisord configuration (feedfleet fleet-config --help)",
+    )
     dec = sub.add_parser("decode", help="decode captured provider data to JSON lines")
     dec.add_argument("provider")
     dec.add_argument("file", nargs="?", default=None)
@@ -166,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workers.ctl import main as ctl_main
 
         raise SystemExit(ctl_main(raw[1:]))
+    if raw[:1] == ["fleet-config"]:
+        # Its own options (feedfleet fleet-config --help).
+        from workers.fleet_config import main as fleet_config_main
+
+        raise SystemExit(fleet_config_main(raw[1:]))
     if raw[:1] == ["chaos"]:
         # The chaos run has its own options (feedfleet chaos --help).
         from chaos.run import main as chaos_main
@@ -208,7 +224,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         from workers.fleet import run_fleet
 
-        raise SystemExit(run_fleet(Path(args.var) if args.var else None))
+        raise SystemExit(
+            run_fleet(
+                Path(args.var) if args.var else None, Path(args.config) if args.config else None
+            )
+        )
 
 
 if __name__ == "__main__":
