@@ -32,6 +32,7 @@ from typing import Any
 from common import db
 from common.embedded import EmbeddedPostgres, free_port, wait_for_port
 from common.model import DataType
+from common.project_files import project_file
 
 ROOT = Path(__file__).resolve().parents[1]
 OWNED_SERVICES = ("FEEDFLEET_DATABASE_URL", "FEEDFLEET_REDIS_URL", "FEEDFLEET_PULSAR_URL")
@@ -190,7 +191,7 @@ class ChaosFleet:
     def render_conf(self) -> str:
         real = configparser.RawConfigParser(strict=False)
         real.optionxform = str  # type: ignore[assignment,method-assign]
-        real.read(ROOT / "supervisord.conf")
+        real.read(project_file("supervisord.conf"))
         var = self.var
         out = [
             "; Written by `feedfleet chaos` from supervisord.conf; removed with its work dir.",

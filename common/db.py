@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -14,9 +13,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from common.model import DataType
+from common.project_files import project_file
 from common.provider import Instrument, ProviderConfig
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schema.sql"
+SCHEMA_PATH = project_file("schema.sql")
 # Serialises concurrent `db init`s (several processes starting at once).
 _SCHEMA_LOCK = 0x66656564  # "feed"
 

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.project_files import project_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SOCKET_NAME = "supervisor.sock"
 USAGE = "usage: feedfleet ctl [--var DIR] SUPERVISORCTL-ARGS..."
@@ -40,7 +42,8 @@ def split_args(argv: Sequence[str], environ: dict[str, str]) -> tuple[Path, list
 def supervisorctl_command(var: Path, args: Sequence[str]) -> list[str]:
     """supervisorctl from this interpreter's environment, on ``var``'s socket."""
     return [
-        sys.executable, "-m", "supervisor.supervisorctl", "-c", str(ROOT / "supervisord.conf"),
+        sys.executable, "-m", "supervisor.supervisorctl",
+        "-c", str(project_file("supervisord.conf")),
         "-s", f"unix://{var / SOCKET_NAME}", *args,
     ]  # fmt: skip
 

@@ -28,6 +28,7 @@ from common.embedded import (
     redis_server_path,
 )
 from common.model import DataType
+from common.project_files import project_file
 from simulators.market import DEMO_SYMBOLS
 from workers.broker_store import CHECK_INTERVAL_S, BrokerStoreCap, max_bytes_from_env
 
@@ -261,7 +262,7 @@ def run_fleet(var: Path | None = None, config: Path | None = None) -> int:
         ports = ", ".join(f"{w} {env[metrics_port_variable(w)]}" for w in WORKER_METRICS_PORTS)
         host = env.get("FEEDFLEET_METRICS_HOST") or "127.0.0.1"
         print(f"feedfleet: worker metrics (GET /metrics) on {host}: {ports}", file=sys.stderr)
-        conf = config or ROOT / "supervisord.conf"
+        conf = config or project_file("supervisord.conf")
         proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env=env
         )
