@@ -19,6 +19,7 @@ from common.model import ConnectionStatus, DataType, ProviderStatus, RawMarketDa
 
 if TYPE_CHECKING:
     from common.fleet_budget import FleetBudget
+    from common.recording import FrameTap
 
 T = TypeVar("T")
 
@@ -143,6 +144,8 @@ class ProviderAdapter(abc.ABC):
         # Status Closed/Suspect, FIX MarketDataRequestReject, Bloomberg SubscriptionFailure):
         # the worker reports them so the coordinator can fail just those over.
         self.unavailable: dict[str, str] = {}
+        # Set by `feedfleet record`: each frame read goes to it as well (common/recording.py).
+        self.tap: FrameTap | None = None
 
     @abc.abstractmethod
     async def connect(self) -> None:

@@ -61,6 +61,7 @@ from common.provider import (
     ProviderRateLimited,
 )
 from common.ratelimit import RateLimiter
+from common.recording import FrameKind
 from common.retry import Backoff
 
 log = structlog.get_logger("feedfleet.alphavantage")
@@ -232,7 +233,11 @@ class AlphaVantageAdapter(ProviderAdapter):
             body = await self._fetch(query)
             if body is None:
                 return [], False
-            decoded = codec.decode_response(body, query, time.time_ns(), name)
+            receive_ns = time.time_ns()
+            if self.tap is not None:  # the request path without the key: encode_query(.., "")
+                self.tap.record(FrameKind.HTTP_BODY, body, receive_ns,
+                                f"/query?{codec.encode_query(query, '')}")  # fmt: skip
+            decoded = codec.decode_response(body, query, receive_ns, name)
             if decoded.errors:
                 self.decode_errors += len(decoded.errors)
                 for err in decoded.errors[:3]:

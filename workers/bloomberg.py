@@ -69,6 +69,7 @@ from common.provider import (
     ProviderProtocolError,
     ProviderRateLimited,
 )
+from common.recording import FrameKind
 
 log = structlog.get_logger("feedfleet.bloomberg")
 
@@ -408,6 +409,9 @@ class BloombergAdapter(ProviderAdapter):
         receive_ns, snaps, errors = item
         with contextlib.suppress(ValueError):  # disconnect()'s wake-up took no slot
             slots.release()
+        if self.tap is not None and snaps:
+            line = codec.encode_event_line(snaps[0].event_type, snaps)
+            self.tap.record(FrameKind.BLPAPI_EVENT, line, receive_ns)
         decoded = codec.decode_messages(
             snaps, receive_ns, self._symbol_by_cid, self.config.name, self._quotes
         )

@@ -89,6 +89,7 @@ from common.provider import (
     ProviderDisconnected,
     ProviderRateLimited,
 )
+from common.recording import FrameKind
 
 log = structlog.get_logger("feedfleet.fix")
 
@@ -342,6 +343,8 @@ class FixAdapter(ProviderAdapter):
                 raise ProviderDisconnected(f"connection failed during logon: {exc}") from exc
             if not data:
                 raise ProviderDisconnected("connection closed during logon")
+            if self.tap is not None:  # the Logon reply too: a replay's session starts there
+                self.tap.record(FrameKind.TCP, data, time.time_ns())
             result = session.receive(data, time.time_ns())
             self._count_errors(result)
             await self._write(result.outgoing)
@@ -443,6 +446,8 @@ class FixAdapter(ProviderAdapter):
                 if not data:
                     self._lost("connection closed by the acceptor")
                 self.bytes_received += len(data)
+                if self.tap is not None:
+                    self.tap.record(FrameKind.TCP, data, now)
                 result = session.receive(data, now)
                 self._count_errors(result)
                 await self._write(result.outgoing)

@@ -43,6 +43,7 @@ from common.provider import (
     ProviderConfigError,
     ProviderDisconnected,
 )
+from common.recording import FrameKind
 
 log = structlog.get_logger("feedfleet.iex")
 
@@ -296,6 +297,8 @@ class IexAdapter(ProviderAdapter):
                 self._gone(f"pcap replay finished ({reader.packets} packets)")
 
     def _decode(self, data: bytes, receive_ns: int) -> list[RawMarketData]:
+        if self.tap is not None:  # every datagram passes here: socket, queue left over, pcap
+            self.tap.record(FrameKind.UDP, data, receive_ns)
         name = self.config.name
         segment = codec.decode_segment(
             data,

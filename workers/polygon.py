@@ -42,6 +42,7 @@ from common.provider import (
     ProviderRateLimited,
 )
 from common.ratelimit import RateLimiter
+from common.recording import FrameKind
 
 log = structlog.get_logger("feedfleet.polygon")
 
@@ -153,6 +154,8 @@ class PolygonAdapter(ProviderAdapter):
             if msg.data is not None:
                 self.bytes_received += len(msg.data)  # characters of ASCII JSON: its bytes
             if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+                if self.tap is not None:
+                    self.tap.record(FrameKind.WEBSOCKET, msg.data, receive_ns)
                 frame = codec.decode_frame(msg.data, receive_ns, name)
             else:
                 self.connection_status = ConnectionStatus.DISCONNECTED

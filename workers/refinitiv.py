@@ -62,6 +62,7 @@ from common.provider import (
     ProviderProtocolError,
     ProviderRateLimited,
 )
+from common.recording import FrameKind
 
 log = structlog.get_logger("feedfleet.refinitiv")
 
@@ -357,6 +358,8 @@ class RefinitivAdapter(ProviderAdapter):
             self.bytes_received += len(msg.data)
             last_traffic = loop.time()
             pinged = False
+            if self.tap is not None:
+                self.tap.record(FrameKind.WEBSOCKET, msg.data, receive_ns)
             frame = self.consumer.decode(msg.data, receive_ns)
             if frame.errors:
                 self.decode_errors += len(frame.errors)
