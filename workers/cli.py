@@ -7,6 +7,8 @@ feedfleet coordinator | api        the other fleet processes
 feedfleet db init                  apply schema.sql (idempotent)
 feedfleet seed-demo                demo provider rows and 20 subscribed symbols
 feedfleet decode PROVIDER [FILE]   captured provider data -> normalized JSON lines
+feedfleet record PROVIDER --out F  a provider's frames, as read, to a recording file
+feedfleet replay FILE              a recording through the codec and pipeline into the sinks
 feedfleet chaos [--quick]          faults injected into the fleet, hand-over measured
 feedfleet status [--api URL]       the fleet as tables in the terminal; --watch redraws
 feedfleet ctl [--var DIR] ARGS     supervisorctl against the running fleet's supervisord
@@ -84,7 +86,6 @@ def decode_main(provider: str, path: str | None, symbol: str | None) -> int:
 def _print_records(items: Iterable[Any]) -> bool:
     """One JSON line per record, errors to stderr; True if anything failed to decode."""
     from common.codecs.base import CaptureError
-    from common.model import iso_ns
 
     failed = False
     out = sys.stdout.buffer
@@ -93,25 +94,28 @@ def _print_records(items: Iterable[Any]) -> bool:
             failed = True
             print(f"{item.location}: {item.reason}", file=sys.stderr)
             continue
-        out.write(
-            orjson.dumps(
-                {
-                    "symbol": item.symbol,
-                    "provider": item.provider,
-                    "data_type": item.data_type.value,
-                    "timestamp": iso_ns(item.timestamp_ns),
-                    "price": item.price,
-                    "volume": item.volume,
-                    "bid": item.bid,
-                    "ask": item.ask,
-                    "provider_sequence": item.provider_sequence,
-                    "provider_specific": item.provider_specific or None,
-                }
-            )
-            + b"\n"
-        )
+        out.write(orjson.dumps(record_document(item)) + b"\n")
     out.flush()
     return failed
+
+
+def record_document(item: Any) -> dict[str, Any]:
+    """A ``RawMarketData`` as ``feedfleet decode`` prints it (``feedfleet replay --dry-run``
+    prints the same, with the quality flags)."""
+    from common.model import iso_ns
+
+    return {
+        "symbol": item.symbol,
+        "provider": item.provider,
+        "data_type": item.data_type.value,
+        "timestamp": iso_ns(item.timestamp_ns),
+        "price": item.price,
+        "volume": item.volume,
+        "bid": item.bid,
+        "ask": item.ask,
+        "provider_sequence": item.provider_sequence,
+        "provider_specific": item.provider_specific or None,
+    }
 
 
 def _port_number(text: str) -> int:
@@ -162,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("provider")
     dec.add_argument("file", nargs="?", default=None)
     dec.add_argument("--symbol", default=None, help="symbol for inputs that do not carry one")
+    sub.add_parser("record", help="record a provider's frames (feedfleet record --help)")
+    sub.add_parser("replay", help="replay a recording (feedfleet replay --help)")
     return p
 
 
@@ -182,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from workers.fleet_config import main as fleet_config_main
 
         raise SystemExit(fleet_config_main(raw[1:]))
+    if raw[:1] == ["record"] or raw[:1] == ["replay"]:
+        # Their own options (feedfleet record --help, feedfleet replay --help).
+        from workers import record, replay
+
+        raise SystemExit((record if raw[0] == "record" else replay).main(raw[1:]))
     if raw[:1] == ["chaos"]:
         # The chaos run has its own options (feedfleet chaos --help).
         from chaos.run import main as chaos_main
