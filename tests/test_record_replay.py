@@ -267,6 +267,19 @@ async def test_the_commands_record_a_provider_row_and_print_its_replay(
     code, _, err = await _feedfleet("replay", str(tmp_path / "missing.rec"), "--dry-run", env={})
     assert code == 2 and "cannot read" in err
 
+    sinks = {**env, "FEEDFLEET_REDIS_URL": services.redis_url,
+             "FEEDFLEET_PULSAR_URL": services.pulsar_url,
+             "FEEDFLEET_PULSAR_TOPIC": services.settings().pulsar_topic}  # fmt: skip
+    for already in (0, len(printed)):
+        code, _, err = await _feedfleet("replay", str(out), "--speed", "max",
+                                        "--provider", f"{name}-again", env=sinks)  # fmt: skip
+        assert code == 0, err
+        assert f"stored {len(printed)} ({already} already stored)" in err
+    cur = await conn.execute(
+        "SELECT count(*) FROM raw_market_data WHERE provider = %s", (f"{name}-again",)
+    )
+    assert (await cur.fetchone()) == (len(printed),)
+
 
 async def _provider_sim(provider_type: str) -> tuple[Any, dict[str, Any], list[str]]:
     """A running simulator of ``provider_type``, the connection_config reaching it, and the

@@ -227,6 +227,10 @@ async def record_main(
     except OSError as exc:
         print(f"record: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    if summary.failed and summary.frames == 0:
+        out.unlink(missing_ok=True)  # nothing came: leave no file to remove before a retry
+        print(f"record: {provider.name}: {summary.ended}; no file written", file=sys.stderr)
+        return 1
     print(f"recorded {summary.frames} frames ({summary.bytes} bytes, {summary.records} "
           f"records) in {summary.seconds:.1f} s to {out}; ended by {summary.ended}",
           file=sys.stderr)  # fmt: skip
