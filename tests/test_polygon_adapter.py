@@ -154,13 +154,19 @@ async def test_the_adapter_still_accepts_binary_data_frames() -> None:
         await runner.cleanup()
 
 
-async def test_after_a_reconnect_the_missed_trades_are_backfilled_over_rest() -> None:
+@pytest.mark.parametrize("subscribe_delay_ms", [0, 150])
+async def test_after_a_reconnect_the_missed_trades_are_backfilled_over_rest(
+    subscribe_delay_ms: int,
+) -> None:
     """The simulator drops the connection; the symbol goes on trading while the client is
     away (into the simulator's tape only). Reconnected, the adapter fetches those trades from
     /v3/trades, page by page, flagged backfill, before live data: every trade the tape holds
-    up to the last one received arrives exactly once."""
+    up to the last one received arrives exactly once. A server slow to act on the new
+    subscription (trading on meanwhile) loses none either: the backfill runs to its
+    confirmation, not to the reconnect."""
     config = PolygonSimConfig(symbols=["AAA"], rate=2000, batch=5, away_trade_ms=5,
-                              faults=Faults(drop_after=100))  # fmt: skip
+                              faults=Faults(drop_after=100),
+                              subscribe_delay_ms=subscribe_delay_ms)  # fmt: skip
     simulator = PolygonSimulator(config)
     port = await simulator.start()
     adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")

@@ -22,6 +22,7 @@ trades and nothing is doubled; the trades already received are left out by seque
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlencode
@@ -47,6 +48,8 @@ from common.recording import FrameKind
 log = structlog.get_logger("feedfleet.polygon")
 
 HANDSHAKE_TIMEOUT_S = 10.0
+# How long a reconnect waits for the server to confirm its subscriptions before backfilling.
+SUBSCRIBE_ACK_TIMEOUT_S = 2.0
 
 
 class PolygonAdapter(ProviderAdapter):
@@ -67,7 +70,11 @@ class PolygonAdapter(ProviderAdapter):
         # Per symbol, the last trade handed over: (SIP time ns, sequence). Where a backfill
         # starts after a reconnect.
         self._last_trade: dict[str, tuple[int, int | None]] = {}
-        self._backfill_until_ns: int | None = None  # set by a reconnect: backfill is due
+        self._backfill_due = False  # set by a reconnect
+        self._subscribed_seen = False  # the server confirmed a subscription (after a reconnect)
+        # Symbols whose live trades may repeat backfilled ones: checked by sequence until a
+        # live trade is past the last one handed over.
+        self._overlap: set[str] = set()
         self._limiter: RateLimiter | None = None
         self.backfilled = 0
 
@@ -95,9 +102,8 @@ class PolygonAdapter(ProviderAdapter):
             await self.disconnect()
             raise
         self.connection_status = ConnectionStatus.CONNECTED
-        if self.backfill and self._last_trade:
-            # Back after a disconnect: what traded meanwhile is fetched before live data.
-            self._backfill_until_ns = time.time_ns()
+        # Back after a disconnect: what traded meanwhile is fetched before live data.
+        self._backfill_due = self.backfill and bool(self._last_trade)
         # A reconnect must restore what was subscribed before the drop.
         if self.subscribed:
             await self._send_channels("subscribe", list(self.subscribed.values()))
@@ -139,38 +145,92 @@ class PolygonAdapter(ProviderAdapter):
         ws = self._ws
         if ws is None:
             raise ProviderDisconnected("not connected")
-        name = self.config.name
-        if self._backfill_until_ns is not None:
-            until_ns, self._backfill_until_ns = self._backfill_until_ns, None
+        if self._backfill_due:
+            self._backfill_due = False
+            # The backfill ends when the server has confirmed the subscription, not when
+            # it was asked for: a trade in between would be neither fetched nor sent live.
+            # What arrives live until then is held, and handed over after the backfill
+            # without the trades the backfill already gave.
+            early = await self._until_subscribed(ws)
+            until_ns = time.time_ns()
             for symbol, inst in list(self.subscribed.items()):
                 if DataType.TRADE in inst.data_types and symbol in self._last_trade:
                     records = await self._backfill(symbol, until_ns)
                     if records:
                         self._note_trades(records)
+                        self._overlap.add(symbol)
                         yield records
+            early = self._not_handed_yet(early)
+            if early:
+                self._note_trades(early)
+                yield early
         while True:
-            msg = await ws.receive()
-            receive_ns = time.time_ns()
-            if msg.data is not None:
-                self.bytes_received += len(msg.data)  # characters of ASCII JSON: its bytes
-            if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
-                if self.tap is not None:
-                    self.tap.record(FrameKind.WEBSOCKET, msg.data, receive_ns)
-                frame = codec.decode_frame(msg.data, receive_ns, name)
-            else:
-                self.connection_status = ConnectionStatus.DISCONNECTED
-                raise ProviderDisconnected(f"websocket {msg.type.name.lower()}: {msg.extra!r}")
-            if frame.errors:
-                self.decode_errors += len(frame.errors)
-                for err in frame.errors[:3]:
-                    log.warning("decode_error", provider=name, reason=err.reason, raw=err.raw)
-            if frame.statuses:
-                self._on_statuses(frame.statuses)
-            self.skipped_events += frame.skipped
-            if frame.records:
+            records = await self._read(ws)
+            if records:
                 if self.backfill:
-                    self._note_trades(frame.records)
-                yield frame.records
+                    if self._overlap:
+                        records = self._not_handed_yet(records)
+                    self._note_trades(records)
+                if records:
+                    yield records
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> list[RawMarketData]:
+        """One frame's records (statuses acted on, errors counted)."""
+        msg = await ws.receive()
+        receive_ns = time.time_ns()
+        if msg.data is not None:
+            self.bytes_received += len(msg.data)  # characters of ASCII JSON: its bytes
+        if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+            if self.tap is not None:
+                self.tap.record(FrameKind.WEBSOCKET, msg.data, receive_ns)
+            frame = codec.decode_frame(msg.data, receive_ns, self.config.name)
+        else:
+            self.connection_status = ConnectionStatus.DISCONNECTED
+            raise ProviderDisconnected(f"websocket {msg.type.name.lower()}: {msg.extra!r}")
+        if frame.errors:
+            self.decode_errors += len(frame.errors)
+            for err in frame.errors[:3]:
+                log.warning("decode_error", provider=self.config.name, reason=err.reason,
+                            raw=err.raw)  # fmt: skip
+        if frame.statuses:
+            self._on_statuses(frame.statuses)
+            self._subscribed_seen |= any(
+                s.status == "success" and s.message.startswith("subscribed to")
+                for s in frame.statuses
+            )
+        self.skipped_events += frame.skipped
+        return frame.records
+
+    async def _until_subscribed(self, ws: aiohttp.ClientWebSocketResponse) -> list[RawMarketData]:
+        """The records that arrive until the server confirms a subscription (at most
+        ``SUBSCRIBE_ACK_TIMEOUT_S``: a server that does not confirm is not waited for)."""
+        self._subscribed_seen = not self.subscribed  # nothing asked, nothing to confirm
+        held: list[RawMarketData] = []
+        deadline = time.monotonic() + SUBSCRIBE_ACK_TIMEOUT_S
+        while not self._subscribed_seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(left):
+                    held += await self._read(ws)
+            except TimeoutError:
+                break
+        return held
+
+    def _not_handed_yet(self, records: list[RawMarketData]) -> list[RawMarketData]:
+        """Drop the trades of overlapping symbols at or before the last one handed over."""
+        overlap, last = self._overlap, self._last_trade
+        out = []
+        for r in records:
+            if r.data_type is DataType.TRADE and r.symbol in overlap:
+                seq, handed = r.provider_sequence, last.get(r.symbol)
+                if seq is not None and handed is not None and handed[1] is not None:
+                    if seq <= handed[1]:
+                        continue
+                    overlap.discard(r.symbol)  # live is past the backfill now
+            out.append(r)
+        return out
 
     def _note_trades(self, records: list[RawMarketData]) -> None:
         last = self._last_trade
