@@ -197,6 +197,7 @@ def test_fleet_comes_up_and_a_stopped_worker_shows_disconnected(tmp_path: Path) 
         # would be replaced by one the API makes up, which counts nothing.
         assert poly["messages_received"] > 0, poly
         assert poly["throughput_per_sec"] == 0, poly  # stopped: not its last second's rate
+        assert (poly["health"], poly["reason"]) == ("down", "worker stopped"), poly
         metrics = _get_json(f"http://127.0.0.1:{api_port}/metrics") or {}
         poly = metrics["providers"]["polygon"]
         # A clean stop drains: everything received was published and stored.

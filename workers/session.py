@@ -225,6 +225,7 @@ class ProviderSession:
             log.info("queued_records_taken", provider=self.provider.name, records=len(leftover))
 
     async def close(self) -> None:
-        self._set_status(ConnectionStatus.DISCONNECTED, None)
+        # what the last status report says, so the page and /health tell a stop from a fault
+        self._set_status(ConnectionStatus.DISCONNECTED, "worker stopped")
         if self.adapter is not None:
             await self._disconnect(self.adapter)
