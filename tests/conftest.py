@@ -130,6 +130,23 @@ async def redis_client(services: Services) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
+async def alone(services: Services, conn: db.Conn) -> AsyncIterator[tuple[Settings, db.Conn]]:
+    """Settings and a connection for tables of the test's alone (a schema of its own, alone
+    on the search path): /health judges every provider it finds, so the test knows them all.
+    A schema rather than a database: dropping a database waits for a checkpoint."""
+    schema = f"alone_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = make_conninfo(services.database_url, options=f"-c search_path={schema}")
+    own = await db.connect(url)
+    try:
+        await db.apply_schema(own)
+        yield services.settings(database_url=url), own
+    finally:
+        await own.close()
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
 def fixtures_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"provider samples not found at {SHARED / 'fixtures'}")

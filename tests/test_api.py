@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from psycopg.conninfo import make_conninfo
 
 from common import db
 from common.config import Settings
@@ -51,23 +50,6 @@ async def reporting_worker(
     finally:
         parts.journal.close()
         await parts.redis.aclose()
-
-
-@pytest.fixture
-async def alone(services: Services, conn: db.Conn) -> AsyncIterator[tuple[Settings, db.Conn]]:
-    """Settings and a connection for tables of the test's alone (a schema of its own, alone
-    on the search path): /health judges every provider it finds, so the test knows them all.
-    A schema rather than a database: dropping a database waits for a checkpoint."""
-    schema = f"alone_{uuid.uuid4().hex[:8]}"
-    await conn.execute(f'CREATE SCHEMA "{schema}"')
-    url = make_conninfo(services.database_url, options=f"-c search_path={schema}")
-    own = await db.connect(url)
-    try:
-        await db.apply_schema(own)
-        yield services.settings(database_url=url), own
-    finally:
-        await own.close()
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from common.config import Settings
 from common.model import DataType, iso_ns
 from common.provider import ProviderConfig
 from tests.faultrig import free_udp_port
-from tests.test_api import alone, reporting_worker  # noqa: F401 - fixture
+from tests.test_api import reporting_worker
 from workers import health
 from workers.api import build_app
 from workers.coordinator import Coordinator
@@ -129,7 +129,7 @@ def test_pulsar_and_disk_components() -> None:
 
 
 async def test_a_journal_on_a_nearly_full_disk_shows_in_health(
-    alone: tuple[Settings, db.Conn],  # noqa: F811 - fixture
+    alone: tuple[Settings, db.Conn],
     tiny_disk: Path,
 ) -> None:
     settings, conn = alone
@@ -150,7 +150,7 @@ async def _health(client: TestClient) -> dict[str, Any]:
 
 
 async def test_a_frozen_worker_turns_degraded_while_its_document_says_connected(
-    alone: tuple[Settings, db.Conn],  # noqa: F811 - fixture
+    alone: tuple[Settings, db.Conn],
     tmp_path: Path,
 ) -> None:
     settings, conn = alone
