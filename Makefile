@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Two test processes; the slow end-to-end tests run one after another in one of them
+# (tests/conftest.py), beside the rest. PARALLEL= runs everything in one process.
+PARALLEL ?= -n 2 --dist loadgroup
 
 .PHONY: setup browser run test test-fast lint bench chaos mutate mutate-quick clean
 
@@ -24,10 +27,10 @@ browser:
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check common workers simulators chaos tests

@@ -126,7 +126,7 @@ async def test_bad_subscribe_body_is_400_naming_the_field(
         ("POST", "/api/v1/providers/nope/subscribe"),
         ("GET", "/api/v1/providers/nope/status"),
         ("PUT", "/api/v1/providers/nope/connect"),
-        ("GET", f"/api/v1/providers/{uuid.uuid4()}/status"),
+        ("GET", "/api/v1/providers/5f0c3a9e-7d21-4c55-9a0e-2b8f61d4c7aa/status"),
     ],
 )
 async def test_unknown_provider_is_404(client: TestClient, method: str, path: str) -> None:
