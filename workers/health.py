@@ -61,7 +61,8 @@ def _number(value: Any) -> float | None:
 def last_event_age_s(doc: dict[str, Any], now_s: float) -> float | None:
     """Seconds since the provider's last record, counted now (not when it was reported)."""
     metrics = doc.get("metrics") or {}
-    return _seconds_since(metrics.get("last_event_at"), now_s)
+    age = _seconds_since(metrics.get("last_event_at"), now_s)
+    return None if age is None else round(age, 3)
 
 
 def provider_health(provider: ProviderConfig, doc: dict[str, Any], now_s: float) -> ProviderHealth:
