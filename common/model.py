@@ -118,3 +118,14 @@ def iso_ns(ns: int) -> str:
     """
     seconds, rem = divmod(ns, 1_000_000_000)
     return f"{_second_prefix(seconds)}.{rem // 1000:06d}Z"
+
+
+def seconds_since_iso(iso: object, now_s: float) -> float | None:
+    """Seconds from an ISO 8601 time (as ``iso_ns`` writes it) to ``now_s``, never
+    negative; None for anything that is not such a time (a report is read defensively)."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        return max(0.0, now_s - datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -40,7 +39,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from common.metrics import new_latency_histogram
-from common.model import ConnectionStatus, QualityFlag
+from common.model import ConnectionStatus, QualityFlag, seconds_since_iso
 
 # Counters: metric name (without _total), the status document's "metrics" key, help.
 COUNTERS = (
@@ -94,15 +93,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, int | float):
         return float(value)
     return None
-
-
-def _age_s(iso: Any, now: float) -> float | None:
-    if not isinstance(iso, str):
-        return None
-    try:
-        return max(0.0, now - datetime.fromisoformat(iso).timestamp())
-    except ValueError:
-        return None
 
 
 def latency_buckets(encoded: str | None) -> tuple[list[tuple[str, float]], float]:
@@ -196,7 +186,7 @@ class StatusCollector(Collector):
                 value = _number(doc.get(key))
                 if value is not None:
                     family.add_metric([name], value)
-            age = _age_s(doc.get("last_update"), now)
+            age = seconds_since_iso(doc.get("last_update"), now)
             if age is not None:
                 status_age.add_metric([name], age)
         yield from (up, enabled, status, status_age, subscribed, backpressure)

@@ -19,10 +19,9 @@ when its row says so. Pure functions over decoded documents: no I/O, no clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from common.model import ConnectionStatus
+from common.model import ConnectionStatus, seconds_since_iso
 from common.provider import ProviderConfig, ProviderConfigError
 
 DEFAULT_MAX_LAG_MS = 5000.0
@@ -43,15 +42,6 @@ class ProviderHealth:
     reason: str | None
 
 
-def _seconds_since(iso: Any, now_s: float) -> float | None:
-    if not isinstance(iso, str):
-        return None
-    try:
-        return max(0.0, now_s - datetime.fromisoformat(iso).timestamp())
-    except ValueError:
-        return None
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -61,7 +51,7 @@ def _number(value: Any) -> float | None:
 def last_event_age_s(doc: dict[str, Any], now_s: float) -> float | None:
     """Seconds since the provider's last record, counted now (not when it was reported)."""
     metrics = doc.get("metrics") or {}
-    age = _seconds_since(metrics.get("last_event_at"), now_s)
+    age = seconds_since_iso(metrics.get("last_event_at"), now_s)
     return None if age is None else round(age, 3)
 
 
@@ -77,7 +67,7 @@ def provider_health(provider: ProviderConfig, doc: dict[str, Any], now_s: float)
             DOWN, doc.get("reason") or doc.get("last_error") or f"status {status}"
         )
     reasons = []
-    report_age = _seconds_since(doc.get("last_update"), now_s)
+    report_age = seconds_since_iso(doc.get("last_update"), now_s)
     if report_age is not None and report_age > STALE_REPORT_S:
         reasons.append(f"status report {report_age:.0f}s old (worker stalled?)")
     try:
