@@ -14,7 +14,8 @@ import orjson
 import pytest
 import structlog
 
-from common.log import _SECRET_KEYS, _mask_secrets, configure_logging
+from common import log as log_module
+from common.log import _SECRET_KEYS, _mask_secrets, add_secret, configure_logging
 
 SECRET = "pk-live-7f3a9c2e"
 
@@ -289,3 +290,16 @@ def test_an_unknown_level_name_falls_back_to_info_when_logging_is_already_set_up
 )
 def test_url_passwords_are_masked(text: str, masked: str) -> None:
     assert _mask_secrets(None, "info", {"event": text}) == {"event": masked}
+
+
+def test_a_secret_read_from_a_file_is_masked_from_then_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token read from a file (FEEDFLEET_PULSAR_TOKEN_FILE) is in no environment variable:
+    add_secret makes it a known secret, from six characters on, as the environment's are."""
+    monkeypatch.setattr(log_module, "_file_secrets", set())
+    assert mask(event="sent tok123 and abcde") == {"event": "sent tok123 and abcde"}
+    add_secret("tok123")
+    add_secret("abcde")  # too short to be told from ordinary words: not masked
+    assert mask(event="sent tok123 and abcde") == {"event": "sent *** and abcde"}
+    assert log_module._file_secrets == {"tok123"}
