@@ -70,7 +70,7 @@ class PolygonSimConfig:
     sent_log_dir: str | None = None  # every frame sent, one file per connection (SentLog)
     away_trade_ms: int = 10  # a dropped client's symbols trade this often while it is away
     tape_size: int = 50_000  # trades kept per symbol for /v3/trades
-    # A server slow to act on a subscription: the market trades on meanwhile (the tape).
+    # A server slow to act on each channel subscribed: the market trades on meanwhile (the tape).
     subscribe_delay_ms: int = 0
 
 
@@ -248,9 +248,9 @@ class PolygonSimulator(WebSocketSimulator):
 
     async def _on_subscription(self, conn: _Connection, action: codec.ClientAction) -> None:
         adding = action.action == "subscribe"
-        if self.config.subscribe_delay_ms:
-            await asyncio.sleep(self.config.subscribe_delay_ms / 1000)
         for channel in action.params:
+            if self.config.subscribe_delay_ms:  # each channel takes the server that long
+                await asyncio.sleep(self.config.subscribe_delay_ms / 1000)
             try:
                 ev, sym = codec.split_channel(channel)
             except codec.CodecError as exc:

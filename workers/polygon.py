@@ -71,7 +71,8 @@ class PolygonAdapter(ProviderAdapter):
         # starts after a reconnect.
         self._last_trade: dict[str, tuple[int, int | None]] = {}
         self._backfill_due = False  # set by a reconnect
-        self._subscribed_seen = False  # the server confirmed a subscription (after a reconnect)
+        # Subscription confirmations still awaited after a reconnect (one per channel).
+        self._acks_awaited = 0
         # Symbols whose live trades may repeat backfilled ones: checked by sequence until a
         # live trade is past the last one handed over.
         self._overlap: set[str] = set()
@@ -104,9 +105,11 @@ class PolygonAdapter(ProviderAdapter):
         self.connection_status = ConnectionStatus.CONNECTED
         # Back after a disconnect: what traded meanwhile is fetched before live data.
         self._backfill_due = self.backfill and bool(self._last_trade)
+        self._acks_awaited = 0
         # A reconnect must restore what was subscribed before the drop.
         if self.subscribed:
-            await self._send_channels("subscribe", list(self.subscribed.values()))
+            sent = await self._send_channels("subscribe", list(self.subscribed.values()))
+            self._acks_awaited = sent if self._backfill_due else 0
 
     async def _read_statuses(self) -> list[codec.StatusMessage]:
         assert self._ws is not None
@@ -130,16 +133,19 @@ class PolygonAdapter(ProviderAdapter):
     async def unsubscribe(self, instruments: Sequence[Instrument]) -> None:
         for inst in instruments:
             self.subscribed.pop(inst.symbol, None)
+            self._overlap.discard(inst.symbol)
         if self._ws is not None and not self._ws.closed:
             await self._send_channels("unsubscribe", instruments)
 
-    async def _send_channels(self, action: str, instruments: Sequence[Instrument]) -> None:
+    async def _send_channels(self, action: str, instruments: Sequence[Instrument]) -> int:
+        """Send the channels of ``instruments``; how many were sent."""
         assert self._ws is not None
         channels = [c for i in instruments for c in codec.channels_for(i.symbol, i.data_types)]
         encode = codec.encode_subscribe if action == "subscribe" else codec.encode_unsubscribe
         # Keep each request well under any frame limit the server may have.
         for start in range(0, len(channels), 500):
             await self._ws.send_str(encode(channels[start : start + 500]))
+        return len(channels)
 
     async def stream_batches(self) -> AsyncIterator[list[RawMarketData]]:
         ws = self._ws
@@ -194,7 +200,7 @@ class PolygonAdapter(ProviderAdapter):
                             raw=err.raw)  # fmt: skip
         if frame.statuses:
             self._on_statuses(frame.statuses)
-            self._subscribed_seen |= any(
+            self._acks_awaited -= sum(
                 s.status == "success" and s.message.startswith("subscribed to")
                 for s in frame.statuses
             )
@@ -202,12 +208,11 @@ class PolygonAdapter(ProviderAdapter):
         return frame.records
 
     async def _until_subscribed(self, ws: aiohttp.ClientWebSocketResponse) -> list[RawMarketData]:
-        """The records that arrive until the server confirms a subscription (at most
+        """The records that arrive until the server has confirmed every channel (at most
         ``SUBSCRIBE_ACK_TIMEOUT_S``: a server that does not confirm is not waited for)."""
-        self._subscribed_seen = not self.subscribed  # nothing asked, nothing to confirm
         held: list[RawMarketData] = []
         deadline = time.monotonic() + SUBSCRIBE_ACK_TIMEOUT_S
-        while not self._subscribed_seen:
+        while self._acks_awaited > 0:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
