@@ -22,7 +22,6 @@ trades and nothing is doubled; the trades already received are left out by seque
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlencode
@@ -157,7 +156,14 @@ class PolygonAdapter(ProviderAdapter):
             # it was asked for: a trade in between would be neither fetched nor sent live.
             # What arrives live until then is held, and handed over after the backfill
             # without the trades the backfill already gave.
-            early = await self._until_subscribed(ws)
+            early: list[RawMarketData] = []
+            lost: ProviderError | None = None
+            try:
+                await self._until_subscribed(ws, early)
+            except ProviderError as exc:
+                # Gone before the confirmations: the backfill (over REST) still runs, to now,
+                # so what arrived meanwhile is handed over, and nothing before it is skipped.
+                lost = exc
             until_ns = time.time_ns()
             for symbol, inst in list(self.subscribed.items()):
                 if DataType.TRADE in inst.data_types and symbol in self._last_trade:
@@ -170,6 +176,8 @@ class PolygonAdapter(ProviderAdapter):
             if early:
                 self._note_trades(early)
                 yield early
+            if lost is not None:
+                raise lost
         while True:
             records = await self._read(ws)
             if records:
@@ -207,21 +215,16 @@ class PolygonAdapter(ProviderAdapter):
         self.skipped_events += frame.skipped
         return frame.records
 
-    async def _until_subscribed(self, ws: aiohttp.ClientWebSocketResponse) -> list[RawMarketData]:
-        """The records that arrive until the server has confirmed every channel (at most
-        ``SUBSCRIBE_ACK_TIMEOUT_S``: a server that does not confirm is not waited for)."""
-        held: list[RawMarketData] = []
+    async def _until_subscribed(
+        self, ws: aiohttp.ClientWebSocketResponse, held: list[RawMarketData]
+    ) -> None:
+        """Read the records that arrive until the server has confirmed every channel (or until
+        ``SUBSCRIBE_ACK_TIMEOUT_S`` has passed, checked between frames: a receive is never
+        cancelled, as aiohttp then marks the socket as abnormally closed). They are added
+        to ``held`` as they come, so a connection lost meanwhile keeps what it brought."""
         deadline = time.monotonic() + SUBSCRIBE_ACK_TIMEOUT_S
-        while self._acks_awaited > 0:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                async with asyncio.timeout(left):
-                    held += await self._read(ws)
-            except TimeoutError:
-                break
-        return held
+        while self._acks_awaited > 0 and time.monotonic() < deadline:
+            held += await self._read(ws)
 
     def _not_handed_yet(self, records: list[RawMarketData]) -> list[RawMarketData]:
         """Drop the trades of overlapping symbols at or before the last one handed over."""
