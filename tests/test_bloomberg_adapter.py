@@ -383,3 +383,24 @@ async def test_a_bad_event_queue_size_is_a_config_error() -> None:
         with pytest.raises(ProviderConfigError, match="max_event_queue_size"):
             await adapter.connect()
         assert adapter.connection_status is ConnectionStatus.ERROR
+
+
+async def test_events_queued_at_disconnect_are_taken_not_dropped() -> None:
+    """Events the reader thread handed over and nobody read yet are decoded after the
+    disconnect (ProviderAdapter.take_queued), so a stop does not drop them."""
+    async with running() as (_sim, adapter):
+        await adapter.connect()
+        await adapter.subscribe(instruments("AAPL", "MSFT"))
+        read = await take(adapter, 10)
+        # Nobody reads now: events pile up in the adapter's queue.
+        deadline = time.monotonic() + 10
+        while adapter.queue_depth() < 5:
+            assert time.monotonic() < deadline, "no events queued"
+            await asyncio.sleep(0.05)
+        await adapter.disconnect()
+        queued = adapter.take_queued()
+        assert adapter.take_queued() == [] and adapter.queue_depth() == 0
+    assert len(queued) >= 5
+    assert {r.symbol for r in queued} <= {"AAPL", "MSFT"}
+    # They follow what was read, newest last.
+    assert min(r.receive_ns for r in queued) >= max(r.receive_ns for r in read)

@@ -126,6 +126,7 @@ class BloombergAdapter(ProviderAdapter):
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: asyncio.Queue[_Item] | None = None
+        self._closed_queue: asyncio.Queue[_Item] | None = None
         self._slots: threading.BoundedSemaphore | None = None
         self._event_names: dict[int, str] = {}
         self._cids = itertools.count(1)
@@ -404,11 +405,12 @@ class BloombergAdapter(ProviderAdapter):
                 raise ended
 
     def _decode(
-        self, item: _Item, slots: threading.BoundedSemaphore
+        self, item: _Item, slots: threading.BoundedSemaphore | None
     ) -> tuple[codec.DecodedEvent, list[DecodeError]]:
         receive_ns, snaps, errors = item
-        with contextlib.suppress(ValueError):  # disconnect()'s wake-up took no slot
-            slots.release()
+        if slots is not None:
+            with contextlib.suppress(ValueError):  # disconnect()'s wake-up took no slot
+                slots.release()
         if self.tap is not None and snaps:
             line = codec.encode_event_line(snaps[0].event_type, snaps)
             self.tap.record(FrameKind.BLPAPI_EVENT, line, receive_ns)
@@ -419,7 +421,21 @@ class BloombergAdapter(ProviderAdapter):
 
     def queue_depth(self) -> int:
         """blpapi events handed to the event loop and not yet decoded."""
-        return self._queue.qsize() if self._queue is not None else 0
+        queue = self._queue or self._closed_queue
+        return queue.qsize() if queue is not None else 0
+
+    def take_queued(self) -> list[RawMarketData]:
+        """The records in the events handed over before ``disconnect`` and not yet read
+        (their status messages are of a session that is over, so not acted on)."""
+        queue, self._closed_queue = self._closed_queue, None
+        records: list[RawMarketData] = []
+        while queue is not None and not queue.empty():
+            decoded, errors = self._decode(queue.get_nowait(), None)
+            self.decode_errors += len(errors)
+            records += decoded.records
+        if self._gap_pending and records:
+            self._flag_gaps(records)
+        return records
 
     def _flag_gaps(self, records: list[RawMarketData]) -> None:
         pending = self._gap_pending
@@ -492,6 +508,8 @@ class BloombergAdapter(ProviderAdapter):
         session, reader, queue = self._session, self._reader, self._queue
         self._session = self._reader = None
         self._queue = self._slots = None
+        # Kept for take_queued: events already handed over are not dropped with the session.
+        self._closed_queue = queue
         self._stop.set()
         if queue is not None:
             # Wake a stream_batches() still waiting on this connection.
