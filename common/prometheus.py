@@ -65,8 +65,6 @@ GAUGES = (
      "Events in the journal not yet delivered to every durable sink."),
     ("feedfleet_last_event_age_seconds", "last_event_age_s",
      "Seconds since the worker last received a record."),
-    ("feedfleet_rate_limit_remaining", "rate_limit_remaining",
-     "Requests left in this minute's budget (absent when unlimited)."),
 )  # fmt: skip
 # Latency histograms: name, the document's HdrHistogram key, help.
 HISTOGRAMS = (
@@ -205,14 +203,23 @@ class StatusCollector(Collector):
                 component.add_metric([key], float(is_up))
             yield component
 
-    def _counters(self, reported: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
-        for metric, key, help_text in COUNTERS:
-            family = CounterMetricFamily(metric, help_text, labels=["provider"])
+    @staticmethod
+    def _read_straight(
+        kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+        table: tuple[tuple[str, str, str], ...],
+        reported: list[tuple[str, dict[str, Any]]],
+    ) -> Iterator[Metric]:
+        """One family per row of ``table``: the number under its key, per provider."""
+        for metric, key, help_text in table:
+            family = kind(metric, help_text, labels=["provider"])
             for name, metrics in reported:
                 value = _number(metrics.get(key))
                 if value is not None:
                     family.add_metric([name], value)
             yield family
+
+    def _counters(self, reported: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+        yield from self._read_straight(CounterMetricFamily, COUNTERS, reported)
         flags = CounterMetricFamily(
             "feedfleet_quality_flags", "Events carrying each quality flag (gap: a provider-side "
             "sequence gap).", labels=["provider", "flag"],
@@ -225,13 +232,7 @@ class StatusCollector(Collector):
         yield flags
 
     def _gauges(self, reported: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
-        for metric, key, help_text in GAUGES:
-            family = GaugeMetricFamily(metric, help_text, labels=["provider"])
-            for name, metrics in reported:
-                value = _number(metrics.get(key))
-                if value is not None:
-                    family.add_metric([name], value)
-            yield family
+        yield from self._read_straight(GaugeMetricFamily, GAUGES, reported)
         circuit = GaugeMetricFamily(
             "feedfleet_circuit_state", "1 for the state of the provider connection's circuit "
             "breaker.", labels=["provider", "state"],

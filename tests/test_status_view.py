@@ -158,17 +158,17 @@ def test_fields_are_read_as_the_api_gives_them_and_missing_ones_stay_empty() -> 
         },
         "providers": {
             "polygon": {"status": "CONNECTED", "health": "ok", "throughput_per_sec": 950.0,
-                        "last_event_age_s": 0.4, "publish_lag_p99_ms": 6.5, "queue_depth": 2},
+                        "last_event_age_s": 0.4, "publish_lag_p99_ms": 6.5, "queue_depth": 2,
+                        "rate_limit_remaining": None},
             "fix": {"status": "ERROR", "health": "down", "reason": "logon refused",
-                    "last_error": "logon refused"},
+                    "last_error": "logon refused", "rate_limit_remaining": 4},
         },
         "failover": {"symbols_in_failover": 3, "providers_failed_over": ["fix"]},
     }  # fmt: skip
     metrics = {
         "providers": {
-            "polygon": {"circuit_state": "closed", "rate_limit_remaining": None,
-                        "spool_depth": 12, "latency_p99_ms": 99.0},
-            "fix": {"circuit_state": "open", "rate_limit_remaining": 4, "spooled": 7},
+            "polygon": {"circuit_state": "closed", "spool_depth": 12, "latency_p99_ms": 99.0},
+            "fix": {"circuit_state": "open", "spooled": 7},
         }
     }  # fmt: skip
     assignments = [
@@ -191,4 +191,6 @@ def test_fields_are_read_as_the_api_gives_them_and_missing_ones_stay_empty() -> 
     assert (fix.events_per_s, fix.p99_ms, fix.last_event_age_s) == (None, None, None)
     # without /metrics and /api/v1/assignments: what /health has, the rest empty
     bare = fleet_view("http://api", health, None, None).providers[0]
-    assert (bare.circuit, bare.rate_budget, bare.symbols, bare.spool) == (None, "—", None, None)
+    assert (bare.circuit, bare.rate_budget, bare.symbols, bare.spool) == (
+        None, "unlimited", None, None,
+    )  # fmt: skip

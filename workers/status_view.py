@@ -153,14 +153,13 @@ def fleet_view(
         h = h if isinstance(h, dict) else {}
         m = metric_providers.get(name)
         m = m if isinstance(m, dict) else {}
-        # null is unlimited; absent, that nobody reported it
-        budget_from = h if "rate_limit_remaining" in h else m
-        if "rate_limit_remaining" not in budget_from:
+        # /health's count from Redis: null is unlimited; absent, that nobody reported it
+        if "rate_limit_remaining" not in h:
             budget = DASH
-        elif budget_from["rate_limit_remaining"] is None:
+        elif h["rate_limit_remaining"] is None:
             budget = "unlimited"
         else:
-            budget = _fmt(_number(budget_from["rate_limit_remaining"]), 0)
+            budget = _fmt(_number(h["rate_limit_remaining"]), 0)
         rows.append(
             ProviderRow(
                 name=name,

@@ -140,8 +140,8 @@ function providerRows() {
       p99: num(first(h.publish_lag_p99_ms, m.latency_p99_ms)),
       age: num(first(h.last_event_age_s, m.last_event_age_s)),
       circuit: first(h.circuit_state, m.circuit_state),
-      // null means unlimited; undefined that nobody reported it
-      budget: "rate_limit_remaining" in h ? h.rate_limit_remaining : m.rate_limit_remaining,
+      // /health's count from Redis: null means unlimited; undefined that nobody reported it
+      budget: h.rate_limit_remaining,
       spool: num(first(h.spool_depth, m.spool_depth, m.spooled)),
       queue: num(first(h.queue_depth, m.queue_depth)),
       symbols: state.assignments ? (held.get(name) || new Set()).size : null,
