@@ -196,7 +196,7 @@ async def test_a_frozen_worker_turns_degraded_while_its_document_says_connected(
             mine = doc["providers"][name]
             assert mine["status"] == "CONNECTED" and mine["reason"] is None
             assert mine["last_event_age_s"] is not None and mine["last_event_age_s"] < 3
-            assert mine["queue_depth"] == 0 or mine["queue_depth"] < 10_000
+            assert isinstance(mine["queue_depth"], int) and mine["queue_depth"] < 10_000
             assert doc["components"]["pulsar"]["status"] == "up"
             assert doc["components"]["pulsar"]["last_receipt"] is not None
             assert doc["status"] == "healthy"
