@@ -17,12 +17,14 @@ from dataclasses import dataclass
 
 import structlog
 
+from common import stage_cpu
 from common.events import Event, build_events
 from common.journal import Journal, JournalFull
 from common.model import RawMarketData
 from common.quality import QualityChecker
 from common.sinks.base import DurableSink
 from common.sinks.redis import LatestCache
+from common.stage_cpu import thread_ns
 
 log = structlog.get_logger("feedfleet.pipeline")
 
@@ -65,10 +67,18 @@ class Pipeline:
         if not records:
             return
         self.received += len(records)
+        clock = stage_cpu.CLOCK
+        if clock is not None:
+            started = thread_ns()
         self.quality.check(records)
+        if clock is not None:
+            clock.add("quality", started)
+            started = thread_ns()
         rejected: list[Event] = []
         now_ns = self.last_received_ns = time.time_ns()
         events = build_events(records, now_ns, rejected)
+        if clock is not None:
+            clock.add("event_build", started)
         if rejected:
             self.dead_lettered += len(rejected)
         if self._held is not None:
@@ -79,6 +89,9 @@ class Pipeline:
         self._journal(events, rejected)
 
     def _journal(self, events: list[Event], rejected: list[Event]) -> bool:
+        clock = stage_cpu.CLOCK
+        if clock is not None:
+            started = thread_ns()
         try:
             batch = self.journal.append(events, rejected)
         except JournalFull as exc:
@@ -91,10 +104,21 @@ class Pipeline:
         if self.journal_error is not None:
             log.info("journal_writable_again")
             self.journal_error = None
+        if clock is not None:
+            clock.add("journal", started)
+            started = thread_ns()
         self.publisher.submit(batch)
+        if clock is not None:
+            clock.add("pulsar", started)
+            started = thread_ns()
         self.store.submit(batch)
+        if clock is not None:
+            clock.add("copy", started)
+            started = thread_ns()
         if self.cache is not None and events:
             self.cache.submit(events)
+        if clock is not None:
+            clock.add("redis", started)
         return True
 
     @property

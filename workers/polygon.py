@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 import aiohttp
 import structlog
 
+from common import stage_cpu
 from common.codecs import polygon as codec
 from common.model import ConnectionStatus, DataType, RawMarketData
 from common.provider import (
@@ -197,7 +198,12 @@ class PolygonAdapter(ProviderAdapter):
         if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
             if self.tap is not None:
                 self.tap.record(FrameKind.WEBSOCKET, msg.data, receive_ns)
+            clock = stage_cpu.CLOCK
+            if clock is not None:
+                started = stage_cpu.thread_ns()
             frame = codec.decode_frame(msg.data, receive_ns, self.config.name)
+            if clock is not None:
+                clock.add("decode", started)
         else:
             self.connection_status = ConnectionStatus.DISCONNECTED
             raise ProviderDisconnected(f"websocket {msg.type.name.lower()}: {msg.extra!r}")

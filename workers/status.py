@@ -30,7 +30,7 @@ import psycopg
 import redis.asyncio as aioredis
 import structlog
 
-from common import db
+from common import db, stage_cpu
 from common.circuit import CircuitBreaker
 from common.model import ConnectionStatus, ProviderStatus, iso_ns
 from common.pipeline import Pipeline
@@ -381,4 +381,6 @@ class StatusReporter:
                 },
                 "redis": {"written": pipeline.cache.written if pipeline.cache else 0},
             },
+            # the benchmark's per-stage CPU (FEEDFLEET_STAGE_CPU=1; common/stage_cpu.py)
+            **({"stage_cpu": stage_cpu.CLOCK.report()} if stage_cpu.CLOCK is not None else {}),
         }

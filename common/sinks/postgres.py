@@ -24,6 +24,7 @@ import orjson
 import psycopg
 import structlog
 
+from common import stage_cpu
 from common.events import COPY_COLUMNS, Event
 from common.journal import Batch, Journal
 from common.sinks.base import DurableSink
@@ -101,7 +102,12 @@ class PostgresSink(DurableSink):
     async def _store(
         self, conn: psycopg.AsyncConnection, events: list[Event], rejected: list[Event]
     ) -> None:
-        data = b"".join(e.copy_row for e in events)
+        clock = stage_cpu.CLOCK
+        if clock is not None:
+            started = stage_cpu.thread_ns()
+        data = b"".join([e.copy_row for e in events])
+        if clock is not None:
+            clock.add("copy", started)
         try:
             try:
                 async with conn.transaction(), conn.cursor() as cur:
@@ -196,18 +202,27 @@ class PostgresSink(DurableSink):
     async def flush(self) -> None:
         if not self._buffer:
             return
+        clock = stage_cpu.CLOCK
+        if clock is not None:
+            started = stage_cpu.thread_ns()
         batches, self._buffer, self._buffered = self._buffer, [], 0
         generation = self.generation
         merged = Batch(
             [e for b in batches for e in b.events], [e for b in batches for e in b.rejected],
             batches[-1].end,
         )  # fmt: skip
+        if clock is not None:
+            clock.add("copy", started)
         try:
             await self.deliver(merged)
         except Exception as exc:
             self._failed(merged, f"{type(exc).__name__}: {exc}", generation)
         else:
+            if clock is not None:
+                started = stage_cpu.thread_ns()
             self._acked(merged, generation)
+            if clock is not None:
+                clock.add("receipts", started)
 
     async def close(self) -> None:
         await self.flush()

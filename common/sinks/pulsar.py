@@ -39,6 +39,7 @@ import _pulsar
 import pulsar
 import structlog
 
+from common import stage_cpu
 from common.config import PulsarAccess
 from common.events import EVENT_TYPE, Event
 from common.journal import Batch, Journal
@@ -187,6 +188,14 @@ class PulsarSink(DurableSink):
         self._loop.call_soon_threadsafe(self._batch_done, receipt)
 
     def _batch_done(self, receipt: _BatchReceipt) -> None:
+        clock = stage_cpu.CLOCK
+        if clock is not None:
+            started = stage_cpu.thread_ns()
+        self._receipt(receipt)
+        if clock is not None:
+            clock.add("receipts", started)
+
+    def _receipt(self, receipt: _BatchReceipt) -> None:
         self._outstanding.pop(id(receipt), None)
         if receipt.abandoned:
             return

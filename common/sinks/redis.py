@@ -14,6 +14,7 @@ import asyncio
 import redis.asyncio as aioredis
 import structlog
 
+from common import stage_cpu
 from common.events import Event
 from common.redis_keys import LATEST_TTL_S, latest_key
 
@@ -49,15 +50,20 @@ class LatestCache:
     async def flush(self) -> None:
         if not self._latest:
             return
+        clock = stage_cpu.CLOCK
+        if clock is not None:
+            started = stage_cpu.thread_ns()
         batch, self._latest = self._latest, {}
         if self.symbols is not None:
             batch = {s: p for s, p in batch.items() if s in self.symbols}
             if not batch:
                 return
+        keys = [latest_key(s) for s in batch]
+        args: list[bytes | int] = [LATEST_TTL_S, *batch.values()]
+        if clock is not None:
+            clock.add("redis", started)
         try:
-            await self._set_all(
-                keys=[latest_key(s) for s in batch], args=[LATEST_TTL_S, *batch.values()]
-            )
+            await self._set_all(keys=keys, args=args)
         except Exception as exc:
             self.errors += 1
             if self.healthy:
