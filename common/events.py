@@ -45,8 +45,8 @@ class Event:
     payload: bytes
     copy_row: bytes
     receive_ns: int
-    # When the provider produced it: the simulator's send stamp where present, else the
-    # provider timestamp. Latency "provider -> Pulsar receipt" is measured from here.
+    # When the provider produced it (its timestamp). Latency "provider -> Pulsar receipt"
+    # is measured from here.
     origin_ns: int
     # The provider's sequence space and number: the journal keeps them so sequence state
     # (and so gap detection) survives a restart.
@@ -170,8 +170,9 @@ def build_events(
                 raise
             rejected.append(rejected_event(r, ordinal, exc))
             continue
-        origin = r.provider_specific.get("ffsend") or r.timestamp_ns
-        append(Event(event_id, r.symbol, payload, row, r.receive_ns, origin, r.stream, seq))
+        append(
+            Event(event_id, r.symbol, payload, row, r.receive_ns, r.timestamp_ns, r.stream, seq)
+        )
     return events
 
 
@@ -304,7 +305,7 @@ def event_from_journal(
         orjson.dumps(raw["provider_specific"]), meta["provider_sequence"],
         meta["quality_flags"], iso_ns(receive_ns),
     )  # fmt: skip
-    origin = raw["provider_specific"].get("ffsend") or _iso_to_ns(raw["timestamp"])
+    origin = _iso_to_ns(raw["timestamp"])
     return Event(doc["event_id"], raw["symbol"], payload, row, receive_ns, origin, stream, sequence)
 
 

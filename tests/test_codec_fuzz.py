@@ -260,7 +260,7 @@ POLYGON_VALID: list[dict[str, Any]] = [
     {"ev": "V", "val": 3988.5, "T": "I:SPX", "t": 1678220098130},
 ]
 POLYGON_VOCAB = (
-    "ev", "sym", "p", "s", "t", "q", "bp", "ap", "c", "v", "status", "message", "ffsend", "XX",
+    "ev", "sym", "p", "s", "t", "q", "bp", "ap", "c", "v", "status", "message", "trfi", "XX",
 )  # fmt: skip
 POLYGON_SENTINEL = polygon.trade_event(SENTINEL, 1.0, 1, 1651684192462, 1)
 

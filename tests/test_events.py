@@ -214,17 +214,18 @@ def non_utc_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("non_utc_host")
-def test_origin_is_the_send_stamp_else_the_provider_time_also_after_a_replay() -> None:
-    stamped, plain = build_events([trade(1, provider_specific={"ffsend": T0 + 77}), trade(2)], T0)
-    assert (stamped.origin_ns, plain.origin_ns) == (T0 + 77, T0)
-    for event, origin in ((stamped, T0 + 77), (plain, T0 - 789)):  # the JSON keeps microseconds
-        again = event_from_journal(
-            event.payload, event.receive_ns, event.stream, event.sequence, rejected=False
-        )
-        assert again.origin_ns == origin
-        assert (again.receive_ns, again.payload, again.rejected) == (
-            event.receive_ns, event.payload, False,
-        )  # fmt: skip
+def test_origin_is_the_provider_time_also_after_a_replay() -> None:
+    # A provider field that happens to be called like the benchmark's old send stamp is
+    # just a provider field: the codec and the events know only the provider's time.
+    (event,) = build_events([trade(1, provider_specific={"ffsend": T0 + 77})], T0)
+    assert event.origin_ns == T0
+    again = event_from_journal(
+        event.payload, event.receive_ns, event.stream, event.sequence, rejected=False
+    )
+    assert again.origin_ns == T0 - 789  # the JSON keeps whole microseconds
+    assert (again.receive_ns, again.payload, again.rejected) == (
+        event.receive_ns, event.payload, False,
+    )  # fmt: skip
 
 
 def test_a_replayed_event_is_the_same_event() -> None:

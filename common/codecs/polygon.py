@@ -42,11 +42,9 @@ DATA_EVENTS = frozenset({"T", "Q", "A", "AM"})
 SKIPPED_EVENTS = frozenset({"LULD", "NOI", "V", "FMV", "LV"})
 
 _MS = 1_000_000
-# Provider fields kept in provider_specific. "ffsend" is not Polygon's: our simulator adds
-# its send time (ns) to each event when benchmarking, and it is carried through so the
-# benchmark can measure provider -> Pulsar and provider -> consumer latency.
-_TRADE_EXTRA = ("x", "i", "z", "c", "trfi", "trft", "ffsend")
-_QUOTE_EXTRA = ("bx", "bs", "ax", "as", "c", "i", "z", "ffsend")
+# Provider fields kept in provider_specific.
+_TRADE_EXTRA = ("x", "i", "z", "c", "trfi", "trft")
+_QUOTE_EXTRA = ("bx", "bs", "ax", "as", "c", "i", "z")
 _NUMBER = (int, float)
 
 
