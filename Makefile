@@ -37,8 +37,10 @@ lint: setup
 	$(BIN)/ruff format --check common workers simulators chaos tests
 	$(BIN)/mypy
 
+# The benchmark (tests/bench/): the bench extra brings the official client it compares with.
 bench: setup
-	$(BIN)/feedfleet bench
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m tests.bench
 
 chaos: setup
 	$(BIN)/feedfleet chaos

@@ -1,4 +1,4 @@
-"""`feedfleet bench --quick` end to end with tiny windows, so the benchmark never rots.
+"""`python -m tests.bench --quick` end to end with tiny windows, so the benchmark never rots.
 
 Only the shape and the consistency of the report are checked, never a timing.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from workers.bench import round_rate
+from tests.bench.runner import round_rate
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "workers.bench", "--quick", "--json", str(out),
+            sys.executable, "-m", "tests.bench", "--quick", "--json", str(out),
             "--symbols", "20", "--events-per-frame", "10", "--work-dir", str(tmp_path / "work"),
             # hidden: tiny windows, a two-step ramp, one fixed latency rate
             "--window-s", "1", "--ramp-start", "1000", "--ramp-max", "2000",

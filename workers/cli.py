@@ -146,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("db", help="database tasks")
     d.add_argument("action", choices=["init"])
     sub.add_parser("seed-demo", help="insert demo provider rows and subscriptions")
-    sub.add_parser("bench", help="measure the pipeline (feedfleet bench --help)")
     sub.add_parser("chaos", help="inject faults into the fleet (feedfleet chaos --help)")
     st = sub.add_parser("status", help="the fleet's state from the API, as tables")
     st.add_argument(
@@ -173,11 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     raw = list(sys.argv[1:] if argv is None else argv)
-    if raw[:1] == ["bench"]:
-        # The benchmark has its own options (feedfleet bench --help).
-        from workers.bench import main as bench_main
-
-        raise SystemExit(bench_main(raw[1:]))
     if raw[:1] == ["ctl"]:
         # Everything after it is supervisorctl's (`feedfleet ctl tail -f worker:polygon`).
         from workers.ctl import main as ctl_main

@@ -1,4 +1,4 @@
-"""`feedfleet bench`: the real pipeline on this machine, measured.
+"""`python -m tests.bench` (`make bench`): the real pipeline on this machine, measured.
 
 A Polygon simulator -> one worker process -> Pulsar + PostgreSQL COPY + Redis, and a
 Pulsar consumer (a thread of this process) that checks every event arrived. Reported, as a
@@ -81,7 +81,7 @@ from common.pulsar_client import new_pulsar_client
 from common.redis_keys import provider_status_key
 from simulators.market import symbol_universe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_NAME = "bench"
 KEY_ENV = "FEEDFLEET_BENCH_POLYGON_KEY"
 WORKER_HOST = "bench"
@@ -864,7 +864,7 @@ class Bench:
         step_dir = self.work / f"step{self._step_no:03d}-baseline"
         step_dir.mkdir(parents=True)
         cmd = [
-            sys.executable, "-m", "workers.bench", "--replay-server", str(self.sim_port),
+            sys.executable, "-m", "tests.bench", "--replay-server", str(self.sim_port),
             "--symbols", str(self.options.symbols),
             "--events-per-frame", str(self.options.events_per_frame),
         ]  # fmt: skip
@@ -1278,7 +1278,7 @@ async def serve_replay(port: int, symbols: int, events_per_frame: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="feedfleet bench",
+        prog="python -m tests.bench",
         description="Measure the pipeline on this machine: simulator -> worker -> "
         "Pulsar + PostgreSQL + Redis.",
     )
@@ -1380,7 +1380,3 @@ def main(argv: list[str]) -> int:
     print(render_table(report))
     print(f"\n(elapsed {report['elapsed_s']:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
