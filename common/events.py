@@ -22,22 +22,26 @@ One bad value never blocks a sink, and nothing is dropped silently.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import re
 from datetime import UTC, datetime
 from hashlib import blake2b
+from typing import Any
 
+import msgspec
 import orjson
+from msgspec import Raw
 
 from common.model import RawMarketData, iso_ns
 
 EVENT_TYPE = "raw_market_data_ingested"
 
 
-@dataclass(slots=True)
-class Event:
+class Event(msgspec.Struct, gc=False):
     """One event ready for the sinks: its JSON payload and its COPY row (text format).
 
     A rejected event's payload is the dead-letter document and its ``copy_row`` is empty.
+    A msgspec struct (one per tick; made faster than a dataclass), holding no references
+    the garbage collector would need to follow.
     """
 
     event_id: str
@@ -96,7 +100,7 @@ def build_events(
     publish_iso = iso_ns(publish_ns)
     events: list[Event] = []
     append = events.append
-    dumps = orjson.dumps
+    encode = _encode
     prev_key: tuple[str, int | None] | None = None
     ordinal = 0
     # Records of one read share a receive time and mostly a provider time: format each once.
@@ -112,7 +116,7 @@ def build_events(
         try:
             dt = r.data_type  # a StrEnum: formats and serializes as its value
             seq = r.provider_sequence
-            specific = dumps(r.provider_specific)
+            specific = _specific_json(r.provider_specific)
             price, volume, bid, ask = r.price, r.volume, r.bid, r.ask
             if (
                 (price is not None and not -PRICE_LIMIT < price < PRICE_LIMIT)
@@ -139,7 +143,7 @@ def build_events(
                 last_recv = r.receive_ns
             provider_time = last_ts_iso
             flags = r.quality_flags
-            payload = dumps(
+            payload = encode(
                 {
                     "event_id": event_id,
                     "timestamp": publish_iso,
@@ -151,7 +155,7 @@ def build_events(
                         "timestamp": provider_time,
                         "bid": bid,
                         "ask": ask,
-                        "provider_specific": orjson.Fragment(specific),
+                        "provider_specific": Raw(specific),
                         "data_type": dt,
                     },
                     "metadata": {
@@ -170,10 +174,30 @@ def build_events(
                 raise
             rejected.append(rejected_event(r, ordinal, exc))
             continue
-        append(
-            Event(event_id, r.symbol, payload, row, r.receive_ns, r.timestamp_ns, r.stream, seq)
-        )
+        append(Event(event_id, r.symbol, payload, row, r.receive_ns, r.timestamp_ns, r.stream, seq))
     return events
+
+
+# msgspec's JSON encoder, not orjson's, on the per-event path: orjson starts every output
+# in a buffer of its own and shrinks it after, which costs several times the encoding when,
+# as here, the outputs are kept (about 3 against 0.3 µs for a provider_specific, and 4
+# against 1.5 for a payload). The two write the same JSON for the same values but for two
+# cases, both outside what prices and volumes may hold but not outside provider fields:
+# floats of 1e16 and more (orjson writes 1e+16, msgspec 1e16), and integers beyond 64 bits
+# (orjson refuses them). A provider_specific whose text may hold either (a digit, "e" and a
+# digit, or 20 digits in a row, also inside strings) is written by orjson, as it always
+# was: its text is part of some event ids, and such a record is refused as before.
+_encode = msgspec.json.Encoder().encode
+_ORJSON_ONLY = re.compile(rb"\de\d|\d{20}")
+
+
+def _specific_json(specific: dict[str, Any]) -> bytes:
+    if type(specific) is not dict:
+        return orjson.dumps(specific)
+    text = _encode(specific)
+    if _ORJSON_ONLY.search(text):
+        return orjson.dumps(specific)
+    return text
 
 
 def refusal(r: RawMarketData) -> str:
@@ -211,7 +235,7 @@ def rejected_event(r: RawMarketData, ordinal: int, error: Exception) -> Event:
         _safe_int(r.timestamp_ns),
         str(r.data_type), ordinal,
     )  # fmt: skip
-    values = {name: _as_json_value(getattr(r, name)) for name in RawMarketData.__slots__}
+    values = {name: _as_json_value(getattr(r, name)) for name in RawMarketData.__struct_fields__}
     payload = orjson.dumps(
         {
             "event_id": event_id,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -302,6 +303,64 @@ def test_polygon_bad_elements_lose_only_themselves(messages: list[Any]) -> None:
     check_polygon(out)
     if not out.errors or not out.errors[0].reason.startswith("invalid JSON"):
         assert has_sentinel(out.records)
+
+
+def polygon_frame_as_data(frame: polygon.DecodedFrame) -> tuple[Any, ...]:
+    """Comparable, NaN included (NaN != NaN), with every value's type kept."""
+    return (
+        [repr(msgspec.structs.astuple(r)) for r in frame.records],
+        [(s.status, s.message) for s in frame.statuses],
+        [e.reason for e in frame.errors],
+        frame.skipped,
+    )
+
+
+# Fields of the valid events set to values of every JSON type, and left out, so that the
+# frames include many the typed path takes as well as many it must hand to the dict path.
+polygon_field_values = st.one_of(
+    st.integers(-(2**64), 2**64), st.floats(), st.none(), st.booleans(), st.text(max_size=4),
+    st.lists(st.integers(0, 99), max_size=2), st.just(msgspec.UNSET),
+)  # fmt: skip
+
+
+POLYGON_TYPED = [e for e in POLYGON_VALID if e["ev"] in ("T", "Q", "status")]
+
+
+@st.composite
+def polygon_varied_event(draw: st.DrawFn) -> dict[str, Any]:
+    base = dict(draw(st.sampled_from(POLYGON_TYPED)))
+    keys = sorted({k for e in POLYGON_TYPED for k in e} | {"ev", "q", "trfi", "trft"})
+    for key in draw(st.lists(st.sampled_from(keys), max_size=2)):
+        value = draw(polygon_field_values)
+        if value is msgspec.UNSET:
+            base.pop(key, None)
+        else:
+            base[key] = value
+    return base
+
+
+@FUZZ
+@given(
+    st.lists(polygon_varied_event(), max_size=5)
+    | st.lists(st.one_of(polygon_varied_event(), polygon_message), max_size=5)
+)
+def test_polygon_typed_path_gives_exactly_what_the_dict_path_gives(messages: list[Any]) -> None:
+    data = to_json_bytes(messages)
+    typed = polygon.decode_frame(data, RECEIVE_NS)
+    by_dicts = polygon.decode_frame_untyped(data, RECEIVE_NS)
+    assert polygon_frame_as_data(typed) == polygon_frame_as_data(by_dicts)
+
+
+def test_polygon_typed_path_takes_well_formed_frames() -> None:
+    """The fast path is taken where it should be: a frame of valid trades, quotes and
+    statuses decodes without falling back (the fallback would give the same records,
+    only slower, so nothing else would tell)."""
+    frame = POLYGON_TYPED
+    assert len(frame) >= 3
+    typed = polygon._typed_frame(to_json_bytes(frame))
+    assert [type(m).__name__ for m in typed] == [
+        {"T": "_Trade", "Q": "_Quote", "status": "_Status"}[e["ev"]] for e in frame
+    ]
 
 
 def test_polygon_known_cases() -> None:

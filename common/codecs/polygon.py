@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
+from msgspec import UNSET, UnsetType
 
 from common.codecs.base import (
     CaptureError,
@@ -92,8 +94,136 @@ def channels_for(symbol: str, data_types: Iterable[DataType]) -> list[str]:
     return [f"{CHANNEL_FOR_TYPE[t]}.{symbol}" for t in data_types if t in CHANNEL_FOR_TYPE]
 
 
+# ---------------------------------------------------------------- the typed fast path
+#
+# A frame of well-formed trades, quotes and statuses (nearly every frame) is decoded by
+# msgspec straight into these structs, with no dict per event: about twice as fast as
+# parsing to dicts and picking fields. The types say exactly what the dict path accepts
+# without an error: anything else (a bad or missing field, another event kind, a frame that
+# is not an array) fails the typed decode, and the frame is decoded again by the dict path,
+# which reports each bad element on its own. Both give the same records (a property test
+# holds them to it).
+
+# orjson, on the dict path, reads integers outside [-2**63, 2**64) as floats: the typed
+# path leaves any integer outside 64 signed bits to it (msgspec's bounds stop there).
+_Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_Symbol = Annotated[str, msgspec.Meta(min_length=1)]
+_Time = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+_Number = _Int | float | None  # int stays int, as on the dict path
+# The provider fields kept as they are: the shapes Polygon sends; any other goes by dicts.
+_Extra = _Int | float | str | bool | None | list[_Int] | UnsetType
+
+
+class _Trade(msgspec.Struct, tag_field="ev", tag="T", gc=False):
+    sym: _Symbol
+    t: _Time
+    p: _Number = None
+    s: _Number = None
+    q: _Int | None = None
+    x: _Extra = UNSET
+    i: _Extra = UNSET
+    z: _Extra = UNSET
+    c: _Extra = UNSET
+    trfi: _Extra = UNSET
+    trft: _Extra = UNSET
+
+
+class _Quote(msgspec.Struct, tag_field="ev", tag="Q", gc=False):
+    sym: _Symbol
+    t: _Time
+    bp: _Number = None
+    ap: _Number = None
+    q: _Int | None = None
+    bx: _Extra = UNSET
+    bs: _Extra = UNSET
+    ax: _Extra = UNSET
+    as_: _Extra = msgspec.field(default=UNSET, name="as")
+    c: _Extra = UNSET
+    i: _Extra = UNSET
+    z: _Extra = UNSET
+
+
+class _Status(msgspec.Struct, tag_field="ev", tag="status", gc=False):
+    status: str = ""
+    message: str = ""
+
+
+_typed_frame = msgspec.json.Decoder(list[_Trade | _Quote | _Status]).decode
+
+
+def _decode_typed(items: list[_Trade | _Quote | _Status], out: DecodedFrame, provider: str,
+                  receive_ns: int) -> None:  # fmt: skip
+    records = out.records
+    append = records.append
+    trade, quote = DataType.TRADE, DataType.QUOTE
+    missing = QualityFlag.MISSING_FIELDS
+    for m in items:
+        if type(m) is _Trade:
+            specific: dict[str, Any] = {}
+            # provider_specific in _TRADE_EXTRA's order, as the dict path makes it
+            if m.x is not UNSET:
+                specific["x"] = m.x
+            if m.i is not UNSET:
+                specific["i"] = m.i
+            if m.z is not UNSET:
+                specific["z"] = m.z
+            if m.c is not UNSET:
+                specific["c"] = m.c
+            if m.trfi is not UNSET:
+                specific["trfi"] = m.trfi
+            if m.trft is not UNSET:
+                specific["trft"] = m.trft
+            price, size, sym = m.p, m.s, m.sym
+            append(RawMarketData(
+                sym, provider, m.t * _MS, trade, price, size, None, None, specific, m.q,
+                "T." + sym, False, receive_ns,
+                [missing] if price is None or size is None else [],
+            ))  # fmt: skip
+        elif type(m) is _Quote:
+            specific = {}
+            if m.bx is not UNSET:
+                specific["bx"] = m.bx
+            if m.bs is not UNSET:
+                specific["bs"] = m.bs
+            if m.ax is not UNSET:
+                specific["ax"] = m.ax
+            if m.as_ is not UNSET:
+                specific["as"] = m.as_
+            if m.c is not UNSET:
+                specific["c"] = m.c
+            if m.i is not UNSET:
+                specific["i"] = m.i
+            if m.z is not UNSET:
+                specific["z"] = m.z
+            bid, ask, sym = m.bp, m.ap, m.sym
+            append(RawMarketData(
+                sym, provider, m.t * _MS, quote, None, None, bid, ask, specific, m.q,
+                "Q." + sym, False, receive_ns,
+                [missing] if bid is None or ask is None else [],
+            ))  # fmt: skip
+        else:
+            assert type(m) is _Status
+            out.statuses.append(StatusMessage(m.status, m.message))
+
+
 def decode_frame(data: bytes | str, receive_ns: int, provider: str = PROVIDER) -> DecodedFrame:
     """Decode one server frame. Never raises: bad parts become ``DecodeError`` entries."""
+    out = DecodedFrame()
+    try:
+        typed = _typed_frame(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        pass  # something the dict path must look at element by element
+    else:
+        _decode_typed(typed, out, provider, receive_ns)
+        return out
+    return decode_frame_untyped(data, receive_ns, provider)
+
+
+def decode_frame_untyped(
+    data: bytes | str, receive_ns: int, provider: str = PROVIDER
+) -> DecodedFrame:
+    """``decode_frame`` by way of dicts, element by element: for frames the typed path
+    refuses, so that each bad element loses only itself, with its reason."""
     out = DecodedFrame()
     try:
         items = orjson.loads(data)
