@@ -64,8 +64,10 @@ class PolygonSimConfig:
     batch: int = 10  # events per frame
     api_key: str | None = None  # None: any non-empty key is accepted
     faults: Faults = field(default_factory=Faults)
-    # Bench support: add each event's send time (ns) under "ffsend".
-    stamp_send_ns: bool = False
+    # Bench support, in Polygon's own fields: each trade's id ``i`` (a string) is its
+    # frame's send time in ns, and its SIP time ``t`` that time in ms. Quotes carry ``i``
+    # as a list of indicators: they keep their build time and no stamp.
+    stamp_send_time: bool = False
     capture_path: str | None = None  # also write every data frame sent here, one per line
     sent_log_dir: str | None = None  # every frame sent, one file per connection (SentLog)
     away_trade_ms: int = 10  # a dropped client's symbols trade this often while it is away
@@ -302,10 +304,8 @@ class PolygonSimulator(WebSocketSimulator):
                 await asyncio.sleep(3600)
                 continue
             conn.frames += 1
-            if cfg.stamp_send_ns:
-                sent_ns = time.time_ns()
-                for event in events:
-                    event["ffsend"] = sent_ns
+            if cfg.stamp_send_time:
+                stamp_send_time(events, time.time_ns())
             if faults.malformed_every and conn.frames % faults.malformed_every == 0:
                 await conn.ws.send_str('[{"ev":"T","sym":"BAD","p":')  # truncated JSON
             frame = codec.encode_events(events)
@@ -347,10 +347,26 @@ def tick_event(
     return codec.quote_event(sym, bid, bid_lots, ask, ask_lots, now_ms, st.sequence), st
 
 
+def stamp_send_time(events: list[dict[str, object]], send_ns: int) -> None:
+    """Each trade of a frame about to be sent: ``i`` = ``send_ns`` as a decimal string (a
+    trade id is a string in Polygon's protocol) and ``t`` = it in ms. The codec keeps ``i``
+    in ``provider_specific``, so a consumer reads the send time to the ns; a worker's own
+    provider -> receipt time runs from ``t``, floored to the ms."""
+    trade_id = str(send_ns)
+    t_ms = send_ns // 1_000_000
+    for event in events:
+        if event["ev"] == "T":
+            event["i"] = trade_id
+            event["t"] = t_ms
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = simulator_arg_parser("polygon", __doc__, port=8765, num_symbols=500, rate=1000.0, batch=10)
     p.add_argument("--api-key", default=None, help="the only key accepted (default: any)")
-    p.add_argument("--stamp-send-ns", action="store_true", help="add each event's send time")
+    p.add_argument(
+        "--stamp-send-time", action="store_true",
+        help="each trade's id (i) is its send time in ns and its time (t) that in ms",
+    )  # fmt: skip
     p.add_argument("--capture", default=None, help="also write each data frame sent to this file")
     harness_args(p)
     return p
@@ -361,7 +377,7 @@ async def serve(args: argparse.Namespace) -> None:
         PolygonSimConfig(
             symbols=symbols_from_args(args), rate=args.rate, batch=args.batch,
             api_key=args.api_key, faults=Faults.parse(args.faults),
-            stamp_send_ns=args.stamp_send_ns, capture_path=args.capture,
+            stamp_send_time=args.stamp_send_time, capture_path=args.capture,
             sent_log_dir=args.sent_log,
         )
     )  # fmt: skip

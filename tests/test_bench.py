@@ -1,10 +1,15 @@
-"""`python -m tests.bench --quick` end to end with tiny windows, so the benchmark never rots.
+"""`python -m tests.bench --quick` end to end with tiny windows, so the benchmark never rots;
+and the pieces of it that need no processes: the send stamp from simulator to consumer,
+the per-stage CPU arithmetic, the quieted coordinator.
 
 Only the shape and the consistency of the report are checked, never a timing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +17,125 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
-from tests.bench.runner import round_rate
+from common.codecs import polygon as codec
+from common.events import build_events
+from common.stage_cpu import STAGES
+from simulators.polygon import stamp_send_time
+from tests.bench.consumer import _SEND_STAMP
+from tests.bench.figures import round_rate
+from tests.bench.procstat import NS_PER_TICK, ThreadCpu
+from tests.bench.runner import _coordinator_errors_only
+from tests.bench.stages import CpuReading, split_cpu
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+SEND_NS = 1_767_225_600_123_456_789  # 2026-01-01T00:00:00.123456789Z
+
+
+def test_the_send_stamp_travels_in_polygon_fields_to_the_consumer() -> None:
+    events = [
+        codec.trade_event("AAPL", 190.5, 100, 1_000, 1, trade_id="52983525029461"),
+        codec.quote_event("AAPL", 190.4, 2, 190.6, 3, 1_000, 2),
+    ]
+    stamp_send_time(events, SEND_NS)
+    frame = codec.decode_frame(codec.encode_events(events), SEND_NS + 5_000)
+    assert not frame.errors
+    trade, quote = frame.records
+    # The trade: its id is the send time in ns, its time that in ms; the quote keeps its
+    # own time and its indicators.
+    assert trade.provider_specific["i"] == str(SEND_NS)
+    assert trade.timestamp_ns == SEND_NS // 1_000_000 * 1_000_000
+    assert quote.timestamp_ns == 1_000 * 1_000_000 and quote.provider_specific["i"] == []
+    published = build_events(frame.records, SEND_NS + 9_000)
+    stamps = [_SEND_STAMP.search(e.payload) for e in published]
+    assert stamps[0] is not None and int(stamps[0].group(1)) == SEND_NS
+    assert stamps[1] is None
+    # The worker's provider -> receipt time runs from t: floored to the ms.
+    assert published[0].origin_ns == SEND_NS // 1_000_000 * 1_000_000
+
+
+def test_a_small_trade_id_is_no_send_stamp() -> None:
+    events = [codec.trade_event("AAPL", 190.5, 100, 1_000, 1, trade_id="52983525029461")]
+    frame = codec.decode_frame(codec.encode_events(events), SEND_NS)
+    (event,) = build_events(frame.records, SEND_NS)
+    assert _SEND_STAMP.search(event.payload) is None
+
+
+def _stages(thread_ns: int, **stages_ns: int) -> dict[str, Any]:
+    return {"thread_ns": thread_ns, "stages_ns": {s: stages_ns.get(s, 0) for s in STAGES}}
+
+
+def test_the_cpu_split_differences_the_window_and_adds_up() -> None:
+    pid, pulsar_io, syncer = 100, 101, 102
+    tick = NS_PER_TICK
+    before = CpuReading(
+        process_ns=50 * tick,
+        threads={pid: ThreadCpu("python", 40 * tick), pulsar_io: ThreadCpu("python", 10 * tick)},
+    )
+    # In the window: the main thread 30 ticks, the Pulsar thread 8, a thread started in it
+    # 2; the process 40 in all.
+    after = CpuReading(
+        process_ns=90 * tick,
+        threads={
+            pid: ThreadCpu("python", 70 * tick), pulsar_io: ThreadCpu("python", 18 * tick),
+            syncer: ThreadCpu("asyncio_0", 2 * tick),
+        },
+    )  # fmt: skip
+    first = _stages(1_000_000, decode=100_000, event_build=300_000)
+    last = _stages(1_000_000 + 300_000_000, decode=50_100_000, event_build=120_300_000)
+    split = split_cpu(pid, 10_000, first, last, before, after)
+    assert split is not None
+    us = split.per_event_us
+    assert us["total"] == 40 * tick / 1000 / 10_000
+    assert us["decode"] == 5.0 and us["event_build"] == 12.0 and us["quality"] == 0.0
+    # The main thread's 300 ms less the 170 ms of its stages.
+    assert us["receive_and_loop"] == 13.0
+    assert split.main_thread_us == 30.0
+    assert us["other_threads"] == 10 * tick / 1000 / 10_000
+    assert split.tick_us == tick / 1000 / 10_000
+    assert [t["tid"] for t in split.threads] == [pid, pulsar_io, syncer]
+    assert split.stage_timing
+    assert split_cpu(pid, 0, first, last, before, after) is None
+
+
+def test_without_stage_times_the_main_thread_comes_from_proc() -> None:
+    pid, tick = 100, NS_PER_TICK
+    before = CpuReading(10 * tick, {pid: ThreadCpu("python", 10 * tick)})
+    after = CpuReading(30 * tick, {pid: ThreadCpu("python", 30 * tick)})
+    split = split_cpu(pid, 1_000, None, None, before, after)
+    assert split is not None and not split.stage_timing
+    assert split.main_thread_us == 20 * tick / 1000 / 1_000
+    assert set(split.per_event_us) == {"total", "other_threads"}
+
+
+def test_only_the_coordinators_errors_are_logged() -> None:
+    out = io.StringIO()
+    saved = structlog.get_config()
+    structlog.configure(
+        processors=[_coordinator_errors_only, structlog.processors.KeyValueRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    log = structlog.get_logger()
+
+    async def coordinator() -> None:
+        log.warning("failover_impossible", symbols=["AAPL"])
+        log.error("coordinator_broken")
+
+    async def main() -> None:
+        with structlog.contextvars.bound_contextvars(component="bench-coordinator"):
+            task = asyncio.create_task(coordinator())
+        log.warning("bench_warning")
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        structlog.configure(**saved)
+    lines = out.getvalue()
+    assert "failover_impossible" not in lines
+    assert "coordinator_broken" in lines and "bench_warning" in lines
 
 
 def _ordered(figures: dict[str, Any]) -> None:
@@ -25,6 +144,7 @@ def _ordered(figures: dict[str, Any]) -> None:
     assert values == sorted(values), figures
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -32,9 +152,10 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
         [
             sys.executable, "-m", "tests.bench", "--quick", "--json", str(out),
             "--symbols", "20", "--events-per-frame", "10", "--work-dir", str(tmp_path / "work"),
-            # hidden: tiny windows, a two-step ramp, one fixed latency rate
-            "--window-s", "1", "--ramp-start", "1000", "--ramp-max", "2000",
+            # hidden: tiny windows, a one-step ramp, one fixed latency rate
+            "--window-s", "1", "--ramp-start", "1000", "--ramp-max", "1000",
             "--latency-rates", "1000", "--providers", "2", "--provider-rate", "500",
+            "--stage-rate", "2000",
         ],
         cwd=ROOT, capture_output=True, timeout=280,
     )  # fmt: skip
@@ -46,6 +167,7 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
         "max_sustained_events_per_s", "baseline_events_per_s", "latency_ms",
         "cpu_s_per_million_events", "peak_rss_mb", "symbols", "events_per_frame", "runs",
         "rate_at_80pct_of_max", "pipeline_to_baseline_ratio", "cpu_cores_at_max",
+        "cpu_us_per_event", "cpu_us_per_event_at_2000", "side_by_side", "pinning", "targets",
     ):  # fmt: skip
         assert key in report, key
     assert report["symbols"] == 20
@@ -106,3 +228,54 @@ def test_quick_bench_reports_consistent_figures(tmp_path: Path) -> None:
         assert report["pipeline_to_baseline_ratio"] == 0
         assert report["cpu_s_per_million_events"] is None and report["peak_rss_mb"] is None
         assert report["cpu_cores_at_max"] == {}
+
+    _check_cpu_split(report["cpu_us_per_event"], report["stage_cpu_step"], offered=2000)
+    _check_cpu_split(
+        report["cpu_us_per_event_at_2000"], report["stage_cpu_step_at_2000"], offered=2000
+    )
+    assert report["stage_cpu_step_at_2000"]["events_per_frame"] == 10  # the simulator's own
+    assert run["stage_cpu"] in run["steps"] and run["stage_cpu_natural"] in run["steps"]
+    assert "by stage" in proc.stdout.decode()
+
+    # The side by side: ratio = ours / official whenever both ran.
+    compared = report["side_by_side"]
+    assert compared is not None and compared["ours_events_per_s"] > 0, compared
+    official = compared["official_events_per_s"]
+    if official is not None:
+        assert compared["ratio"] == compared["ours_events_per_s"] / official
+    else:
+        assert compared["ratio"] is None
+
+    two_cores = len(os.sched_getaffinity(0)) >= 2
+    assert report["pinning"]["active"] == two_cores
+    if two_cores:
+        assert report["pinning"]["worker_cpu"] != report["pinning"]["other_cpu"]
+
+    targets = {t["key"]: t for t in report["targets"]}
+    assert set(targets) == {
+        "receive_decode_ratio", "cpu_at_20000", "cpu_at_2000", "receipt_p99_at_10000",
+    }  # fmt: skip
+    for t in targets.values():
+        assert (t["value"] is None) == (t["met"] is None), t
+    assert targets["receive_decode_ratio"]["value"] == compared["ratio"]
+    # At 2,000/s: measured; at 20,000/s and 10,000/s: not in this run.
+    natural = targets["cpu_at_2000"]
+    assert natural["value"] == report["cpu_us_per_event_at_2000"]["total"]
+    kept_up = report["stage_cpu_step_at_2000"]["kept_up"]
+    assert natural["met"] == (natural["value"] <= 25 and kept_up)
+    assert targets["cpu_at_20000"]["value"] is None
+    assert targets["receipt_p99_at_10000"]["value"] is None
+    assert "Targets:" in proc.stdout.decode()
+
+
+def _check_cpu_split(split: dict[str, float], step: dict[str, Any], *, offered: int) -> None:
+    """Every figure a number >= 0; the stages and the rest of the main thread add up to
+    it; the whole process is no less than its main thread (to /proc's precision)."""
+    assert step["offered"] == offered and step["stage_timing"], step
+    assert set(split) == {"total", *STAGES, "receive_and_loop", "other_threads"}, split
+    assert all(isinstance(v, float | int) and v >= 0 for v in split.values()), split
+    main = step["main_thread_us"]
+    parts = sum(split[s] for s in STAGES) + split["receive_and_loop"]
+    assert parts == pytest.approx(main, abs=0.001 * (len(STAGES) + 2)), (split, step)
+    assert split["total"] + step["tick_us"] >= main, (split, step)
+    assert split["decode"] > 0 and split["event_build"] > 0, split
