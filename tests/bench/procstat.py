@@ -82,13 +82,14 @@ class Pinning:
 
     worker_cpu: int | None
     other_cpu: int | None
+    all_cpus: frozenset[int] = frozenset()  # what this process could run on at the start
 
     @classmethod
     def plan(cls, enabled: bool) -> Pinning:
         allowed = sorted(os.sched_getaffinity(0))
         if not enabled or (os.cpu_count() or 1) < 2 or len(allowed) < 2:
-            return cls(None, None)
-        return cls(worker_cpu=allowed[1], other_cpu=allowed[0])
+            return cls(None, None, frozenset(allowed))
+        return cls(worker_cpu=allowed[1], other_cpu=allowed[0], all_cpus=frozenset(allowed))
 
     @property
     def active(self) -> bool:
@@ -103,6 +104,11 @@ class Pinning:
     def pin_worker(self, pid: int) -> None:
         if self.worker_cpu is not None:
             pin_process(pid, {self.worker_cpu})
+
+    def unpin(self, pid: int) -> None:
+        """``pid`` back onto every core (it inherited the shared one from this process)."""
+        if self.worker_cpu is not None:
+            pin_process(pid, set(self.all_cpus))
 
 
 def pin_process(pid: int, cpus: set[int]) -> None:

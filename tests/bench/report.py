@@ -154,7 +154,10 @@ def pinning_entry(pinning: Pinning, services: Services) -> dict[str, Any]:
     )
     if services.external:
         note += f"; not pinned (not started by the bench): {', '.join(services.external)}"
-    note += "; the side-by-side pins its own server and clients (see its note)"
+    note += (
+        "; in the several-providers step the workers run on every core; the side-by-side "
+        "pins its own server and clients (see its note)"
+    )
     return {
         "active": True,
         "worker_cpu": pinning.worker_cpu,

@@ -186,7 +186,7 @@ class Bench:
     # ------------------------------------------------------------ processes
 
     def _start_worker(
-        self, topic: str, step_dir: Path, lane: Lane, *, stage_cpu: bool
+        self, topic: str, step_dir: Path, lane: Lane, *, stage_cpu: bool, own_core: bool
     ) -> subprocess.Popen[bytes]:
         svc = self.services
         env = {
@@ -201,7 +201,10 @@ class Bench:
         worker = processes.start_worker(lane.name, env, step_dir / "worker.log")
         # At once: the interpreter has not started the Pulsar client's threads yet, and
         # any it has started are moved too.
-        self.pinning.pin_worker(worker.pid)
+        if own_core:
+            self.pinning.pin_worker(worker.pid)
+        else:
+            self.pinning.unpin(worker.pid)
         return worker
 
     async def _status(self, lane: Lane) -> Sample | None:
@@ -235,11 +238,13 @@ class Bench:
     async def step(
         self, rate: int, window_s: float, label: str, lane: Lane | None = None,
         *, truncate: bool = True, stage_cpu: bool = False, natural_frames: bool = False,
+        own_core: bool = True,
     ) -> StepResult:  # fmt: skip
         """One provider at ``rate``; ``truncate=False`` when other lanes run beside it.
 
         ``stage_cpu``: the worker times its stages and the step splits its CPU per event;
-        ``natural_frames``: the simulator sends frames of its own default size.
+        ``natural_frames``: the simulator sends frames of its own default size;
+        ``own_core=False``: the worker may run on every core (several workers at once).
         """
         assert self.conn is not None and self.pulsar is not None
         lane = lane or self.lanes[0]
@@ -264,7 +269,9 @@ class Bench:
             sim = processes.start_simulator(
                 lane.sim_port, rate, self.options.symbols, frame_events, step_dir / "simulator.log"
             )
-            worker = self._start_worker(topic, step_dir, lane, stage_cpu=stage_cpu)
+            worker = self._start_worker(
+                topic, step_dir, lane, stage_cpu=stage_cpu, own_core=own_core
+            )
             mark = result.phase("setup", started)
             await self._measure(result, sim, worker, consumer, window_s, mark, lane, stage_cpu)
         except (WorkerDied, TimeoutError) as exc:
@@ -297,11 +304,12 @@ class Bench:
 
     async def providers_step(self, rate: int, window_s: float, label: str) -> list[StepResult]:
         """Every lane at once, each at ``rate``: one worker and one simulator per provider,
-        each judged on its own (kept up, nothing lost) over windows that overlap."""
+        each judged on its own (kept up, nothing lost) over windows that overlap. The
+        workers run on every core: one core for all of them would measure the pinning."""
         assert self.conn is not None
         await self.conn.execute("TRUNCATE raw_market_data")
         steps = [
-            self.step(rate, window_s, f"{label} {lane.name}", lane, truncate=False)
+            self.step(rate, window_s, f"{label} {lane.name}", lane, truncate=False, own_core=False)
             for lane in self.lanes
         ]
         return list(await asyncio.gather(*steps))
