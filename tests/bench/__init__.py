@@ -1,1 +1,1 @@
-"""The benchmark's parts: the replay source and the side-by-side with the official client."""
+"""The benchmark, ``python -m tests.bench`` (``make bench``): the steps in ``runner.py``."""
