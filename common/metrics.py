@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
+from operator import mul
 
 from hdrh.histogram import HdrHistogram
 
@@ -73,12 +75,21 @@ def mean_value(histogram: HdrHistogram) -> float:
     if total == 0:
         return 0.0
     first, counts = _recorded_counts(histogram)
-    weighted = 0
-    for offset, count in enumerate(counts):
-        if count:
-            value = histogram.get_value_from_index(first + offset)
-            weighted += count * histogram._hdr_median_equiv_value(value)
+    medians = _median_values(histogram.lowest_trackable_value,
+                             histogram.highest_trackable_value,
+                             histogram.significant_figures)  # fmt: skip
+    weighted = sum(map(mul, counts, medians[first : first + len(counts)]))
     return float(weighted) / total
+
+
+@functools.lru_cache(maxsize=8)
+def _median_values(lowest: int, highest: int, digits: int) -> tuple[int, ...]:
+    """Each bucket's median equivalent value, by index, for one histogram layout: computed
+    once, so a mean is a sum of products in C rather than two hdrh calls per bucket in
+    Python (about 10 ms for a window whose latencies spread from 1 to 50 ms)."""
+    layout = HdrHistogram(lowest, highest, digits)
+    value_at, median = layout.get_value_from_index, layout._hdr_median_equiv_value
+    return tuple(median(value_at(i)) for i in range(layout.counts_len))
 
 
 @dataclass(slots=True)
