@@ -462,6 +462,20 @@ class HeldSymbol:
     latest: bool  # this instance writes latest:{symbol}
 
 
+async def held_digest(conn: Conn, instance_id: str) -> str:
+    """A digest of this instance's assignments as ``held_symbols`` reads them: it changes
+    whenever what it would return may have."""
+    cur = await conn.execute(
+        "SELECT count(*)::text || ':' || coalesce(md5(string_agg("
+        "    instrument_symbol || '|' || data_types::text || '|' || reason || '|' || latest::text,"
+        "    ',' ORDER BY instrument_symbol, reason, data_types)), '') "
+        "FROM assignments WHERE instance_id = %s",
+        (instance_id,),
+    )
+    row = await cur.fetchone()
+    return str(row[0]) if row else ""
+
+
 async def held_symbols(conn: Conn, instance_id: str) -> dict[str, HeldSymbol]:
     """What the coordinator gave this instance. A symbol held for several providers (its
     own subscription and as a backup) is one subscription with the union of data types."""

@@ -128,3 +128,48 @@ async def test_a_symbol_held_as_a_backup_is_flagged_and_latest_has_one_writer(
         worker.stop()
         await asyncio.wait_for(task, 60)
         await sim.stop()
+
+
+async def test_the_assignment_digest_changes_with_anything_a_worker_applies(
+    conn: db.Conn,
+) -> None:
+    """A worker skips applying a poll whose digest is unchanged: every field it reads must
+    change the digest, and nothing else may."""
+    tag = uuid.uuid4().hex[:6]
+    provider_id = await db.upsert_provider(conn, f"digest-{tag}", "polygon", {})
+    other_id = await db.upsert_provider(conn, f"digest-other-{tag}", "polygon", {})
+    instance = f"digest-{tag}@host:1"
+    seen = [await db.held_digest(conn, instance)]
+
+    async def changed(sql: str, *params: object) -> None:
+        await conn.execute(sql, params)
+        digest = await db.held_digest(conn, instance)
+        assert digest not in seen, sql
+        seen.append(digest)
+
+    await changed(
+        "INSERT INTO assignments (provider_id, instrument_symbol, instance_id, data_types) "
+        "VALUES (%s, 'AAA', %s, '{TRADE}')", provider_id, instance,
+    )  # fmt: skip
+    await changed(
+        "INSERT INTO assignments (provider_id, instrument_symbol, instance_id, data_types, "
+        "reason) VALUES (%s, 'AAA', %s, '{TRADE}', 'failover')", other_id, instance,
+    )  # fmt: skip
+    await changed("UPDATE assignments SET data_types = '{TRADE,QUOTE}' "
+                  "WHERE provider_id = %s", provider_id)  # fmt: skip
+    await changed("UPDATE assignments SET reason = 'primary' WHERE provider_id = %s", other_id)
+    await changed("UPDATE assignments SET latest = false WHERE provider_id = %s", other_id)
+    await changed("DELETE FROM assignments WHERE provider_id = %s", other_id)
+    # What the worker does not read leaves it as it was.
+    before = await db.held_digest(conn, instance)
+    await conn.execute("UPDATE assignments SET assigned_at = now() - interval '1 hour'")
+    await conn.execute(
+        "INSERT INTO assignments (provider_id, instrument_symbol, instance_id, data_types) "
+        "VALUES (%s, 'BBB', 'another@host:2', '{TRADE}')", (other_id,),
+    )  # fmt: skip
+    assert await db.held_digest(conn, instance) == before
+    assert db.held_symbols  # the reader the digest stands for
+    held = await db.held_symbols(conn, instance)
+    assert {s: sorted(h.instrument.data_types) for s, h in held.items()} == {
+        "AAA": [DataType.QUOTE, DataType.TRADE]
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,9 @@ from workers.session import ProviderSession
 log = structlog.get_logger("feedfleet.assignments")
 
 POLL_S = 1.0
+# A poll whose assignments are unchanged (by their digest) skips applying them, but they
+# are applied again at least this often whatever the digest says.
+FULL_SYNC_S = 30.0
 
 
 class AssignmentFollower:
@@ -47,6 +51,8 @@ class AssignmentFollower:
         self.cache_path = cache_path
         self.database_ok = False
         self._saved: bytes | None = None
+        # The digest of the assignments last applied, and when (monotonic seconds).
+        self._applied: tuple[str, float] | None = None
 
     async def run(self) -> None:
         backoff = Backoff(base_s=0.5, max_s=10.0)
@@ -85,11 +91,22 @@ class AssignmentFollower:
     async def sync(self, conn: db.Conn) -> None:
         """Read the row and the assignments once and apply what changed."""
         fresh = await db.find_provider(conn, self.session.provider.name)
-        held = await db.held_symbols(conn, self.instance_id)
         if fresh is not None and fresh != self.session.provider:
             await self.session.reconfigure(fresh)
         if not self._registered():
             return
+        # Most polls find the assignments as they were: a digest computed by the server
+        # tells so without fetching and comparing every symbol (about 8 ms a second for
+        # 500 symbols, on the worker's core, which at 2,000 events/s is 4 us per event).
+        digest = await db.held_digest(conn, self.instance_id)
+        now = time.monotonic()
+        if (
+            self._applied is not None
+            and self._applied[0] == digest
+            and now - self._applied[1] < FULL_SYNC_S
+        ):
+            return
+        held = await db.held_symbols(conn, self.instance_id)
         wanted = {s: h.instrument for s, h in held.items()}
         await self.session.follow(wanted)
         # Events of a symbol held only as a backup carry the failover flag; only the
@@ -102,6 +119,7 @@ class AssignmentFollower:
         if pipeline.cache is not None:
             pipeline.cache.symbols = {s for s, h in held.items() if h.latest}
         self._save(self.session.provider, wanted)
+        self._applied = (digest, now)
 
     # ------------------------------------------------------------ the local copy
 
