@@ -13,13 +13,17 @@ instance takes tokens until it expires.
 With Redis down, each instance falls back to its share of the budget: the budget divided
 by the provider's live instances (the worker tells it how many there are), counted per
 minute in process. Nothing waits on Redis for longer than ``redis_timeout_s``.
+
+A cancel of the task asking (a poller being stopped) always ends it, also when it comes
+as a command has just been written to Redis; see ``FleetBudget._ask``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -28,6 +32,8 @@ from redis.exceptions import RedisError
 from common.redis_keys import RATELIMIT_TTL_S, ratelimit_key
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 # KEYS[1] the window's counter, KEYS[2] the hold; ARGV: wanted, budget, ttl.
 # Returns {granted, hold_ms}: tokens taken (0 when the window is spent or on hold).
@@ -99,11 +105,12 @@ class FleetBudget:
                 self._local -= 1
                 return
             try:
-                async with asyncio.timeout(self.redis_timeout_s):
-                    granted, hold_ms = await self._script(
+                granted, hold_ms = await self._ask(
+                    self._script(
                         keys=[ratelimit_key(self.provider, self._window), self._hold_key()],
                         args=[self.chunk, self.per_window, RATELIMIT_TTL_S],
                     )
+                )
             except (RedisError, OSError, TimeoutError) as exc:
                 if self._fallback_used < self._share():
                     if self._fallback_used == 0:
@@ -120,6 +127,25 @@ class FleetBudget:
             wait = int(hold_ms) / 1000 if hold_ms else self._until_next_window(now)
             await asyncio.sleep(wait)
 
+    async def _ask(self, command: Awaitable[T]) -> T:
+        """The Redis ``command``'s answer, waited for at most ``redis_timeout_s``.
+
+        The command runs in a task of its own, awaited through ``shield``, so that a cancel
+        of ours never passes through redis-py. redis-py (8.1) writes each command inside
+        ``asyncio.wait_for`` when the client has a socket timeout (5 s by default), and on
+        Python 3.11 ``wait_for`` returns the result and drops the cancel when it arrives
+        after the write finished but before ``wait_for`` resumed (CPython gh-86296, fixed
+        in 3.12). A poller stopped at that moment went on polling, and whoever awaited its
+        end waited for ever. The command is cancelled when we stop waiting for it; it may
+        still complete, its answer unread (tokens it took are lost to this window).
+        """
+        request = asyncio.ensure_future(command)
+        try:
+            async with asyncio.timeout(self.redis_timeout_s):
+                return await asyncio.shield(request)
+        finally:
+            request.cancel()  # nothing when it has completed
+
     def _share(self) -> int:
         """This instance's part of the budget while Redis cannot be asked."""
         return max(1, self.per_window // max(1, self.instances()))
@@ -133,7 +159,6 @@ class FleetBudget:
         if seconds <= 0:
             return
         try:
-            async with asyncio.timeout(self.redis_timeout_s):
-                await self.redis.set(self._hold_key(), 1, px=max(1, int(seconds * 1000)))
+            await self._ask(self.redis.set(self._hold_key(), 1, px=max(1, int(seconds * 1000))))
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("rate_budget_hold_not_shared", provider=self.provider, error=str(exc))

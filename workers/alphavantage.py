@@ -217,8 +217,11 @@ class AlphaVantageAdapter(ProviderAdapter):
             if not self.subscribed:
                 remaining = max(remaining, 1.0)  # nothing to poll: wait for a subscribe
             if remaining > 0 and not self._wake.is_set():
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel
+                # that comes as the wake is set, and a stopped poller would poll on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
 
     def _query(self, function: str, symbol: str) -> codec.Query:
         interval = self.interval if function == codec.TIME_SERIES_INTRADAY else None
