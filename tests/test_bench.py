@@ -279,3 +279,13 @@ def _check_cpu_split(split: dict[str, float], step: dict[str, Any], *, offered: 
     assert parts == pytest.approx(main, abs=0.001 * (len(STAGES) + 2)), (split, step)
     assert split["total"] + step["tick_us"] >= main, (split, step)
     assert split["decode"] > 0 and split["event_build"] > 0, split
+
+
+def test_the_hot_path_measure_times_every_stage_of_every_event() -> None:
+    from tests.bench import hot_path
+
+    data = hot_path.frames(4)
+    assert len(data) == 4 and all(len(orjson.loads(f)) == 50 for f in data)
+    figures = hot_path.measure(data, runs=1)
+    assert set(figures) == {"decode", "quality", "event_build"}
+    assert all(isinstance(v, float) and v > 0 for v in figures.values()), figures
