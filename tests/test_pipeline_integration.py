@@ -25,7 +25,7 @@ from tests.conftest import Services
 from tests.pulsar_collector import PulsarCollector
 from tests.running import RunningWorker, until
 from tests.test_coordinator import eventually
-from workers.worker import Worker
+from workers.worker import Worker, stop_tasks
 
 KEY_ENV = "FEEDFLEET_TEST_POLYGON_KEY"
 
@@ -81,9 +81,11 @@ class LatestWatch:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        # On Python 3.11 redis-py writes each command inside asyncio.wait_for, which drops
+        # a cancel that comes just as the write is done (CPython gh-86296): repeat it.
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            left = await stop_tasks([self._task], 5.0)
+            assert not left, f"the latest-value watch ignored its cancel: {left}"
 
 
 async def assert_latest_is_newest(
