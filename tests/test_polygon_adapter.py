@@ -117,6 +117,37 @@ async def test_the_adapter_reads_text_frames_from_the_simulator(
     assert simulator.events_sent >= len(records) > 0
 
 
+async def test_a_server_that_closes_the_socket_is_a_disconnect_not_a_crash() -> None:
+    """A close frame's data is its close code (an int): counting it as bytes received once
+    crashed the session with a TypeError instead of a reconnect."""
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str('[{"ev":"status","status":"connected","message":"Connected"}]')
+        await ws.receive()  # the auth
+        await ws.send_str('[{"ev":"status","status":"auth_success","message":"ok"}]')
+        await ws.close(code=1001, message=b"going away")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/stocks", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")
+    try:
+        await adapter.connect()
+        with pytest.raises(ProviderDisconnected, match="close"):
+            await anext(adapter.stream_batches())
+        assert adapter.connection_status is ConnectionStatus.DISCONNECTED
+    finally:
+        await adapter.disconnect()
+        await runner.cleanup()
+
+
 async def test_the_adapter_still_accepts_binary_data_frames() -> None:
     """A server that sends its JSON arrays as BINARY (as this simulator once did) is read
     the same."""

@@ -193,9 +193,9 @@ class PolygonAdapter(ProviderAdapter):
         """One frame's records (statuses acted on, errors counted)."""
         msg = await ws.receive()
         receive_ns = time.time_ns()
-        if msg.data is not None:
-            self.bytes_received += len(msg.data)  # characters of ASCII JSON: its bytes
         if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+            # characters of ASCII JSON: its bytes (a close message's data is its code)
+            self.bytes_received += len(msg.data)
             if self.tap is not None:
                 self.tap.record(FrameKind.WEBSOCKET, msg.data, receive_ns)
             clock = stage_cpu.CLOCK
