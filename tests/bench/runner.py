@@ -295,8 +295,13 @@ class Bench:
                 result.worker_exit_code = worker.returncode
                 stopping = result.phase("stop_worker", stopping)
                 instance = f"{lane.name}@{processes.WORKER_HOST}:{worker.pid}"
-                with contextlib.suppress(psycopg.Error):
-                    await db.remove_instance(self.conn, instance)
+                # A connection of its own: the several-providers step stops its lanes at
+                # once, and transactions of several tasks on one connection nest into each
+                # other and can be left open, holding the row locks every later worker's
+                # registration then waits for.
+                with contextlib.suppress(psycopg.Error, OSError):
+                    async with await db.connect(self.services.database_url) as own:
+                        await db.remove_instance(own, instance)
             await asyncio.to_thread(consumer.close)
         result.elapsed_s = round(time.monotonic() - started, 1)
         log(result.summary())
