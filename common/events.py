@@ -143,27 +143,12 @@ def build_events(
             provider_time = last_ts_iso
             flags = r.quality_flags
             payload = encode(
-                {
-                    "event_id": event_id,
-                    "timestamp": publish_iso,
-                    "provider": r.provider,
-                    "raw_data": {
-                        "symbol": r.symbol,
-                        "price": price,
-                        "volume": volume,
-                        "timestamp": provider_time,
-                        "bid": bid,
-                        "ask": ask,
-                        "provider_specific": Raw(specific),
-                        "data_type": dt,
-                    },
-                    "metadata": {
-                        "ingestion_latency_ms": (publish_ns - r.receive_ns) / 1e6,
-                        "provider_sequence": seq,
-                        "quality_flags": flags,
-                    },
-                }
-            )
+                _Payload(
+                    event_id, publish_iso, r.provider,
+                    _RawData(r.symbol, price, volume, provider_time, bid, ask, Raw(specific), dt),
+                    _Metadata((publish_ns - r.receive_ns) / 1e6, seq, flags),
+                )
+            )  # fmt: skip
             row = copy_row(
                 event_id, r.symbol, r.provider, provider_time, dt, price, volume, bid, ask,
                 specific_text, seq, flags, last_recv_iso,
@@ -175,6 +160,33 @@ def build_events(
             continue
         append(Event(event_id, r.symbol, payload, row, r.receive_ns, r.timestamp_ns, r.stream, seq))
     return events
+
+
+# The event's JSON document, field by field in its order: encoded from structs, with no
+# dicts built per event (1.8 against 3.0 us per payload, measured side by side).
+class _RawData(msgspec.Struct, gc=False):
+    symbol: str
+    price: float | None
+    volume: float | None
+    timestamp: str
+    bid: float | None
+    ask: float | None
+    provider_specific: Raw
+    data_type: str
+
+
+class _Metadata(msgspec.Struct, gc=False):
+    ingestion_latency_ms: float
+    provider_sequence: int | None
+    quality_flags: list[str]
+
+
+class _Payload(msgspec.Struct, gc=False):
+    event_id: str
+    timestamp: str
+    provider: str
+    raw_data: _RawData
+    metadata: _Metadata
 
 
 # msgspec's JSON encoder, not orjson's, on the per-event path: orjson starts every output
