@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -117,6 +117,18 @@ async def test_the_adapter_reads_text_frames_from_the_simulator(
     assert simulator.events_sent >= len(records) > 0
 
 
+async def serve_stocks(
+    handle: Callable[[web.Request], Awaitable[web.WebSocketResponse]],
+) -> tuple[web.AppRunner, str]:
+    """A one-route server scripted by ``handle``, on a free port; its runner and URL."""
+    app = web.Application()
+    app.router.add_get("/stocks", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"ws://127.0.0.1:{runner.addresses[0][1]}/stocks"
+
+
 async def test_a_server_that_closes_the_socket_is_a_disconnect_not_a_crash() -> None:
     """A close frame's data is its close code (an int): counting it as bytes received once
     crashed the session with a TypeError instead of a reconnect."""
@@ -130,14 +142,8 @@ async def test_a_server_that_closes_the_socket_is_a_disconnect_not_a_crash() -> 
         await ws.close(code=1001, message=b"going away")
         return ws
 
-    app = web.Application()
-    app.router.add_get("/stocks", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")
+    runner, url = await serve_stocks(handle)
+    adapter = adapter_for(url)
     try:
         await adapter.connect()
         with pytest.raises(ProviderDisconnected, match="close"):
@@ -164,14 +170,8 @@ async def test_the_adapter_still_accepts_binary_data_frames() -> None:
         await ws.receive()  # the client's close
         return ws
 
-    app = web.Application()
-    app.router.add_get("/stocks", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    adapter = adapter_for(f"ws://127.0.0.1:{port}/stocks")
+    runner, url = await serve_stocks(handle)
+    adapter = adapter_for(url)
     try:
         await adapter.connect()
         batches = adapter.stream_batches()
