@@ -31,6 +31,7 @@ from simulators.polygon import PolygonSimConfig, PolygonSimulator
 from simulators.refinitiv import RefinitivSimConfig, RefinitivSimulator
 from tests.conftest import Services
 from tests.running import RunningWorker, until
+from workers.assignments import load_last_assignment
 
 KEY_ENV = "FEEDFLEET_TEST_RECONFIGURE_KEY"
 SYMBOLS_PER_PROVIDER = 4
@@ -206,6 +207,13 @@ async def test_every_symbol_keeps_flowing_after_a_harmless_config_change(
             f"new events for every symbol after {case.key} {case.before} -> {case.after}",
             RESUMED_TIMEOUT_S,
         )  # fmt: skip
+        # The local copy a restart without the database resumes from has the new row too,
+        # though the symbols held did not change.
+        assert worker.parts is not None
+        saved = load_last_assignment(worker.parts.follower.cache_path)
+        assert saved is not None
+        assert saved[0].connection_config.get(case.key) == case.after
+        assert sorted(saved[1]) == sorted(symbols)
     finally:
         await running.stop()
         await sim.stop()

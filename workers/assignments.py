@@ -91,7 +91,8 @@ class AssignmentFollower:
     async def sync(self, conn: db.Conn) -> None:
         """Read the row and the assignments once and apply what changed."""
         fresh = await db.find_provider(conn, self.session.provider.name)
-        if fresh is not None and fresh != self.session.provider:
+        reconfigured = fresh is not None and fresh != self.session.provider
+        if fresh is not None and reconfigured:
             await self.session.reconfigure(fresh)
         if not self._registered():
             return
@@ -101,7 +102,8 @@ class AssignmentFollower:
         digest = await db.held_digest(conn, self.instance_id)
         now = time.monotonic()
         if (
-            self._applied is not None
+            not reconfigured  # the local copy below keeps the row too
+            and self._applied is not None
             and self._applied[0] == digest
             and now - self._applied[1] < FULL_SYNC_S
         ):
