@@ -43,25 +43,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _pulsar
 import orjson
 import pulsar
 from pulsar.schema import BytesSchema
 
 from common.embedded import EmbeddedProcess, free_port, pulsar_command
-from common.events import EVENT_TYPE
+from common.events import EVENT_TYPE, Event
 from common.pulsar_client import new_pulsar_client
+from common.sinks.pulsar import _message
 
 BATCH = 50
 SYMBOLS = [f"S{i:03d}" for i in range(500)]
 PROPERTIES = {"event_type": EVENT_TYPE}
-
-
-@dataclass(slots=True)
-class Message:
-    payload: bytes
-    symbol: str
-    sequence_id: int
 
 
 @dataclass
@@ -91,64 +84,44 @@ def _noop(_result: Any, _msg_id: Any) -> None:
     pass
 
 
-def send_private(producer: Any, group: list[Message], callback: Callable[..., None]) -> None:
+def send_private(producer: Any, group: list[Event], callback: Callable[..., None]) -> None:
+    """The sink's way: its own ``_message``, the client's private ``send_async``."""
     send = producer._producer.send_async
     for m in group[:-1]:
-        send(_built(m), None)
-    send(_built(group[-1]), callback)
+        send(_message(m), None)
+    send(_message(group[-1]), callback)
 
 
-def _built(m: Message) -> Any:
-    return (
-        _pulsar.MessageBuilder()
-        .content(m.payload)
-        .property("event_type", EVENT_TYPE)
-        .partition_key(m.symbol)
-        .sequence_id(m.sequence_id)
-        .build()
-    )
+def public_sender(
+    each: Callable[..., None] | None,
+) -> Callable[[Any, list[Event], Callable[..., None]], None]:
+    """The public ``send_async``, with ``each`` as the callback of all but the last message
+    of a batch (None, or a no-op Python callable)."""
 
+    def send_public(producer: Any, group: list[Event], callback: Callable[..., None]) -> None:
+        send = producer.send_async
+        for i, m in enumerate(group, 1):
+            send(
+                m.payload, callback if i == len(group) else each,
+                properties=PROPERTIES, partition_key=m.symbol,
+                sequence_id=m.position,
+            )  # fmt: skip
 
-def send_public(producer: Any, group: list[Message], callback: Callable[..., None]) -> None:
-    send = producer.send_async
-    for m in group[:-1]:
-        send(
-            m.payload, None, properties=PROPERTIES, partition_key=m.symbol,
-            sequence_id=m.sequence_id,
-        )  # fmt: skip
-    m = group[-1]
-    send(
-        m.payload, callback, properties=PROPERTIES, partition_key=m.symbol,
-        sequence_id=m.sequence_id,
-    )  # fmt: skip
-
-
-def send_public_noop(producer: Any, group: list[Message], callback: Callable[..., None]) -> None:
-    send = producer.send_async
-    for m in group[:-1]:
-        send(
-            m.payload, _noop, properties=PROPERTIES, partition_key=m.symbol,
-            sequence_id=m.sequence_id,
-        )  # fmt: skip
-    m = group[-1]
-    send(
-        m.payload, callback, properties=PROPERTIES, partition_key=m.symbol,
-        sequence_id=m.sequence_id,
-    )  # fmt: skip
+    return send_public
 
 
 @dataclass(frozen=True)
 class Way:
     name: str
-    send: Callable[[Any, list[Message], Callable[..., None]], None]
+    send: Callable[[Any, list[Event], Callable[..., None]], None]
     schema: Any = None
 
 
 WAYS = [
     Way("private", send_private),
-    Way("public", send_public),
-    Way("public-schema", send_public, PassThroughBytes()),
-    Way("public-noop", send_public_noop),
+    Way("public", public_sender(None)),
+    Way("public-schema", public_sender(None), PassThroughBytes()),
+    Way("public-noop", public_sender(_noop)),
 ]
 
 
@@ -158,7 +131,7 @@ class Cost:
     process_ns: float  # whole process, per message
 
 
-def payloads(count: int, first_sequence_id: int) -> list[Message]:
+def payloads(count: int, first_sequence_id: int) -> list[Event]:
     """``count`` events shaped like the sink's (about 600 bytes of JSON each)."""
     out = []
     for i in range(count):
@@ -183,11 +156,15 @@ def payloads(count: int, first_sequence_id: int) -> list[Message]:
                 "quality_flags": [], "stream": f"T.{symbol}", "host": "ingest-worker-01",
             },
         }  # fmt: skip
-        out.append(Message(orjson.dumps(doc), symbol, first_sequence_id + i))
+        event_id = doc["event_id"]
+        # The journal position is the sequence id, as in the sink.
+        out.append(Event(
+            event_id, symbol, orjson.dumps(doc), b"", 0, 0, position=first_sequence_id + i,
+        ))  # fmt: skip
     return out
 
 
-def measure(client: pulsar.Client, way: Way, messages: list[Message], rate: int) -> Cost:
+def measure(client: pulsar.Client, way: Way, messages: list[Event], rate: int) -> Cost:
     """Send ``messages`` through a fresh producer, ``rate`` a second (0: all at once)."""
     topic = f"persistent://public/default/send-cost-{uuid.uuid4().hex[:10]}"
     options: dict[str, Any] = {"schema": way.schema} if way.schema is not None else {}
@@ -227,7 +204,7 @@ class NullProducer:
         pass
 
 
-def measure_handover(way: Way, messages: list[Message]) -> float:
+def measure_handover(way: Way, messages: list[Event]) -> float:
     """Sending-thread CPU per message of ``way`` up to the client's own ``send_async``
     (the same call for every way), without a broker: the part in which they differ."""
     producer = pulsar.Producer()

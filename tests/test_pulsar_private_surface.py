@@ -22,8 +22,9 @@ import pulsar
 import pytest
 
 from common.config import PulsarAccess
-from common.events import EVENT_TYPE
+from common.events import EVENT_TYPE, Event
 from common.pulsar_client import new_pulsar_client
+from common.sinks.pulsar import _message
 from tests.conftest import Services
 
 BUILDER_METHODS = ("content", "property", "partition_key", "sequence_id", "build")
@@ -65,16 +66,12 @@ def _sink_like_producer(client: pulsar.Client, topic: str) -> Any:
 
 
 def _built(sent: Sent) -> Any:
-    """A message built as the sink's ``_message`` builds it."""
+    """The message the sink's own ``_message`` builds for an event like ``sent``."""
+    event = Event(
+        "e", sent.key, sent.payload, b"", 0, 0, position=sent.sequence_id
+    )  # fmt: skip
     try:
-        return (
-            _pulsar.MessageBuilder()
-            .content(sent.payload)
-            .property("event_type", EVENT_TYPE)
-            .partition_key(sent.key)
-            .sequence_id(sent.sequence_id)
-            .build()
-        )
+        return _message(event)
     except Exception as exc:
         pytest.fail(_what_to_do(f"building a message with _pulsar.MessageBuilder failed: {exc!r}"))
 
