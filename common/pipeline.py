@@ -24,7 +24,6 @@ from common.model import RawMarketData
 from common.quality import QualityChecker
 from common.sinks.base import DurableSink
 from common.sinks.redis import LatestCache
-from common.stage_cpu import thread_ns
 
 log = structlog.get_logger("feedfleet.pipeline")
 
@@ -68,17 +67,13 @@ class Pipeline:
             return
         self.received += len(records)
         clock = stage_cpu.CLOCK
-        if clock is not None:
-            started = thread_ns()
+        mark = clock.start()
         self.quality.check(records)
-        if clock is not None:
-            clock.add("quality", started)
-            started = thread_ns()
+        mark = clock.lap("quality", mark)
         rejected: list[Event] = []
         now_ns = self.last_received_ns = time.time_ns()
         events = build_events(records, now_ns, rejected)
-        if clock is not None:
-            clock.add("event_build", started)
+        clock.lap("event_build", mark)
         if rejected:
             self.dead_lettered += len(rejected)
         if self._held is not None:
@@ -90,8 +85,7 @@ class Pipeline:
 
     def _journal(self, events: list[Event], rejected: list[Event]) -> bool:
         clock = stage_cpu.CLOCK
-        if clock is not None:
-            started = thread_ns()
+        mark = clock.start()
         try:
             batch = self.journal.append(events, rejected)
         except JournalFull as exc:
@@ -104,21 +98,14 @@ class Pipeline:
         if self.journal_error is not None:
             log.info("journal_writable_again")
             self.journal_error = None
-        if clock is not None:
-            clock.add("journal", started)
-            started = thread_ns()
+        mark = clock.lap("journal", mark)
         self.publisher.submit(batch)
-        if clock is not None:
-            clock.add("pulsar", started)
-            started = thread_ns()
+        mark = clock.lap("pulsar", mark)
         self.store.submit(batch)
-        if clock is not None:
-            clock.add("copy", started)
-            started = thread_ns()
+        mark = clock.lap("copy", mark)
         if self.cache is not None and events:
             self.cache.submit(events)
-        if clock is not None:
-            clock.add("redis", started)
+        clock.lap("redis", mark)
         return True
 
     @property

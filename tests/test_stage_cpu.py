@@ -37,21 +37,29 @@ def trades(n: int) -> list[RawMarketData]:
 
 def test_the_clock_counts_thread_cpu_not_wall_time() -> None:
     clock = stage_cpu.StageClock()
-    started = stage_cpu.thread_ns()
+    mark = clock.start()
     time.sleep(0.05)  # waiting is not CPU
-    clock.add("decode", started)
+    mark = clock.lap("decode", mark)
     assert clock.ns["decode"] < 20_000_000
     clock.ns["decode"] = 0
-    process_before, started = time.process_time_ns(), stage_cpu.thread_ns()
+    process_before, mark = time.process_time_ns(), clock.start()
     deadline = time.perf_counter() + 0.1
     while time.perf_counter() < deadline:
         pass
-    clock.add("decode", started)
+    after = clock.lap("decode", mark)
     process_cpu = time.process_time_ns() - process_before
     # This thread's busy loop: most of the process's CPU meanwhile, never more.
     assert process_cpu // 2 <= clock.ns["decode"] <= process_cpu + 1_000_000
     assert clock.ns["decode"] > 5_000_000
+    # a lap returns its own reading: the next stage starts where this one ended
+    assert after - mark == clock.ns["decode"]
     assert set(clock.ns) == set(stage_cpu.STAGES)
+
+
+def test_the_clock_off_reads_and_counts_nothing() -> None:
+    clock = stage_cpu.StageClockOff()
+    assert clock.lap("decode", clock.start()) == 0
+    assert set(clock.ns.values()) == {0} and clock.report() is None
 
 
 async def test_the_status_report_carries_each_stage_only_when_on(
@@ -61,7 +69,7 @@ async def test_the_status_report_carries_each_stage_only_when_on(
     built = build_reporter(services, redis_client, tmp_path, CircuitBreaker())
     try:
         pipeline = built.reporter.pipeline
-        monkeypatch.setattr(stage_cpu, "CLOCK", None)
+        monkeypatch.setattr(stage_cpu, "CLOCK", stage_cpu.StageClockOff())
         pipeline.process(trades(200))
         assert "stage_cpu" not in built.reporter.metrics()
 

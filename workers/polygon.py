@@ -199,11 +199,9 @@ class PolygonAdapter(ProviderAdapter):
             if self.tap is not None:
                 self.tap.record(FrameKind.WEBSOCKET, msg.data, receive_ns)
             clock = stage_cpu.CLOCK
-            if clock is not None:
-                started = stage_cpu.thread_ns()
+            mark = clock.start()
             frame = codec.decode_frame(msg.data, receive_ns, self.config.name)
-            if clock is not None:
-                clock.add("decode", started)
+            clock.lap("decode", mark)
         else:
             self.connection_status = ConnectionStatus.DISCONNECTED
             raise ProviderDisconnected(f"websocket {msg.type.name.lower()}: {msg.extra!r}")

@@ -382,5 +382,5 @@ class StatusReporter:
                 "redis": {"written": pipeline.cache.written if pipeline.cache else 0},
             },
             # the benchmark's per-stage CPU (FEEDFLEET_STAGE_CPU=1; common/stage_cpu.py)
-            **({"stage_cpu": stage_cpu.CLOCK.report()} if stage_cpu.CLOCK is not None else {}),
+            **({"stage_cpu": report} if (report := stage_cpu.CLOCK.report()) else {}),
         }

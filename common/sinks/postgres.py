@@ -103,11 +103,9 @@ class PostgresSink(DurableSink):
         self, conn: psycopg.AsyncConnection, events: list[Event], rejected: list[Event]
     ) -> None:
         clock = stage_cpu.CLOCK
-        if clock is not None:
-            started = stage_cpu.thread_ns()
+        mark = clock.start()
         data = b"".join([e.copy_row for e in events])
-        if clock is not None:
-            clock.add("copy", started)
+        clock.lap("copy", mark)
         try:
             try:
                 if rejected:
@@ -210,26 +208,22 @@ class PostgresSink(DurableSink):
         if not self._buffer:
             return
         clock = stage_cpu.CLOCK
-        if clock is not None:
-            started = stage_cpu.thread_ns()
+        mark = clock.start()
         batches, self._buffer, self._buffered = self._buffer, [], 0
         generation = self.generation
         merged = Batch(
             [e for b in batches for e in b.events], [e for b in batches for e in b.rejected],
             batches[-1].end,
         )  # fmt: skip
-        if clock is not None:
-            clock.add("copy", started)
+        clock.lap("copy", mark)
         try:
             await self.deliver(merged)
         except Exception as exc:
             self._failed(merged, f"{type(exc).__name__}: {exc}", generation)
         else:
-            if clock is not None:
-                started = stage_cpu.thread_ns()
+            mark = clock.start()
             self._acked(merged, generation)
-            if clock is not None:
-                clock.add("receipts", started)
+            clock.lap("receipts", mark)
 
     async def close(self) -> None:
         await self.flush()

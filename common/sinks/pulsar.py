@@ -196,11 +196,9 @@ class PulsarSink(DurableSink):
 
     def _batch_done(self, receipt: _BatchReceipt) -> None:
         clock = stage_cpu.CLOCK
-        if clock is not None:
-            started = stage_cpu.thread_ns()
+        mark = clock.start()
         self._receipt(receipt)
-        if clock is not None:
-            clock.add("receipts", started)
+        clock.lap("receipts", mark)
 
     def _receipt(self, receipt: _BatchReceipt) -> None:
         self._outstanding.pop(id(receipt), None)

@@ -51,8 +51,7 @@ class LatestCache:
         if not self._latest:
             return
         clock = stage_cpu.CLOCK
-        if clock is not None:
-            started = stage_cpu.thread_ns()
+        mark = clock.start()
         batch, self._latest = self._latest, {}
         if self.symbols is not None:
             batch = {s: p for s, p in batch.items() if s in self.symbols}
@@ -60,8 +59,7 @@ class LatestCache:
                 return
         keys = [latest_key(s) for s in batch]
         args: list[bytes | int] = [LATEST_TTL_S, *batch.values()]
-        if clock is not None:
-            clock.add("redis", started)
+        clock.lap("redis", mark)
         try:
             await self._set_all(keys=keys, args=args)
         except Exception as exc:
