@@ -159,8 +159,10 @@ def _decode_typed(items: list[_Trade | _Quote | _Status], out: DecodedFrame, pro
     missing = QualityFlag.MISSING_FIELDS
     for m in items:
         if type(m) is _Trade:
+            # provider_specific in _TRADE_EXTRA's order, as the dict path makes it; spelled
+            # out field by field, as a loop of getattr over (key, attribute) pairs costs
+            # twice as much (1.06 against 0.45 us for a quote's seven)
             specific: dict[str, Any] = {}
-            # provider_specific in _TRADE_EXTRA's order, as the dict path makes it
             if m.x is not UNSET:
                 specific["x"] = m.x
             if m.i is not UNSET:
@@ -211,8 +213,11 @@ def decode_frame(data: bytes | str, receive_ns: int, provider: str = PROVIDER) -
     out = DecodedFrame()
     try:
         typed = _typed_frame(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        pass  # something the dict path must look at element by element
+    except Exception:
+        # Something the dict path must look at element by element (msgspec says so with
+        # ValidationError or DecodeError; anything else it raises on untrusted input is
+        # left to the dict path too, which never raises: no frame is lost to it).
+        pass
     else:
         _decode_typed(typed, out, provider, receive_ns)
         return out
